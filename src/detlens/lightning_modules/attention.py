@@ -1,0 +1,92 @@
+"""Spatial self-attention block for convolutional backbones.
+
+The block is the non-local / SAGAN-style attention used by attention-augmented
+detectors: every position of a feature map attends to every other position,
+and the result is added back through a learnable gate that starts at zero, so
+a freshly inserted block is an exact identity and cannot disturb a detector
+at the start of training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SpatialSelfAttention"]
+
+
+class SpatialSelfAttention(nn.Module):
+    """Multi-head self-attention over all ``H * W`` positions of a feature map.
+
+    ``out = x + gamma * proj(softmax(q k^T / sqrt(d)) v)`` with ``q``, ``k``, ``v``
+    1x1 convolutions of ``x`` and ``gamma`` a learnable scalar initialised to 0.
+
+    Shapes:
+        input ``x``: ``[B, C, H, W]``; output: ``[B, C, H, W]`` (same as input).
+        ``q``/``k`` use ``C // qk_reduction`` channels (rounded up to a multiple of
+        ``heads``), ``v`` uses ``C`` channels; both are split evenly over ``heads``.
+
+    Attention probe protocol (``docs/ARCHITECTURE.md``):
+        ``detlens_attention_probe`` is ``False`` by default, and the block then runs
+        the fused ``F.scaled_dot_product_attention`` and stores nothing, so training
+        pays nothing for the probe. While the flag is ``True`` the block computes
+        the softmax explicitly and keeps ``last_attention: FloatTensor[B, heads,
+        H*W, H*W]`` (queries x keys, row-major positions ``i = y * W + x``; every row
+        sums to 1). The stored tensor is not detached, so a reader may take
+        gradients through it; readers clear it (``last_attention = None``) when done.
+
+    Args:
+        channels: ``C``, the number of input (and output) channels.
+        heads: number of attention heads; must divide ``C``.
+        qk_reduction: channel reduction of queries/keys (8 in SAGAN).
+    """
+
+    detlens_attention_probe: bool
+    last_attention: Tensor | None
+
+    def __init__(self, channels: int, heads: int = 1, qk_reduction: int = 8) -> None:
+        super().__init__()
+        if channels <= 0 or heads <= 0 or qk_reduction <= 0:
+            raise ValueError(
+                f"channels, heads and qk_reduction must be positive, got {channels}, {heads}, {qk_reduction}"
+            )
+        if channels % heads:
+            raise ValueError(f"heads={heads} must divide channels={channels}")
+        qk_channels = max(channels // qk_reduction, heads)
+        qk_channels = math.ceil(qk_channels / heads) * heads
+        self.channels = channels
+        self.heads = heads
+        self.qk_channels = qk_channels
+        self.query = nn.Conv2d(channels, qk_channels, kernel_size=1)
+        self.key = nn.Conv2d(channels, qk_channels, kernel_size=1)
+        self.value = nn.Conv2d(channels, channels, kernel_size=1)
+        self.out_proj = nn.Conv2d(channels, channels, kernel_size=1)
+        # Residual gate (SAGAN): zero at init, so the block starts as the identity.
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.detlens_attention_probe = False
+        self.last_attention = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``[B, C, H, W]`` -> ``[B, C, H, W]``."""
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"expected [B, {self.channels}, H, W], got {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        # [B, C', H, W] -> [B, heads, HW, C'/heads]
+        q = self.query(x).reshape(b, self.heads, -1, h * w).transpose(2, 3)
+        k = self.key(x).reshape(b, self.heads, -1, h * w).transpose(2, 3)
+        v = self.value(x).reshape(b, self.heads, -1, h * w).transpose(2, 3)
+        if self.detlens_attention_probe:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            weights = torch.softmax((q @ k.transpose(2, 3)) * scale, dim=-1)  # [B, heads, HW, HW]
+            self.last_attention = weights
+            attended = weights @ v
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v)
+        attended = attended.transpose(2, 3).reshape(b, c, h, w)
+        return x + self.gamma * self.out_proj(attended)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, heads={self.heads}, qk_channels={self.qk_channels}"
