@@ -1,0 +1,357 @@
+"""``ProbeCallback``: cadence, probe set, side-effect guard, DDP sharding and gathering.
+
+A subclass implements two methods (``docs/ARCHITECTURE.md``)::
+
+    def explain_shard(self, pl_module, images, targets, indices) -> list[Any]:
+        # every rank, inside detlens.guard.explaining; one picklable result per image
+    def log_results(self, trainer, pl_module, results: list[ProbeResult]) -> None:
+        # rank 0 only, no collectives: render and call detlens.sinks.log_media
+
+When it runs (every rank takes the same decision from the same counters):
+
+* ``fit``: every ``every_n_epochs`` epochs at ``on_validation_epoch_end`` (or at
+  ``on_train_epoch_end`` in epochs without validation), and every ``every_n_steps``
+  optimiser steps at ``on_train_batch_end``; at most once per global step;
+* ``validate`` / ``test``: once, at the end of the epoch;
+* never during the sanity check or under ``fast_dev_run``.
+
+An exception while explaining (on any rank) or logging costs one warning naming the
+callback; training continues. The collectives stay matched: a failing rank sends an
+error marker to the gather instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from detlens.callbacks.probe_set import evenly_spaced_indices, probe_folder_dataset
+from detlens.distributed import RankError, gather_to_rank_zero, shard_indices
+from detlens.guard import explaining
+
+__all__ = ["ProbeCallback", "ProbeResult"]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One probe image's result as handed to ``log_results``.
+
+    Attributes:
+        index: the image's index in the probe dataset.
+        value: what ``explain_shard`` returned for it.
+    """
+
+    index: int
+    value: Any
+
+
+class ProbeCallback(pl.Callback):
+    """Base class of every detlens callback: explains a fixed probe set on a cadence.
+
+    Args:
+        every_n_epochs: explain after every ``n``-th training epoch (``None``: not per epoch).
+        every_n_steps: explain every ``n`` optimiser steps (``trainer.global_step``;
+            ``None``: not per step).
+        num_probe_images: size of the probe set, chosen evenly spaced over the probe
+            dataset (ignored when ``probe_indices`` is given).
+        probe_indices: explicit dataset indices of the probe images.
+        probe_dir: a folder of images (with at most one COCO ``*.json``, then ground truth
+            is shown) used instead of ``trainer.datamodule.val_dataset``.
+        log_key: prefix of every logged key (``"<log_key>/<name>"``); also part of the
+            ``state_key``, so two instances with different keys coexist in a checkpoint.
+
+    Raises:
+        ValueError: both cadences ``None``, a cadence or count below 1, negative or
+            duplicate ``probe_indices``, an empty ``log_key``; at ``setup`` (or first use):
+            no probe dataset, or a probe index past its end.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        num_probe_images: int = 8,
+        probe_indices: list[int] | None = None,
+        probe_dir: str | None = None,
+        log_key: str = "probe",
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if every_n_epochs is None and every_n_steps is None:
+            raise ValueError(f"{name}: every_n_epochs and every_n_steps are both None; set at least one")
+        for arg, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: {arg} must be a positive int or None, got {value!r}")
+        if not isinstance(num_probe_images, int) or num_probe_images < 1:
+            raise ValueError(f"{name}: num_probe_images must be a positive int, got {num_probe_images!r}")
+        if probe_indices is not None:
+            probe_indices = [int(i) for i in probe_indices]
+            if not probe_indices:
+                raise ValueError(f"{name}: probe_indices is empty; give indices or leave it None")
+            if min(probe_indices) < 0:
+                raise ValueError(f"{name}: probe_indices must be >= 0, got {sorted(i for i in probe_indices if i < 0)}")
+            if len(set(probe_indices)) != len(probe_indices):
+                raise ValueError(f"{name}: probe_indices has duplicates: {probe_indices}")
+        if not log_key or log_key.strip("/") != log_key:
+            raise ValueError(f"{name}: log_key must be a non-empty key without leading/trailing '/', got {log_key!r}")
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.num_probe_images = num_probe_images
+        self.probe_dir = probe_dir
+        self.log_key = log_key
+        self._requested_indices = probe_indices
+        self._probe_indices: list[int] | None = None
+        self._dataset: Dataset | None = None
+        self._folder_dataset: Dataset | None = None
+        self._num_events = 0
+        self._last_epoch = -1
+        self._last_step = -1
+
+    # ------------------------------------------------------------------ subclass API
+    def explain_shard(
+        self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
+    ) -> list[Any]:
+        """Explains this rank's probe images; one picklable result per image.
+
+        Runs on every rank inside :func:`detlens.guard.explaining` (eval mode, gradients
+        on, precision context, RNG and ``.grad`` protected). Never called with an empty shard.
+
+        Args:
+            pl_module: the LightningModule (call it directly, not its DDP wrapper).
+            images: ``FloatTensor[3, H, W]`` in ``[0, 1]`` on ``pl_module.device``, normal
+                (not inference-mode) tensors that do not require grad.
+            targets: the dataset's targets, tensors on ``pl_module.device``.
+            indices: the probe-dataset indices of ``images``.
+
+        Returns:
+            One result per image, in the same order; tensors are detached and moved to the
+            CPU by the base class before gathering.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement explain_shard")
+
+    def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
+        """Rank 0 only, no collectives: renders ``results`` (sorted by index) and logs them.
+
+        Use :func:`detlens.sinks.log_media` with ``step=trainer.global_step`` and keys from
+        :meth:`key`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement log_results")
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def key(self, name: str) -> str:
+        """``"<log_key>/<name>"``: the stable metric key of ``name``."""
+        return f"{self.log_key}/{name}"
+
+    @property
+    def probe_indices(self) -> list[int] | None:
+        """The probe-dataset indices in use (``None`` until the probe dataset is known)."""
+        return None if self._probe_indices is None else list(self._probe_indices)
+
+    @property
+    def num_logging_events(self) -> int:
+        """How many times the probe set was explained (restored on resume)."""
+        return self._num_events
+
+    def probe_item(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        """``probe_dataset[index]``: ``(FloatTensor[3, H, W], target)`` on the CPU."""
+        if self._dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: the probe dataset is not known yet")
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
+            return self._dataset[index]
+
+    @staticmethod
+    def caption(trainer: pl.Trainer, index: int, target: dict[str, Any] | None = None) -> str:
+        """``"img 17 (id 42) · step 300"``: probe index, dataset image id, global step."""
+        image_id = None if target is None else target.get("image_id")
+        image_id = image_id.item() if isinstance(image_id, Tensor) else image_id
+        id_part = f" (id {image_id})" if image_id is not None else ""
+        return f"img {index}{id_part} · step {trainer.global_step}"
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            log_key=self.log_key, every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            # Before the probe dataset is known: the indices asked for (or restored).
+            "probe_indices": self.probe_indices if self._probe_indices is not None else self._requested_indices,
+            "num_logging_events": self._num_events,
+            "last_epoch": self._last_epoch,
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._num_events = int(state_dict.get("num_logging_events", 0))
+        self._last_epoch = int(state_dict.get("last_epoch", -1))
+        self._last_step = int(state_dict.get("last_step", -1))
+        restored = state_dict.get("probe_indices")
+        if restored is not None and self._requested_indices is None:
+            # The run continues on the probe set it started with; checked against the dataset at first use.
+            self._requested_indices = [int(i) for i in restored]
+            self._probe_indices = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._dataset = self._find_dataset(trainer, stage, required=trainer.datamodule is not None)
+        if self._dataset is not None:
+            self._choose_indices()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._run(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            if self._epoch_due(trainer):
+                self._run(trainer, pl_module, "validation")
+        elif trainer.state.fn == TrainerFn.VALIDATING:
+            self._run(trainer, pl_module, "validation")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module, "test")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Reached after the epoch's validation (Lightning 2.x), so this only fires in epochs
+        # that did not validate (no val loop, check_val_every_n_epoch > 1).
+        if self._epoch_due(trainer):
+            self._run(trainer, pl_module, "train")
+
+    # ------------------------------------------------------------------ internals
+    def _epoch_due(self, trainer: pl.Trainer) -> bool:
+        epoch = trainer.current_epoch
+        return (
+            self.every_n_epochs is not None
+            and (epoch + 1) % self.every_n_epochs == 0
+            and epoch != self._last_epoch
+            and trainer.global_step != self._last_step
+        )
+
+    def _find_dataset(self, trainer: pl.Trainer, stage: str, *, required: bool) -> Dataset | None:
+        name = type(self).__name__
+        if self.probe_dir is not None:
+            if self._folder_dataset is None:
+                self._folder_dataset = probe_folder_dataset(self.probe_dir)
+            return self._folder_dataset
+        datamodule = trainer.datamodule
+        if datamodule is not None:
+            dataset = getattr(datamodule, "val_dataset", None)
+            if dataset is None and stage == "test":
+                dataset = getattr(datamodule, "test_dataset", None)
+            if dataset is None and required:
+                raise ValueError(
+                    f"{name}: trainer.datamodule ({type(datamodule).__name__}) has no val_dataset after "
+                    f"setup('{stage}') and no probe_dir was given; set probe_dir or expose val_dataset"
+                )
+            return dataset
+        # No DataModule: the dataset behind the evaluation dataloader (read by index only).
+        loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None and required:
+            raise ValueError(f"{name}: no probe dataset: give probe_dir, or a DataModule with val_dataset")
+        return dataset
+
+    def _choose_indices(self) -> None:
+        assert self._dataset is not None
+        size = len(self._dataset)  # type: ignore[arg-type]
+        if self._requested_indices is None:
+            self._probe_indices = evenly_spaced_indices(size, self.num_probe_images)
+            return
+        too_far = [i for i in self._requested_indices if i >= size]
+        if too_far:
+            raise ValueError(
+                f"{type(self).__name__}: probe indices {too_far} are past the end of the probe dataset "
+                f"({size} items, valid 0..{size - 1})"
+            )
+        self._probe_indices = list(self._requested_indices)
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        if self._dataset is None:
+            stage = "test" if trigger == "test" else "validate"
+            self._dataset = self._find_dataset(trainer, stage, required=True)
+        if self._probe_indices is None:
+            self._choose_indices()
+        assert self._probe_indices is not None
+        rank, world = trainer.global_rank, trainer.world_size
+        shard = shard_indices(self._probe_indices, rank, world)
+        payload = self._explain_safely(trainer, pl_module, shard)
+        gathered = gather_to_rank_zero(payload, trainer.strategy)  # every rank, never rank-zero-only
+        self._num_events += 1
+        self._last_step = trainer.global_step
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._last_epoch = trainer.current_epoch
+        if not trainer.is_global_zero or gathered is None:
+            return
+        errors = [p for p in gathered if isinstance(p, RankError)]
+        if errors:
+            detail = "; ".join(f"rank {e.rank}: {e.message}" for e in errors)
+            rank_zero_warn(f"[detlens] {type(self).__name__} skipped step {trainer.global_step} ({trigger}): {detail}")
+            return
+        results = sorted((r for shard_results in gathered for r in shard_results), key=lambda r: r.index)
+        try:
+            self.log_results(trainer, pl_module, results)
+        except Exception as err:  # noqa: BLE001 - logging must never stop training
+            rank_zero_warn(
+                f"[detlens] {type(self).__name__} failed to log at step {trainer.global_step} ({trigger}): "
+                f"{type(err).__name__}: {err}"
+            )
+
+    def _explain_safely(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, shard: list[int]
+    ) -> list[ProbeResult] | RankError:
+        """This rank's results, or a :class:`RankError` marker (exceptions never escape)."""
+        if not shard:
+            return []
+        try:
+            with explaining(pl_module, trainer):
+                device = pl_module.device
+                items = [self._dataset[i] for i in shard]  # type: ignore[index]
+                images = [image.to(device).clone() for image, _ in items]
+                targets = [_map_tensors(t, lambda x: x.to(device).clone()) for _, t in items]
+                values = self.explain_shard(pl_module, images, targets, list(shard))
+            if len(values) != len(shard):
+                raise RuntimeError(f"explain_shard returned {len(values)} results for {len(shard)} images")
+            values = [_map_tensors(v, lambda x: x.detach().cpu()) for v in values]
+            return [ProbeResult(i, v) for i, v in zip(shard, values)]
+        except Exception as err:  # noqa: BLE001 - reported on rank 0 as one warning
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            return RankError(
+                trainer.global_rank, f"{type(err).__name__}: {err} (at {where.filename}:{where.lineno})"
+            )
+
+
+def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to every tensor in ``value`` (nested dict/list/tuple/namedtuple/dataclass).
+
+    Hand-written because Lightning's ``apply_to_collection`` refuses frozen dataclasses,
+    the natural type of an explainer's per-image result.
+    """
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return type(value)((k, _map_tensors(v, fn)) for k, v in value.items())
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_map_tensors(v, fn) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = [f.name for f in dataclasses.fields(value) if f.init]
+        changed = {name: _map_tensors(getattr(value, name), fn) for name in fields}
+        if any(changed[name] is not getattr(value, name) for name in fields):
+            return dataclasses.replace(value, **changed)
+    return value

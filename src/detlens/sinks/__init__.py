@@ -1,0 +1,19 @@
+"""detlens.sinks: hand rendered media and scalars to the Trainer's loggers; read offline W&B runs.
+
+``log_media`` is the one entry point callbacks use (rank 0 only, no collectives).
+``wandb_offline.read_offline_run`` reads a run back from disk.
+"""
+
+from detlens.sinks.fanout import log_media
+from detlens.sinks.media import MediaImage, MediaTable
+from detlens.sinks.wandb_offline import OfflineRun, OfflineRunError, find_offline_runs, read_offline_run
+
+__all__ = [
+    "MediaImage",
+    "MediaTable",
+    "OfflineRun",
+    "OfflineRunError",
+    "find_offline_runs",
+    "log_media",
+    "read_offline_run",
+]

@@ -1,0 +1,134 @@
+"""detlens.sinks.log_media and detlens.render.boxes: what each logger receives, and failures that stay warnings."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import wandb
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from wandb_utils import image_events, newest_offline_run
+
+from detlens.render.boxes import draw_boxes, wandb_boxes
+from detlens.sinks import MediaImage, MediaTable, log_media
+
+
+def probe_image(step: int) -> MediaImage:
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[5:15, 4:12] = 255
+    return MediaImage(
+        pixels=pixels,
+        caption=f"img 3 (id 11) · step {step}",
+        gt_boxes=np.array([[4.0, 5.0, 12.0, 15.0]]),
+        gt_labels=np.array([1]),
+        pred_boxes=np.array([[3.0, 4.0, 13.0, 16.0], [20.0, -2.0, 40.0, 8.0]]),  # 2nd leaves the image
+        pred_labels=np.array([1, 3]),
+        pred_scores=np.array([0.9, 0.4]),
+        class_names={1: "square", 2: "disc"},
+    )
+
+
+class BrokenLogger(Logger):
+    """A logger whose every call fails, like a full disk or a dropped connection."""
+
+    name = "broken"
+    version = 0
+
+    def log_metrics(self, metrics, step=None):
+        raise OSError("disk full")
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+@pytest.fixture
+def finish_wandb():
+    yield
+    wandb.finish()
+
+
+def test_wandb_gets_box_overlays_tables_and_scalars_and_csv_the_scalars(tmp_path, finish_wandb):
+    csv_logger = CSVLogger(tmp_path / "csv", name="run")
+    trainer = pl.Trainer(
+        logger=[WandbLogger(offline=True, save_dir=tmp_path), csv_logger, BrokenLogger()],
+        accelerator="cpu",
+        enable_progress_bar=False,
+    )
+    table = MediaTable(columns=["probe", "image", "score"], rows=[[3, probe_image(7), 0.9]])
+
+    with pytest.warns(UserWarning, match="BrokenLogger failed to log media at step 7: OSError: disk full") as record:
+        log_media(
+            trainer,
+            images={"predictions/probe": [probe_image(7)]},
+            tables={"predictions/table": table},
+            scalars={"predictions/mean_score": 0.65},
+            step=7,
+        )
+    assert sum("BrokenLogger" in str(w.message) for w in record) == 1
+    csv_logger.save()
+    wandb.finish()
+
+    run = newest_offline_run(tmp_path)
+    (event,) = image_events(run, "predictions/probe")
+    assert event.captions == ["img 3 (id 11) · step 7"] and event.global_step == 7
+    (pred,) = event.boxes(run, "predictions")
+    assert [b["box_caption"] for b in pred["box_data"]] == ["square 0.90", "class 3 0.40"]
+    assert pred["box_data"][1]["position"] == {"minX": 20.0, "minY": 0.0, "maxX": 30.0, "maxY": 8.0}
+    assert pred["class_labels"] == {"1": "square", "2": "disc", "3": "class 3"}
+    (gt,) = event.boxes(run, "ground_truth")
+    assert gt["box_data"][0]["class_id"] == 1 and "scores" not in gt["box_data"][0]
+    assert run.history_of("predictions/mean_score") == [(0, 0.65)]
+    (table_ref,) = [v for _, v in run.history_of("predictions/table")]
+    assert table_ref["_type"] == "table-file" and table_ref["ncols"] == 3
+    with open(csv_logger.experiment.metrics_file_path) as f:
+        assert [row["predictions/mean_score"] for row in csv.DictReader(f)] == ["0.65"]
+
+
+def test_no_loggers_is_a_no_op():
+    trainer = pl.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log_media(trainer, images={"k": [probe_image(0)]}, scalars={"s": 1.0}, step=0)
+
+
+def test_tensorboard_gets_the_boxes_drawn_into_the_image(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoardLogger needs tensorboard installed")
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path)
+    trainer = pl.Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False)
+    log_media(trainer, images={"predictions/probe": [probe_image(2)]}, scalars={"predictions/mean_score": 0.5}, step=2)
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert "predictions/probe/0" in events.Tags()["images"]
+    assert events.Scalars("predictions/mean_score")[0].value == 0.5
+
+
+def test_media_image_rejects_inconsistent_input():
+    with pytest.raises(ValueError, match=r"uint8\[H, W, 3\]"):
+        MediaImage(pixels=np.zeros((3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="one label per box"):
+        MediaImage(pixels=np.zeros((8, 8, 3), np.uint8), pred_boxes=np.zeros((2, 4)), pred_labels=np.array([1]))
+    with pytest.raises(ValueError, match="3 cells for 2 columns"):
+        MediaTable(columns=["a", "b"], rows=[[1, 2, 3]])
+
+
+def test_wandb_box_groups_are_empty_not_missing_when_nothing_was_detected():
+    groups = wandb_boxes((10, 10), gt_boxes=np.array([[1, 1, 5, 5]]), gt_labels=[2], pred_boxes=np.zeros((0, 4)),
+                         pred_labels=[], pred_scores=[], class_names={2: "disc"})
+    assert groups["predictions"] == {"box_data": [], "class_labels": {2: "disc"}}
+    assert groups["ground_truth"]["box_data"][0]["box_caption"] == "disc"
+
+
+def test_drawn_boxes_outline_the_object_and_caption_it_above():
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    drawn = draw_boxes(pixels, [[8, 12, 24, 28]], [1], scores=[0.5], class_names={1: "a"})
+    assert pixels.sum() == 0, "the input was modified"
+    assert drawn[12, 10:22].any(axis=1).all() and drawn[14:26, 8].any(axis=1).all(), "outline drawn"
+    assert not drawn[15:25, 11:21].any(), "the inside of the box stays visible"
+    assert drawn[:11].any(), "caption above the box"
