@@ -1,0 +1,148 @@
+"""Cost of attention monitoring on detlens' DETR.
+
+1. Training-step time with and without ``EntropyMonitor`` armed. Plain and armed steps
+   are interleaved (same batch, same weights: optimizer off) and the medians compared,
+   which is far less noisy on a shared machine than two separate runs. The overhead at a
+   cadence of one armed step every ``n`` is ``(t_armed - t_plain) / (n * t_plain)``.
+2. One attention-map pass over a probe set: a forward under ``AttentionCapture`` plus
+   per-detection cross-attention maps, rollout maps and encoder point maps, vs a plain
+   forward.
+
+Run: ``python benchmarks/attention_overhead.py [--image-size 320 --steps 12 ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from detlens.explainers.attention import AttentionCapture, EntropyMonitor
+from detlens.explainers.rollout import (
+    attention_rollout,
+    decoder_rollout,
+    point_attention_maps,
+    query_attention_maps,
+    transformer_attention_names,
+)
+from detlens.lightning_modules.detr import DETRNet
+
+
+def _net(args: argparse.Namespace) -> DETRNet:
+    torch.manual_seed(0)
+    return DETRNet(
+        num_classes=5, backbone="resnet18", hidden_dim=args.hidden_dim, num_queries=args.queries,
+        enc_layers=args.layers, dec_layers=args.layers, nheads=8, dim_feedforward=4 * args.hidden_dim,
+        image_size=args.image_size, score_thresh=0.0,
+    )
+
+
+def _images(n: int, size: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # Mixed aspect ratios, as in a real batch: exercises padding masks.
+    return [torch.rand(3, size, int(size * (0.6 + 0.4 * (i % 2))), generator=g) for i in range(n)]
+
+
+def _targets(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for img in images:
+        h, w = img.shape[-2:]
+        out.append({"boxes": torch.tensor([[0.1 * w, 0.2 * h, 0.6 * w, 0.7 * h]]), "labels": torch.tensor([1])})
+    return out
+
+
+def bench_training(args: argparse.Namespace) -> None:
+    net = _net(args).train()
+    monitor = EntropyMonitor(net)
+    images = _images(args.batch, args.image_size, 0)
+    targets = _targets(images)
+
+    def step(armed: bool) -> float:
+        net.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        if armed:
+            monitor.arm()
+        loss = sum(net(images, targets).values())
+        loss.backward()
+        if armed:
+            monitor.collect()
+            monitor.disarm()
+        return time.perf_counter() - start
+
+    step(False), step(True)  # warm-up
+    plain, armed = [], []
+    for _ in range(args.steps):
+        plain.append(step(False))
+        armed.append(step(True))
+    t_plain, t_armed = statistics.median(plain), statistics.median(armed)
+    extra = (t_armed - t_plain) / t_plain
+    print(f"training step, batch {args.batch} x {args.image_size}px, {len(monitor.names)} attention modules")
+    print(f"  plain step        {t_plain * 1e3:8.1f} ms (median of {args.steps})")
+    print(f"  armed every step  {t_armed * 1e3:8.1f} ms  -> overhead {100 * extra:+.2f}%")
+    for every in (args.every, 10):
+        print(f"  armed every {every:<3d}    overhead {100 * extra / every:+.3f}% (amortised)")
+
+
+def bench_maps(args: argparse.Namespace) -> None:
+    net = _net(args).eval()
+    names = transformer_attention_names(net)
+    images = _images(args.probe_images, args.image_size, 1)
+    sizes = [tuple(i.shape[-2:]) for i in images]
+    grid: dict[str, tuple[int, int]] = {}
+    net.input_proj.register_forward_hook(lambda m, a, o: grid.update(hw=tuple(o.shape[-2:])))
+
+    def plain() -> None:
+        with torch.no_grad():
+            net(images)
+
+    def explained() -> None:
+        with torch.no_grad(), AttentionCapture(net, names["encoder_self"] + names["decoder_cross"], to_cpu=True) as cap:
+            detections = net(images)
+        hf, wf = grid["hw"]
+        last = names["decoder_cross"][-1]
+        padding = cap.key_padding_masks[last].view(len(images), hf, wf)
+        queries = [torch.arange(min(args.detections, d["boxes"].shape[0])) for d in detections]
+        query_attention_maps(cap.weights[last], (hf, wf), sizes, queries, padding, heads="none")
+        rollout = attention_rollout([cap.weights[n] for n in names["encoder_self"]])
+        query_attention_maps(decoder_rollout(cap.weights[last], rollout), (hf, wf), sizes, queries, padding)
+        centres = [((d["boxes"][: args.detections, :2] + d["boxes"][: args.detections, 2:]) / 2) for d in detections]
+        point_attention_maps(cap.weights[names["encoder_self"][-1]], centres, (hf, wf), sizes, padding)
+
+    plain(), explained()  # warm-up
+    t_plain = statistics.median(_time(plain) for _ in range(args.repeats))
+    t_maps = statistics.median(_time(explained) for _ in range(args.repeats))
+    print(f"attention-map pass over {args.probe_images} probe images, {args.detections} detections each")
+    print(f"  plain forward     {t_plain * 1e3:8.1f} ms")
+    print(f"  capture + maps    {t_maps * 1e3:8.1f} ms ({t_maps / t_plain:.2f}x a plain forward)")
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-size", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--hidden-dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--every", type=int, default=50, help="monitor cadence (steps)")
+    parser.add_argument("--probe-images", type=int, default=8)
+    parser.add_argument("--detections", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} CPU threads")
+    bench_training(args)
+    bench_maps(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,701 @@
+"""Read attention weights out of a model's own forward pass.
+
+Two readers share one hook machinery:
+
+* :class:`AttentionCapture` — a context manager for explanation passes: keeps every
+  attention module's weights ``FloatTensor[B, heads, Q, K]`` per module name.
+* :class:`EntropyMonitor` — the cheap training-time reader: armed on the training
+  forward itself every ``n`` steps, it reduces each attention call to per-head entropy
+  sums inside the hook, so no ``[B, h, Q, K]`` tensor outlives the hook.
+
+How ``nn.MultiheadAttention`` weights are read
+-----------------------------------------------
+``nn.TransformerEncoderLayer``/``DecoderLayer`` call their attention with
+``need_weights=False``. Forcing ``need_weights=True`` (a forward pre-hook, the
+approach of ``docs/ARCHITECTURE.md``) switches ``F.multi_head_attention_forward`` from
+``scaled_dot_product_attention`` to an explicit ``bmm`` + softmax: in the installed
+torch the module *output* then differs by ~1e-7 whenever grad is enabled, and in
+training mode the dropout on the weights draws from the global RNG differently. That
+breaks "training is untouched" (DESIGN.md rule 1). So by default
+(``strategy="recompute"``) detlens leaves the call alone and, in a forward hook,
+recomputes ``softmax(q k^T / sqrt(d) + mask)`` from the call's own inputs with the
+module's own projection weights, under ``no_grad`` and in float32 — exactly the maths
+of ``F.multi_head_attention_forward`` (masks, ``bias_k``/``bias_v``,
+``add_zero_attn``, separate q/k/v projections), minus dropout. Outputs, gradients and
+RNG stay bit-identical. ``strategy="need_weights"`` forces the weights instead (the
+module's own numbers, post-dropout in training). A subclass of
+``nn.MultiheadAttention`` that overrides ``forward`` cannot be recomputed faithfully and
+always uses ``need_weights``; if it still returns no weights it is reported as
+:class:`AttentionUnavailable`.
+
+PyTorch's inference fast paths: in the installed torch any hook on a
+``TransformerEncoderLayer``'s submodules disables that layer's fused kernel, and
+``nn.MultiheadAttention``'s own fast path still calls hooks; ``nn.TransformerEncoder``
+in eval + ``no_grad`` with a padding mask turns its input into a NestedTensor, which the
+hook handles (weights are padded back to ``[B, h, S, S]`` with zero rows/columns at the
+padding, and the padding mask is recorded).
+
+Custom attention modules are read through the probe protocol of
+``docs/ARCHITECTURE.md`` (``detlens_attention_probe`` flag, ``last_attention``).
+Modules that attend with a fused kernel (``F.scaled_dot_product_attention``,
+flash-attn, xformers) and do not implement the protocol are listed by name as
+:class:`AttentionUnavailable` (a warning when discovered automatically, an error when
+asked for by name) — never silently skipped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from detlens.explainers.entropy import entropy_sums
+
+__all__ = [
+    "PROBE_FLAG",
+    "AttentionCapture",
+    "AttentionUnavailable",
+    "AttentionUnavailableWarning",
+    "EntropyMonitor",
+    "find_attention_modules",
+    "mha_attention_weights",
+]
+
+PROBE_FLAG = "detlens_attention_probe"
+_FUSED_MARKERS = ("scaled_dot_product_attention", "flash_attn", "memory_efficient_attention")
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+Strategy = Literal["recompute", "need_weights"]
+
+
+class AttentionUnavailable(RuntimeError):
+    """A module attends but its weights cannot be read; ``.modules`` maps name -> reason."""
+
+    def __init__(self, modules: dict[str, str]) -> None:
+        self.modules = dict(modules)
+        lines = "\n".join(f"  {name}: {why}" for name, why in self.modules.items())
+        super().__init__(f"attention weights are unavailable for {len(self.modules)} module(s):\n{lines}")
+
+
+class AttentionUnavailableWarning(UserWarning):
+    """Warning category for attention modules found but not readable."""
+
+
+# ----------------------------------------------------------------- discovery
+def _is_mha(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention)
+
+
+def _is_probe(module: nn.Module) -> bool:
+    return hasattr(module, PROBE_FLAG)
+
+
+def _can_recompute(module: nn.Module) -> bool:
+    # A subclass that overrides forward may compute something else from the same weights.
+    return _is_mha(module) and type(module).forward is nn.MultiheadAttention.forward
+
+
+def _fused_attention_reason(module: nn.Module) -> str | None:
+    """Static check: does the module's own ``forward`` call a fused attention kernel?"""
+    cls = type(module)
+    if cls.__module__.startswith("torch.") or _is_mha(module) or _is_probe(module):
+        return None
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
+    for marker in _FUSED_MARKERS:
+        if marker in source:
+            return (
+                f"{cls.__name__}.forward calls a fused attention kernel ({marker}) that returns no weights; "
+                f"implement the detlens attention probe protocol ({PROBE_FLAG} / last_attention) to read it"
+            )
+    return None
+
+
+def find_attention_modules(
+    model: nn.Module, modules: list[str] | None = None
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Resolve the attention modules of ``model``.
+
+    Args:
+        model: any ``nn.Module`` (a LightningModule works; names are relative to it).
+        modules: module names (``model.named_modules()`` keys). A name of a container
+            (e.g. ``"encoder.layers.0"``) selects every attention module inside it.
+            ``None``: every ``nn.MultiheadAttention`` and probe-protocol module.
+
+    Returns:
+        ``(readable, unavailable)``: name -> module for modules whose weights can be read,
+        and name -> reason for modules that attend with a fused kernel and cannot be read
+        (only reported for automatic discovery; see ``AttentionUnavailable``).
+
+    Raises:
+        ValueError: a name does not exist (the message lists close matches).
+        AttentionUnavailable: a requested name exists but exposes no attention weights.
+    """
+    named = dict(model.named_modules())
+    readable: dict[str, nn.Module] = {}
+    unavailable: dict[str, str] = {}
+    if modules is None:
+        for name, mod in named.items():
+            if _is_mha(mod) or _is_probe(mod):
+                readable[name] = mod
+            elif (why := _fused_attention_reason(mod)) is not None:
+                unavailable[name] = why
+        return readable, unavailable
+
+    if isinstance(modules, str):
+        raise TypeError(f"modules must be a list of names, got the string {modules!r}")
+    refused: dict[str, str] = {}
+    for name in modules:
+        if name not in named:
+            close = difflib.get_close_matches(name, list(named), n=5, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ValueError(f"module {name!r} not found in {type(model).__name__}.{hint}")
+        mod = named[name]
+        if _is_mha(mod) or _is_probe(mod):
+            readable[name] = mod
+            continue
+        inner = {
+            f"{name}.{sub}" if name else sub: m
+            for sub, m in mod.named_modules()
+            if sub and (_is_mha(m) or _is_probe(m))
+        }
+        if inner:
+            readable.update(inner)
+        else:
+            refused[name] = _fused_attention_reason(mod) or (
+                f"{type(mod).__name__} is neither nn.MultiheadAttention nor implements the "
+                f"detlens attention probe protocol ({PROBE_FLAG} / last_attention)"
+            )
+    if refused:
+        raise AttentionUnavailable(refused)
+    return readable, unavailable
+
+
+# ------------------------------------------------------------- recomputation
+def _bind_mha_call(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = _MHA_SIGNATURE.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _to_batch_first(x: Tensor, batch_first: bool) -> Tensor:
+    if x.dim() == 2:  # unbatched [L, E]
+        return x.unsqueeze(0)
+    return x if batch_first else x.transpose(0, 1)
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _nested_to_padded(x: Tensor) -> tuple[Tensor, Tensor]:
+    """NestedTensor ``[B, (L_i), E]`` -> padded ``[B, Lmax, E]`` and padding mask ``[B, Lmax]``."""
+    lengths = [t.shape[0] for t in x.unbind()]
+    padded = x.to_padded_tensor(0.0)
+    pad = torch.arange(padded.shape[1], device=padded.device)[None, :] >= torch.tensor(
+        lengths, device=padded.device
+    )[:, None]
+    return padded, pad
+
+
+def _qk_and_mask(
+    module: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The pieces of ``F.multi_head_attention_forward`` that the weights depend on.
+
+    Returns ``q [B, h, Q, d]`` (already scaled by ``1/sqrt(d)``), ``k [B, h, K', d]``,
+    the additive mask ``[B, h|1, Q, K'] | None`` (``K' = K`` plus ``bias_k`` and
+    ``add_zero_attn`` keys), and the query padding mask ``[B, Q] | None`` (from a
+    NestedTensor input only). Everything in float32.
+    """
+    query_pad = None
+    if query.is_nested:
+        query, query_pad = _nested_to_padded(query)
+        key, key_pad = _nested_to_padded(key) if key.is_nested else (key, None)
+        key_padding_mask = key_pad if key_padding_mask is None else key_padding_mask
+        batch_first = True
+    else:
+        batch_first = module.batch_first
+    q_in = _to_batch_first(query, batch_first).float()
+    k_in = _to_batch_first(key, batch_first).float()
+    e, h = module.embed_dim, module.num_heads
+    if module._qkv_same_embed_dim:
+        w_q, w_k, _ = module.in_proj_weight.float().chunk(3)
+    else:
+        w_q, w_k = module.q_proj_weight.float(), module.k_proj_weight.float()
+    b_q = b_k = None
+    if module.in_proj_bias is not None:
+        b_q, b_k, _ = module.in_proj_bias.float().chunk(3)
+    q = F.linear(q_in, w_q, b_q)  # [B, Q, E]
+    k = F.linear(k_in, w_k, b_k)  # [B, K, E]
+    bsz, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
+
+    mask = _additive(attn_mask, torch.float32)
+    if mask is not None:
+        mask = mask.view(1, 1, n_q, n_k) if mask.dim() == 2 else mask.view(bsz, h, n_q, n_k)
+    kpm = _additive(key_padding_mask, torch.float32)
+    if kpm is not None:
+        kpm = kpm.view(bsz, 1, 1, n_k)
+        mask = kpm if mask is None else mask + kpm
+
+    if module.bias_k is not None:  # one learned extra key, masked by nobody
+        k = torch.cat([k, module.bias_k.float().view(1, 1, e).expand(bsz, 1, e)], dim=1)
+        if mask is not None:
+            mask = F.pad(mask, (0, 1))
+    d = e // h
+    q = q.view(bsz, n_q, h, d).transpose(1, 2)
+    k = k.view(bsz, k.shape[1], h, d).transpose(1, 2)
+    if module.add_zero_attn:  # one all-zero key after projection
+        k = torch.cat([k, k.new_zeros(bsz, h, 1, d)], dim=2)
+        if mask is not None:
+            mask = F.pad(mask, (0, 1))
+    q = q * math.sqrt(1.0 / float(d))  # same order of operations as F.multi_head_attention_forward
+    return q, k, mask, query_pad
+
+
+def _softmax_rows(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+    """``[B,h,q,d] x [B,h,K,d] -> [B,h,q,K]``; rows with every key masked become zeros."""
+    logits = q @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits + mask
+    weights = torch.softmax(logits, dim=-1)
+    # In place when nothing differentiates through it (saves a [B, h, q, K] copy).
+    return weights.nan_to_num(0.0) if weights.requires_grad else weights.nan_to_num_(0.0)
+
+
+def mha_attention_weights(
+    module: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """Per-head attention weights of one ``nn.MultiheadAttention`` call, recomputed.
+
+    Args:
+        module: the attention module whose projection weights are used.
+        query, key: the call's inputs in the module's layout (``[B, L, E]`` if
+            ``batch_first`` else ``[L, B, E]``; ``[L, E]`` unbatched; NestedTensor allowed).
+        key_padding_mask: ``[B, K]`` (bool True = ignore, or additive float).
+        attn_mask: ``[Q, K]`` or ``[B * heads, Q, K]`` (bool True = not allowed, or additive).
+
+    Returns:
+        ``FloatTensor[B, heads, Q, K']`` float32 softmax rows (``K'`` includes ``bias_k``
+        / ``add_zero_attn`` keys); rows whose keys are all masked are zero. Differentiable
+        if grad is enabled (no dropout is applied).
+    """
+    q, k, mask, query_pad = _qk_and_mask(module, query, key, key_padding_mask, attn_mask)
+    weights = _softmax_rows(q, k, mask)
+    if query_pad is not None:
+        weights = weights.masked_fill(query_pad[:, None, :, None], 0.0)
+    return weights
+
+
+# ------------------------------------------------------------ hook machinery
+class _HookSet:
+    """Installs the read hooks; calls ``on_mha`` / ``on_probe`` with what it read.
+
+    ``on_mha(name, module, call)`` gets the bound call arguments (for recomputation) and
+    the output; ``on_probe(name, weights)`` the module's ``last_attention``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: dict[str, nn.Module],
+        strategy: Strategy,
+        on_weights: Callable[[str, Tensor | None, dict[str, Any]], None],
+    ) -> None:
+        if strategy not in ("recompute", "need_weights"):
+            raise ValueError(f"strategy must be 'recompute' or 'need_weights', got {strategy!r}")
+        self.model = model
+        self.modules = modules
+        self.strategy = strategy
+        self.on_weights = on_weights
+        self._handles: list[RemovableHandle] = []
+        self._flags: dict[str, bool] = {}
+        # Sequence length S of the enclosing nn.TransformerEncoder call, to pad weights
+        # read from NestedTensor inputs back to [B, h, S, S].
+        self._encoder_len: dict[int, int] = {}
+        self._encoder_of: dict[str, nn.TransformerEncoder] = {}
+
+    def install(self) -> None:
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+
+    def _install(self) -> None:
+        for enc_name, enc in self.model.named_modules():
+            if isinstance(enc, nn.TransformerEncoder):
+                prefix = f"{enc_name}." if enc_name else ""
+                for name in self.modules:
+                    if name.startswith(prefix):
+                        self._encoder_of[name] = enc
+                if any(n.startswith(prefix) for n in self.modules):
+                    self._handles.append(
+                        enc.register_forward_pre_hook(self._encoder_pre_hook(enc), with_kwargs=True)
+                    )
+        for name, mod in self.modules.items():
+            if _is_mha(mod):
+                force = self.strategy == "need_weights" or not _can_recompute(mod)
+                if force:
+                    self._handles.append(mod.register_forward_pre_hook(_force_weights, with_kwargs=True))
+                self._handles.append(mod.register_forward_hook(self._mha_hook(name, force), with_kwargs=True))
+            else:
+                self._flags[name] = bool(getattr(mod, PROBE_FLAG))
+                setattr(mod, PROBE_FLAG, True)
+                self._handles.append(mod.register_forward_hook(self._probe_hook(name)))
+
+    def remove(self) -> None:
+        errors: list[BaseException] = []
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for name, was_on in self._flags.items():
+            mod = self.modules[name]
+            try:
+                setattr(mod, PROBE_FLAG, was_on)
+                if not was_on:  # the protocol: readers clear the stored tensor when done
+                    mod.last_attention = None
+            except BaseException as exc:  # restore every flag before reporting
+                errors.append(exc)
+        self._flags.clear()
+        self._encoder_len.clear()
+        if errors:
+            raise errors[0]
+
+    def _encoder_pre_hook(self, enc: nn.Module) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            src = args[0] if args else kwargs["src"]
+            first = module.layers[0].self_attn.batch_first if len(module.layers) else True
+            self._encoder_len[id(enc)] = src.shape[-2] if (first or src.dim() == 2) else src.shape[0]
+
+        return hook
+
+    def _mha_hook(self, name: str, forced: bool) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            try:
+                call = _bind_mha_call(module, args, kwargs)
+            except TypeError:  # only reachable for forced subclasses with their own signature
+                call = {"query": None, "key": None, "key_padding_mask": None}
+            weights = output[1] if forced and isinstance(output, tuple) and len(output) > 1 else None
+            if forced and weights is not None and weights.dim() == 3:  # unbatched [h, Q, K]
+                weights = weights.unsqueeze(0)
+            enc = self._encoder_of.get(name)
+            call["_sequence_length"] = self._encoder_len.get(id(enc)) if enc is not None else None
+            call["_forced"] = forced
+            self.on_weights(name, weights, call)
+
+        return hook
+
+    def _probe_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            weights = getattr(module, "last_attention", None)
+            self.on_weights(name, weights, {"_probe": True})
+            if not self._flags.get(name, True):
+                module.last_attention = None  # do not keep [B, h, HW, HW] alive between calls
+
+        return hook
+
+
+def _force_weights(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    # need_weights / average_attn_weights are args 5 and 7 of MHA.forward; move them to kwargs.
+    try:
+        call = _bind_mha_call(module, args, kwargs)
+    except TypeError:  # a subclass with its own signature: leave the call alone
+        return None
+    call.pop("self")
+    call["need_weights"] = True
+    call["average_attn_weights"] = False
+    return (), call
+
+
+def _pad_to(weights: Tensor, length: int | None) -> Tensor:
+    """Zero-pad ``[B, h, Lq, Lk]`` read from a NestedTensor call to ``[B, h, S, S]``."""
+    if length is None:
+        return weights
+    return F.pad(weights, (0, length - weights.shape[-1], 0, length - weights.shape[-2]))
+
+
+def _padding_masks(call: dict[str, Any], weights: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``(key_padding [B, K], query_padding [B, Q])`` of a call (bool, True = padding)."""
+    query, key = call.get("query"), call.get("key")
+    b, _, n_q, n_k = weights.shape
+    if query is not None and query.is_nested:
+        lengths = torch.tensor([t.shape[0] for t in query.unbind()], device=weights.device)
+        pad = torch.arange(n_k, device=weights.device)[None, :] >= lengths[:, None]
+        return pad, pad[:, :n_q]
+    kpm = call.get("key_padding_mask")
+    if kpm is None:
+        return None, None
+    kpm = kpm if kpm.dtype == torch.bool else torch.isinf(kpm)
+    kpm = kpm.reshape(b, -1).to(weights.device)
+    if kpm.shape[1] != n_k:  # bias_k / add_zero_attn keys are never padding
+        kpm = F.pad(kpm, (0, n_k - kpm.shape[1]), value=False)
+    self_attention = query is key
+    return kpm, (kpm if self_attention and n_q == kpm.shape[1] else None)
+
+
+# -------------------------------------------------------------- the readers
+class AttentionCapture:
+    """Capture per-head attention weights of every attention module during a forward.
+
+    ```python
+    with AttentionCapture(model) as cap:
+        model(images)
+    cap.weights["encoder.layers.0.self_attn"]  # FloatTensor[B, heads, Q, K]
+    ```
+
+    Args:
+        model: the model (or a LightningModule); names are ``model.named_modules()`` keys.
+        modules: names of attention modules or of containers holding them; ``None`` =
+            every ``nn.MultiheadAttention`` and probe-protocol module.
+        detach: detach the weights (default). With ``False`` and grad enabled the
+            recomputed weights are differentiable w.r.t. the inputs and projection weights.
+        to_cpu: move captured weights to CPU as they arrive (frees accelerator memory).
+        strategy: ``"recompute"`` (default; outputs bit-identical) or ``"need_weights"``
+            (force the module to return its weights); see the module docstring.
+        on_unavailable: ``"warn"`` (default) or ``"raise"`` for modules that attend with a
+            fused kernel and cannot be read (always an error for modules requested by name).
+
+    Attributes (filled during the ``with`` block; the last call of each module wins):
+        weights: name -> ``FloatTensor[B, heads, Q, K]`` (float32).
+        key_padding_masks / query_padding_masks: name -> ``BoolTensor[B, K] / [B, Q]``
+            (True = padding) or ``None``.
+        num_calls: name -> how many times the module ran.
+        unavailable: name -> reason, for attention modules that cannot be read.
+
+    Hooks are removed and probe flags restored on exit, even if the forward raised.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: list[str] | None = None,
+        *,
+        detach: bool = True,
+        to_cpu: bool = False,
+        strategy: Strategy = "recompute",
+        on_unavailable: Literal["warn", "raise"] = "warn",
+    ) -> None:
+        if on_unavailable not in ("warn", "raise"):
+            raise ValueError(f"on_unavailable must be 'warn' or 'raise', got {on_unavailable!r}")
+        self.model = model
+        self.detach = detach
+        self.to_cpu = to_cpu
+        self.on_unavailable = on_unavailable
+        self.modules, self.unavailable = find_attention_modules(model, modules)
+        self._hooks = _HookSet(model, self.modules, strategy, self._on_weights)
+        self.weights: dict[str, Tensor] = {}
+        self.key_padding_masks: dict[str, Tensor | None] = {}
+        self.query_padding_masks: dict[str, Tensor | None] = {}
+        self.num_calls: dict[str, int] = {}
+
+    def __enter__(self) -> AttentionCapture:
+        for name in [n for n in self.unavailable if n in self.modules]:
+            del self.unavailable[name]  # runtime findings of a previous capture
+        if self.unavailable:
+            if self.on_unavailable == "raise":
+                raise AttentionUnavailable(self.unavailable)
+            warnings.warn(str(AttentionUnavailable(self.unavailable)), AttentionUnavailableWarning, stacklevel=2)
+        self.weights.clear()
+        self.key_padding_masks.clear()
+        self.query_padding_masks.clear()
+        self.num_calls.clear()
+        self._hooks.install()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._hooks.remove()
+        if exc_type is None:
+            missing = {n: r for n, r in self.unavailable.items() if n in self.modules}
+            if missing:  # forced modules that returned no weights (found during the forward)
+                if self.on_unavailable == "raise":
+                    raise AttentionUnavailable(missing)
+                warnings.warn(str(AttentionUnavailable(missing)), AttentionUnavailableWarning, stacklevel=2)
+
+    def _on_weights(self, name: str, weights: Tensor | None, call: dict[str, Any]) -> None:
+        self.num_calls[name] = self.num_calls.get(name, 0) + 1
+        module = self.modules[name]
+        if call.get("_probe"):
+            if weights is None or weights.dim() != 4:
+                self.unavailable[name] = (
+                    f"{type(module).__name__} has {PROBE_FLAG} but stored no last_attention "
+                    f"[B, heads, Q, K] (got {None if weights is None else tuple(weights.shape)})"
+                )
+                return
+            kpm = qpm = None
+        elif call["_forced"]:
+            if weights is None:
+                self.unavailable[name] = (
+                    f"{type(module).__name__} returned no attention weights although need_weights=True "
+                    "was forced (fused attention in an overridden forward)"
+                )
+                return
+            kpm, qpm = _padding_masks(call, weights)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach):
+                weights = mha_attention_weights(
+                    module, call["query"], call["key"], call["key_padding_mask"], call["attn_mask"]
+                )
+            kpm, qpm = _padding_masks(call, weights)
+        length = call.get("_sequence_length") if call.get("query") is not None and call["query"].is_nested else None
+        weights = _pad_to(weights.float(), length)
+        if kpm is not None and length is not None:
+            kpm = F.pad(kpm, (0, length - kpm.shape[1]), value=True)
+            qpm = kpm
+        if self.detach:
+            weights = weights.detach()
+        if self.to_cpu:
+            weights = weights.cpu()
+            kpm = None if kpm is None else kpm.cpu()
+            qpm = None if qpm is None else qpm.cpu()
+        self.weights[name] = weights
+        self.key_padding_masks[name] = kpm
+        self.query_padding_masks[name] = qpm
+
+
+class EntropyMonitor:
+    """Per-layer/head attention entropy read from the training forward itself.
+
+    ```python
+    monitor = EntropyMonitor(model)
+    monitor.arm()            # e.g. on_train_batch_start, every n steps
+    loss = model(batch)      # the normal training forward; no extra forward
+    monitor.disarm()         # e.g. on_before_backward / on_train_batch_end
+    monitor.collect()        # {"encoder.layers.0.self_attn": FloatTensor[heads], ...}
+    ```
+
+    Each attention call is reduced inside the hook to per-head sums of normalised row
+    entropy (see :func:`detlens.explainers.entropy.attention_entropy`); the weights are
+    computed in query chunks of at most ``chunk_elements`` scores, under ``no_grad`` in
+    float32, and dropped. For ``nn.MultiheadAttention`` the weights are recomputed from
+    the call's inputs (module docstring), so parameters, gradients and the RNG stream are
+    bit-identical to an unmonitored step. A probe-protocol module computes its weights
+    itself once its flag is on; whether that changes its numerics is the module's
+    business (``SpatialSelfAttention`` switches from fused SDPA to an explicit softmax).
+
+    Disarm before ``backward`` if the model uses activation checkpointing, or the
+    re-run forward is counted again.
+
+    Args:
+        model: the model; names are ``model.named_modules()`` keys.
+        modules: as for :class:`AttentionCapture`.
+        chunk_elements: cap on ``B * heads * rows * K`` scores held at once.
+    """
+
+    def __init__(self, model: nn.Module, modules: list[str] | None = None, *, chunk_elements: int = 1 << 24) -> None:
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+        self.model = model
+        self.chunk_elements = chunk_elements
+        self.modules, self.unavailable = find_attention_modules(model, modules)
+        self._hooks = _HookSet(model, self.modules, "recompute", self._on_weights)
+        self._sums: dict[str, tuple[Tensor, Tensor]] = {}
+        self._armed = False
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the monitored modules, in model order."""
+        return list(self.modules)
+
+    @property
+    def armed(self) -> bool:
+        return self._armed
+
+    def arm(self) -> None:
+        """Install the hooks (idempotent). Entropies accumulate until :meth:`collect`."""
+        if not self._armed:
+            self._hooks.install()
+            self._armed = True
+
+    def disarm(self) -> None:
+        """Remove the hooks and restore probe flags (idempotent, safe in ``finally``)."""
+        if self._armed:
+            self._armed = False
+            self._hooks.remove()
+
+    @contextmanager
+    def armed_for(self) -> Iterator[EntropyMonitor]:
+        """``with monitor.armed_for(): loss = model(batch)`` — arm, then always disarm."""
+        self.arm()
+        try:
+            yield self
+        finally:
+            self.disarm()
+
+    def collect_sums(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Name -> ``(entropy_sum [heads], row_count [])`` accumulated since the last collect,
+        for summing across ranks before dividing; resets the accumulators."""
+        sums, self._sums = self._sums, {}
+        return {k: (s.cpu(), n.cpu()) for k, (s, n) in sums.items()}
+
+    def collect(self) -> dict[str, Tensor]:
+        """Name -> mean normalised entropy per head ``FloatTensor[heads]`` (CPU, in [0, 1])
+        over every row seen since the last collect; resets. Modules that did not run
+        are absent."""
+        return {k: s / n.clamp(min=1) for k, (s, n) in self.collect_sums().items()}
+
+    def _on_weights(self, name: str, weights: Tensor | None, call: dict[str, Any]) -> None:
+        module = self.modules[name]
+        with torch.no_grad(), torch.autocast(device_type=_device_type(module, weights), enabled=False):
+            if call.get("_probe") or call.get("_forced"):
+                if weights is None or weights.dim() != 4:
+                    self.unavailable[name] = f"{type(module).__name__} produced no attention weights"
+                    return
+                kpm, qpm = _padding_masks(call, weights) if not call.get("_probe") else (None, None)
+                s, n = entropy_sums(weights.detach().float(), kpm, qpm)
+            else:
+                s, n = self._recompute_sums(module, call)
+        prev = self._sums.get(name)
+        self._sums[name] = (s, n) if prev is None else (prev[0] + s, prev[1] + n)
+
+    def _recompute_sums(self, module: nn.MultiheadAttention, call: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        q, k, mask, query_pad = _qk_and_mask(
+            module, call["query"], call["key"], call["key_padding_mask"], call["attn_mask"]
+        )
+        b, h, n_q, _ = q.shape
+        n_k = k.shape[2]
+        probe = torch.empty(b, h, 1, n_k, device=q.device)
+        kpm, qpm = _padding_masks(call, probe.expand(b, h, n_q, n_k))
+        if query_pad is not None:
+            qpm = query_pad
+        rows = max(1, self.chunk_elements // max(1, b * h * n_k))
+        total_s = q.new_zeros(h)
+        total_n = q.new_zeros(())
+        for start in range(0, n_q, rows):
+            sl = slice(start, start + rows)
+            m = None if mask is None else (mask if mask.shape[2] == 1 else mask[:, :, sl])
+            w = _softmax_rows(q[:, :, sl], k, m)
+            s, n = entropy_sums(w, kpm, None if qpm is None else qpm[:, sl])
+            total_s += s
+            total_n += n
+        return total_s, total_n
+
+
+def _device_type(module: nn.Module, weights: Tensor | None) -> str:
+    if weights is not None:
+        return weights.device.type
+    param = next(module.parameters(), None)
+    return param.device.type if param is not None else "cpu"

@@ -1,0 +1,113 @@
+"""The training-time entropy monitor: rides on the training forward, leaves training bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from detlens.explainers.attention import AttentionCapture, EntropyMonitor
+from detlens.explainers.entropy import attention_entropy
+
+D, HEADS = 16, 4
+
+
+class TinyDETRLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = dict(d_model=D, nhead=HEADS, dim_feedforward=32, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), 2, enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), 2)
+        self.queries = nn.Embedding(5, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, tokens, padding=None):
+        memory = self.encoder(tokens, src_key_padding_mask=padding)
+        tgt = self.queries.weight.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        return self.head(self.decoder(tgt, memory, memory_key_padding_mask=padding))
+
+
+def _batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(2, 12, D, generator=g)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[1, 9:] = True
+    return tokens, padding
+
+
+def _train(steps: int, monitor_every: int | None) -> tuple[dict, list, dict]:
+    """A few AdamW steps with dropout on; returns final weights, last grads, collected entropies."""
+    torch.manual_seed(0)
+    model = TinyDETRLike().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    monitor = EntropyMonitor(model) if monitor_every else None
+    collected = {}
+    for step in range(steps):
+        opt.zero_grad()
+        if monitor and step % monitor_every == 0:
+            monitor.arm()  # on_train_batch_start
+        loss = model(*_batch(step)).square().mean()
+        loss.backward()
+        if monitor and monitor.armed:  # on_train_batch_end
+            collected[step] = monitor.collect()
+            monitor.disarm()
+        opt.step()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return {k: v.clone() for k, v in model.state_dict().items()}, grads, collected
+
+
+def test_monitored_training_is_bit_identical_to_unmonitored_training():
+    plain_w, plain_g, _ = _train(steps=3, monitor_every=None)
+    watched_w, watched_g, collected = _train(steps=3, monitor_every=1)
+
+    assert sorted(collected) == [0, 1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(plain_g, watched_g))
+    assert all(torch.equal(plain_w[k], watched_w[k]) for k in plain_w)
+
+
+def test_monitor_reports_the_entropy_of_the_weights_the_layers_used():
+    torch.manual_seed(0)
+    model = TinyDETRLike().eval()
+    tokens, padding = _batch(0)
+    with AttentionCapture(model) as cap:
+        model(tokens, padding)
+    monitor = EntropyMonitor(model, chunk_elements=50)  # forces many query chunks
+    with monitor.armed_for():
+        model(tokens, padding)
+    entropies = monitor.collect()
+
+    assert list(entropies) == list(cap.weights)
+    for name, weights in cap.weights.items():
+        expected = attention_entropy(weights, cap.key_padding_masks[name], cap.query_padding_masks[name])
+        assert entropies[name].shape == (HEADS,)
+        torch.testing.assert_close(entropies[name], expected, atol=1e-5, rtol=1e-5)
+    assert monitor.collect() == {}  # collect resets
+
+
+def test_monitor_averages_every_call_between_collects():
+    model = TinyDETRLike().eval()
+    monitor = EntropyMonitor(model, modules=["encoder.layers.0.self_attn"])
+    monitor.arm()
+    monitor.arm()  # idempotent
+    model(*_batch(0))
+    model(*_batch(1))
+    sums = monitor.collect_sums()
+    monitor.disarm()
+    monitor.disarm()
+    total, rows = sums["encoder.layers.0.self_attn"]
+    assert rows.item() == 2 * (12 + 9)  # valid query rows of two batches of (12, 9) tokens
+    assert ((total / rows) <= 1).all()
+    assert not model.encoder.layers[0].self_attn._forward_hooks
+
+
+def test_disarmed_monitor_costs_nothing_and_sees_nothing():
+    model = TinyDETRLike()
+    monitor = EntropyMonitor(model)
+    model(*_batch(0))
+    assert monitor.collect() == {}
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_bad_chunk_size_is_refused():
+    with pytest.raises(ValueError, match="chunk_elements"):
+        EntropyMonitor(TinyDETRLike(), chunk_elements=0)
