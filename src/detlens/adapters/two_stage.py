@@ -1,0 +1,132 @@
+"""Adapter for torchvision two-stage detectors (Faster R-CNN, Mask R-CNN, Keypoint R-CNN)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import boxes as box_ops
+
+from ._torchvision import TorchvisionAdapterMixin
+from .base import Detections, ImageGeometry, LayerCapture, RoIScoring
+
+__all__ = ["TwoStageAdapter"]
+
+
+class TwoStageAdapter(TorchvisionAdapterMixin):
+    """A torchvision ``GeneralizedRCNN`` with ``RoIHeads`` (Faster/Mask/Keypoint R-CNN).
+
+    Runs transform -> backbone -> RPN -> RoIAlign -> box head -> predictor itself and
+    re-implements ``RoIHeads.postprocess_detections`` keeping the proposal index of
+    each detection; detections equal the model's own eval forward (masks/keypoints
+    are not computed). ``origin`` is the proposal index within the image; ``level``
+    the feature-dict key the RoI was pooled from; ``features`` the box-head
+    representation (``FloatTensor[K, representation_size]``); ``class_probs`` the
+    softmax over ``num_classes`` (background column 0 included).
+    """
+
+    family = "two_stage"
+
+    def __init__(self, model: nn.Module):
+        if not hasattr(model, "roi_heads") or not hasattr(model, "rpn"):
+            raise TypeError(f"{type(model).__name__} is not a torchvision two-stage detector (no rpn/roi_heads)")
+        super().__init__(model)
+
+    def _forward(
+        self, images: list[Tensor], capture: LayerCapture, top_k: int | None, score_threshold: float
+    ) -> tuple[list[Detections], list[ImageGeometry], RoIScoring | None]:
+        model = self.model
+        rh = model.roi_heads
+        image_list, features, geometry = self._transform_and_features(images, capture)
+        proposals, _ = model.rpn(image_list, features)
+        proposals = [p.detach() for p in proposals]
+        image_shapes = image_list.image_sizes
+        pooler = rh.box_roi_pool
+        pooled = pooler(features, proposals, image_shapes)  # [N, C, P, P]
+        representation = rh.box_head(pooled)  # [N, D]
+        class_logits, box_regression = rh.box_predictor(representation)  # [N, C+1], [N, (C+1)*4]
+
+        pooled_names = [k for k in features.keys() if k in pooler.featmap_names]
+        if len(pooled_names) > 1:
+            levels = pooler.map_levels(proposals)  # [N], index into pooled_names
+        else:
+            levels = torch.zeros(sum(len(p) for p in proposals), dtype=torch.int64, device=pooled.device)
+        scales = [float(s) for s in (pooler.scales or [])]
+        if not scales:  # single level: scale inferred the way MultiScaleRoIAlign does
+            scales = [features[pooled_names[0]].shape[-1] / image_list.tensors.shape[-1]]
+
+        pred_boxes = rh.box_coder.decode(box_regression, proposals)  # [N, C+1, 4], input pixels
+        pred_scores = F.softmax(class_logits, -1)
+        num_classes = pred_scores.shape[-1]
+        offsets = [0]
+        for p in proposals:
+            offsets.append(offsets[-1] + len(p))
+
+        dets: list[Detections] = []
+        roi_pooled, roi_boxes, roi_levels = [], [], []
+        for i, (shape, geom) in enumerate(zip(image_shapes, geometry)):
+            lo, hi = offsets[i], offsets[i + 1]
+            n = hi - lo
+            # Mirrors RoIHeads.postprocess_detections on detached values, tracking the
+            # (proposal, class) pair behind every surviving candidate.
+            with torch.no_grad():
+                boxes = box_ops.clip_boxes_to_image(pred_boxes[lo:hi].detach(), shape)
+                scores = pred_scores[lo:hi].detach()
+                labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand_as(scores)
+                prop = torch.arange(n, device=scores.device).view(-1, 1).expand_as(scores)
+                boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)
+                labels, prop = labels[:, 1:].reshape(-1), prop[:, 1:].reshape(-1)
+                inds = torch.where(scores > rh.score_thresh)[0]
+                boxes, scores, labels, prop = boxes[inds], scores[inds], labels[inds], prop[inds]
+                keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+                boxes, scores, labels, prop = boxes[keep], scores[keep], labels[keep], prop[keep]
+                keep = box_ops.batched_nms(boxes, scores, labels, rh.nms_thresh)[: rh.detections_per_img]
+                boxes, scores, labels, prop = boxes[keep], scores[keep], labels[keep], prop[keep]
+            gidx = prop + lo
+            score_graph = pred_scores[gidx, labels]
+            box_graph = box_ops.clip_boxes_to_image(pred_boxes[gidx, labels], shape)
+            box_graph = resize_boxes(box_graph, list(shape), list(geom.original_size))
+            det = Detections(
+                boxes=resize_boxes(boxes, list(shape), list(geom.original_size)),
+                scores=scores,
+                labels=labels,
+                score_graph=score_graph,
+                box_graph=box_graph,
+                origin=prop,
+                level=[pooled_names[int(l)] for l in levels[gidx].tolist()],
+                features=representation[gidx].detach(),
+                class_probs=pred_scores[gidx].detach(),
+            )
+            # batched_nms returned candidates by decreasing score: threshold, then top_k.
+            kept = torch.nonzero(det.scores > score_threshold).flatten()
+            if top_k is not None:
+                kept = kept[: max(int(top_k), 0)]
+            dets.append(det.select(kept))
+            g = gidx[kept]
+            roi_pooled.append(pooled[g].detach())
+            roi_boxes.append(torch.cat(proposals)[g])
+            roi_levels.append(levels[g])
+
+        def score_fn(pooled_k: Tensor, labels_k: Tensor, rois_k: Tensor, image_index: int) -> tuple[Tensor, Tensor]:
+            """Box head + predictor on ``pooled_k [K, C, P, P]`` -> (probs [K], boxes [K, 4])."""
+            rep = rh.box_head(pooled_k)
+            logits, reg = rh.box_predictor(rep)
+            ar = torch.arange(len(labels_k), device=labels_k.device)
+            probs = F.softmax(logits, -1)[ar, labels_k]
+            shape = image_shapes[image_index]
+            bx = rh.box_coder.decode(reg, [rois_k])[ar, labels_k]
+            bx = box_ops.clip_boxes_to_image(bx, shape)
+            return probs, resize_boxes(bx, list(shape), list(geometry[image_index].original_size))
+
+        roi = RoIScoring(
+            pooled=roi_pooled,
+            rois=roi_boxes,
+            level_index=roi_levels,
+            featmap_names=pooled_names,
+            scales=scales,
+            sampling_ratio=int(pooler.sampling_ratio),
+            output_size=tuple(int(s) for s in pooler.output_size),
+            score_fn=score_fn,
+        )
+        return dets, geometry, roi
