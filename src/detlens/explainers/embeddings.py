@@ -1,0 +1,549 @@
+"""2-D projections of per-detection feature vectors, and how much to trust them.
+
+Box features (``FloatTensor[N, D]``, one row per detection, from
+``detlens.adapters``) are projected to 2-D with PCA (torch) or t-SNE (openTSNE with
+FFT-accelerated gradients, after PCA to 50 dimensions). Every projection carries its
+trustworthiness (scikit-learn; 1 = the 2-D neighbourhoods contain no points that were
+not neighbours in feature space) so a picture is never shown without a number saying
+how faithful it is. :func:`class_separation` scores how well classes separate
+(silhouette), :func:`sample_rows` bounds the number of points (W&B tables hold at most
+10,000 rows) and :func:`embed` chains the three for a callback.
+
+Randomness: every function takes a ``seed`` and draws only from its own generators
+(``torch.Generator``, ``np.random.default_rng``, ``random_state`` handed to openTSNE);
+the global RNGs of ``torch``, ``numpy`` and ``random`` are never read or advanced, so
+calling these during training changes nothing about the training run, even from a
+background thread. Same input, same seed, same thread count: same output.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MIN_TSNE_ROWS",
+    "TRUSTWORTHINESS_ROWS",
+    "EmbeddingSummary",
+    "Projection",
+    "RowSample",
+    "class_separation",
+    "embed",
+    "pca",
+    "pca_2d",
+    "project",
+    "sample_rows",
+    "trustworthiness_score",
+    "tsne_2d",
+]
+
+METHODS: tuple[str, ...] = ("pca", "tsne")
+
+MIN_TSNE_ROWS = 5
+"""Fewest points t-SNE is run on. With fewer, a neighbourhood-preserving layout is
+meaningless (perplexity would be below 1.5): :func:`tsne_2d` raises and
+:func:`project` falls back to PCA and says so in :attr:`Projection.note`."""
+
+TRUSTWORTHINESS_ROWS = 2_000
+"""Default number of points trustworthiness is computed on (seeded uniform subsample;
+the computation is O(N^2) in time and memory: 2,000 points take about a second)."""
+
+SILHOUETTE_ROWS = 5_000
+"""Default number of points the silhouette score is computed on (class-stratified
+seeded subsample; O(N^2 D))."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _as_features(features: Any, name: str = "features") -> Tensor:
+    """``[N, D]`` floating tensor, finite, float32 or float64."""
+    if not isinstance(features, Tensor):
+        features = torch.as_tensor(np.asarray(features))
+    if features.dim() != 2:
+        raise ValueError(f"{name} must be [N, D], got shape {list(features.shape)}")
+    features = features.detach()
+    if not features.is_floating_point():
+        features = features.float()
+    elif features.dtype not in (torch.float32, torch.float64):
+        features = features.float()  # bf16/fp16 from mixed-precision models
+    bad = ~torch.isfinite(features).all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()[:5].tolist()
+        raise ValueError(f"{name} has {int(bad.sum())} rows with NaN/inf values (first: {rows})")
+    return features
+
+
+def _as_labels(labels: Any, n: int, name: str = "labels") -> np.ndarray:
+    if isinstance(labels, Tensor):
+        labels = labels.detach().cpu().numpy()
+    array = np.asarray(labels)
+    if array.ndim != 1 or array.shape[0] != n:
+        raise ValueError(f"{name} must be a sequence of {n} entries, got shape {list(array.shape)}")
+    return array
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), METHODS, n=2, cutoff=0.3)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown projection method {method!r}; choose one of {list(METHODS)}.{hint}")
+    return method
+
+
+# --------------------------------------------------------------------------- PCA
+
+
+def _svd_flip(components: Tensor) -> Tensor:
+    """Signs such that each component's largest-magnitude loading is positive (as sklearn's ``svd_flip``)."""
+    idx = components.abs().argmax(dim=1)
+    signs = torch.sign(components[torch.arange(components.shape[0]), idx])
+    signs[signs == 0] = 1
+    return signs
+
+
+def _top_components(centred: Tensor, k: int, seed: int) -> Tensor:
+    """``[k, D]`` leading right singular vectors of ``centred [N, D]``, sign-fixed.
+
+    Randomised SVD (Halko, Martinsson & Tropp 2011, as scikit-learn's
+    ``randomized_svd``) when ``k`` is well below ``min(N, D)``, exact SVD otherwise.
+    Hand-written because ``torch.svd_lowrank`` draws its test matrix from the global RNG.
+    """
+    n, d = centred.shape
+    if max(n, d) <= 500 or k >= 0.8 * min(n, d):
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        components = vh[:k]
+    else:
+        generator = torch.Generator(device=centred.device).manual_seed(int(seed))
+        width = k + 10  # oversampling
+        omega = torch.randn(d, width, generator=generator, device=centred.device, dtype=centred.dtype)
+        q = torch.linalg.qr(centred @ omega).Q  # [N, width]
+        for _ in range(4):  # power iterations sharpen the spectrum's decay
+            q = torch.linalg.qr(centred.T @ q).Q  # [D, width]
+            q = torch.linalg.qr(centred @ q).Q  # [N, width]
+        _, _, vh = torch.linalg.svd(q.T @ centred, full_matrices=False)  # [width, D]
+        components = vh[:k]
+    return components * _svd_flip(components)[:, None]
+
+
+def pca(features: Tensor, n_components: int, seed: int = 0) -> Tensor:
+    """Project ``features [N, D]`` onto their top ``n_components`` principal components.
+
+    Centred, not whitened; components ordered by explained variance; each component's
+    sign makes its largest-magnitude loading positive, so the result does not flip
+    between calls. When ``min(N, D) < n_components`` the missing components are zero
+    columns (rank-deficient input has no further directions).
+
+    Returns:
+        ``FloatTensor[N, n_components]`` (dtype of ``features``, float32 at least), on
+        the device of ``features``.
+    """
+    if n_components < 1:
+        raise ValueError(f"n_components must be >= 1, got {n_components}")
+    x = _as_features(features)
+    n, d = x.shape
+    out = x.new_zeros(n, n_components)
+    k = min(n_components, n, d)
+    if n < 2 or k == 0:
+        return out
+    centred = x - x.mean(dim=0, keepdim=True)
+    components = _top_components(centred, k, seed)
+    out[:, :k] = centred @ components.T
+    return out
+
+
+def pca_2d(features: Tensor, seed: int = 0) -> Tensor:
+    """``FloatTensor[N, 2]``: the first two principal-component scores (see :func:`pca`)."""
+    return pca(features, 2, seed=seed)
+
+
+# --------------------------------------------------------------------------- t-SNE
+
+
+def tsne_2d(
+    features: Tensor,
+    seed: int = 0,
+    perplexity: float = 30.0,
+    pca_dims: int = 50,
+    n_jobs: int = 1,
+    n_iter: int = 500,
+    early_exaggeration_iter: int = 250,
+    negative_gradient_method: Literal["auto", "fft", "bh"] = "auto",
+    **opentsne_kwargs: Any,
+) -> Tensor:
+    """t-SNE of ``features [N, D]`` to 2-D: PCA to ``pca_dims``, then openTSNE.
+
+    openTSNE (Poličar et al. 2024) with FFT-accelerated gradients (FIt-SNE
+    interpolation, O(N) per iteration) from 10,000 points up and Barnes-Hut below
+    (``"auto"``, openTSNE's own rule: the FFT's fixed interpolation-grid cost dominates
+    for small N; 600 points took 25 s with FFT and 4 s with Barnes-Hut on a loaded
+    2-core machine), ``learning_rate="auto"`` (N / exaggeration),
+    approximate neighbours (Annoy) above 1,000 points and exact ones below, and PCA
+    initialisation (the first two PCA scores, rescaled to std 1e-4 and jittered from
+    ``seed``, as openTSNE's ``initialization="pca"``).
+
+    Args:
+        features: ``FloatTensor[N, D]``, ``N >= MIN_TSNE_ROWS``.
+        seed: seeds the PCA, the neighbour index and the jitter.
+        perplexity: effective number of neighbours. Clipped to ``(N - 1) / 3`` so
+            that ``3 * perplexity`` neighbours exist; the clipped value is used silently.
+        pca_dims: dimensions kept by the PCA before t-SNE (denoises and speeds up the
+            neighbour search; ``min(pca_dims, N, D)`` in practice).
+        n_jobs: threads for neighbours and gradients (``-1``: all cores). Defaults to 1
+            so that explaining on rank 0 does not starve the training's data loaders.
+        n_iter: iterations after early exaggeration (openTSNE's default 500).
+        early_exaggeration_iter: early-exaggeration iterations (openTSNE's default 250).
+        negative_gradient_method: ``"fft"``, ``"bh"`` or ``"auto"`` (FFT from 10,000
+            points, Barnes-Hut below).
+        **opentsne_kwargs: further ``openTSNE.TSNE`` arguments (e.g. ``ints_in_interval``,
+            ``n_interpolation_points`` for the FFT grid, ``theta`` for Barnes-Hut).
+
+    Returns:
+        ``FloatTensor[N, 2]`` on the CPU (t-SNE units, centred near 0).
+
+    Raises:
+        ValueError: fewer than :data:`MIN_TSNE_ROWS` rows.
+    """
+    from openTSNE import TSNE  # local: keeps `import detlens` light
+    from openTSNE.initialization import jitter, rescale
+
+    x = _as_features(features)
+    n = x.shape[0]
+    if n < MIN_TSNE_ROWS:
+        raise ValueError(
+            f"t-SNE needs at least {MIN_TSNE_ROWS} points, got {n}; use pca_2d, or project(), "
+            "which falls back to PCA"
+        )
+    if perplexity <= 0:
+        raise ValueError(f"perplexity must be > 0, got {perplexity}")
+    reduced = pca(x.cpu(), min(pca_dims, x.shape[1], n), seed=seed).double().numpy()
+    init = rescale(reduced[:, :2].copy(), inplace=False)
+    init = jitter(init, random_state=np.random.RandomState(seed))  # openTSNE's own helper, seeded
+    tsne = TSNE(
+        n_components=2,
+        perplexity=min(float(perplexity), (n - 1) / 3.0),
+        learning_rate="auto",
+        n_iter=n_iter,
+        early_exaggeration_iter=early_exaggeration_iter,
+        initialization=np.ascontiguousarray(init),
+        negative_gradient_method=_gradient_method(negative_gradient_method, n),
+        n_jobs=n_jobs,
+        random_state=int(seed),
+        verbose=False,
+        **opentsne_kwargs,
+    )
+    embedding = tsne.fit(reduced)
+    # np.array copies out of TSNEEmbedding, dropping its affinity matrix and optimiser state.
+    return torch.from_numpy(np.array(embedding, dtype=np.float32))
+
+
+def _gradient_method(method: str, n: int) -> str:
+    if method not in ("auto", "fft", "bh"):
+        raise ValueError(f"negative_gradient_method must be 'auto', 'fft' or 'bh', got {method!r}")
+    if method == "auto":
+        return "fft" if n >= 10_000 else "bh"
+    return method
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def trustworthiness_score(
+    features: Tensor,
+    coords: Tensor,
+    n_neighbors: int = 5,
+    max_rows: int = TRUSTWORTHINESS_ROWS,
+    seed: int = 0,
+) -> float:
+    """Trustworthiness of ``coords [N, 2]`` as a picture of ``features [N, D]``, in ``[0, 1]``.
+
+    ``sklearn.manifold.trustworthiness`` (Venna & Kaski): 1 when every point's
+    ``n_neighbors`` nearest neighbours in 2-D are also among its nearest neighbours in
+    feature space, penalised by how far down the feature-space ranking intruders are.
+    Above ``max_rows`` points it is computed on a uniform subsample of ``max_rows``
+    points drawn with ``seed`` (neighbours are then ranked within the subsample); the
+    same ``seed`` gives the same subsample for any two projections of the same data.
+    ``n_neighbors`` is clipped below ``N / 2`` (scikit-learn's bound); NaN when
+    ``N < 3``.
+    """
+    from sklearn.manifold import trustworthiness
+
+    x = _as_features(features).cpu()
+    y = _as_features(coords, "coords").cpu()
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"coords has {y.shape[0]} rows for {n} feature rows")
+    if n > max_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+        x, y = x[keep], y[keep]
+        n = max_rows
+    k = min(int(n_neighbors), math.ceil(n / 2) - 1)
+    if k < 1:
+        return float("nan")
+    return float(trustworthiness(x.double().numpy(), y.double().numpy(), n_neighbors=k))
+
+
+def class_separation(
+    coords_or_features: Tensor,
+    labels: Sequence[Any] | Tensor,
+    max_rows: int = SILHOUETTE_ROWS,
+    seed: int = 0,
+) -> float:
+    """Mean silhouette coefficient of ``labels`` over ``coords_or_features [N, D]``, in ``[-1, 1]``.
+
+    ``sklearn.metrics.silhouette_score`` (euclidean): near 1 when classes form tight,
+    distant clusters, near 0 when they overlap. Above ``max_rows`` points it is computed
+    on a class-stratified subsample (:func:`sample_rows` with ``seed``). NaN when there
+    are fewer than 2 classes, or as many classes as points (silhouette undefined).
+    """
+    from sklearn.metrics import silhouette_score
+
+    x = _as_features(coords_or_features, "coords_or_features").cpu()
+    y = _as_labels(labels, x.shape[0])
+    if x.shape[0] > max_rows:
+        keep = sample_rows(x.shape[0], max_rows=max_rows, stratify_by=y, seed=seed).indices.numpy()
+        x, y = x[keep], y[keep]
+    n_classes = len(np.unique(y))
+    if n_classes < 2 or n_classes >= x.shape[0]:
+        return float("nan")
+    return float(silhouette_score(x.double().numpy(), y, metric="euclidean"))
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class RowSample(NamedTuple):
+    """Rows kept by :func:`sample_rows`: ``indices`` ``Int64Tensor[M]`` ascending, and a
+    one-line ``description`` of what was sampled (for captions and table titles)."""
+
+    indices: Tensor
+    description: str
+
+
+def _quotas(counts: np.ndarray, budget: int) -> np.ndarray:
+    """Per-class row counts summing to ``budget``: proportional, at least 1 per class.
+
+    Largest-remainder apportionment (Hamilton's method), hand-written because no
+    scientific library exposes it; ``budget >= len(counts)`` and ``budget < counts.sum()``.
+    """
+    share = counts * (budget - len(counts)) / counts.sum()  # what is left after 1 each
+    quota = np.minimum(counts, 1 + np.floor(share).astype(np.int64))
+    while quota.sum() < budget:  # hand out the remainder, largest fraction first
+        room = quota < counts
+        frac = np.where(room, 1 + share - quota, -np.inf)
+        quota[int(np.argmax(frac))] += 1
+    return quota
+
+
+def sample_rows(
+    n_total: int,
+    max_rows: int = 10_000,
+    stratify_by: Sequence[Any] | Tensor | None = None,
+    seed: int = 0,
+) -> RowSample:
+    """Choose at most ``max_rows`` of ``n_total`` rows, keeping every class when stratified.
+
+    Without ``stratify_by``: a uniform sample without replacement. With it (one key per
+    row, e.g. class labels, or ``(class, outcome)`` strings): each class keeps a share of
+    ``max_rows`` proportional to its size, but at least one row, so rare classes stay
+    visible; within a class rows are uniform. If there are more classes than
+    ``max_rows``, ``max_rows`` classes are drawn uniformly and keep one row each (the
+    description says so). Deterministic for ``seed``; the global RNGs are untouched.
+
+    Returns:
+        :class:`RowSample` ``(indices, description)``; all rows (ascending) when
+        ``n_total <= max_rows``.
+    """
+    if n_total < 0:
+        raise ValueError(f"n_total must be >= 0, got {n_total}")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    keys = None if stratify_by is None else _as_labels(stratify_by, n_total, "stratify_by")
+    if n_total <= max_rows:
+        return RowSample(torch.arange(n_total, dtype=torch.long), f"all {n_total:,} rows")
+    rng = np.random.default_rng(seed)
+    if keys is None:
+        keep = rng.choice(n_total, size=max_rows, replace=False)
+        text = f"{max_rows:,} of {n_total:,} rows, uniform sample (seed {seed})"
+    else:
+        classes, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+        if len(classes) > max_rows:
+            chosen = rng.choice(len(classes), size=max_rows, replace=False)
+            keep = np.array([rng.choice(members[c]) for c in chosen])
+            text = (
+                f"{max_rows:,} of {n_total:,} rows: one from each of {max_rows:,} of "
+                f"{len(classes):,} classes drawn at random (seed {seed})"
+            )
+        else:
+            quota = _quotas(counts, max_rows)
+            keep = np.concatenate([rng.choice(m, size=q, replace=False) for m, q in zip(members, quota)])
+            text = (
+                f"{max_rows:,} of {n_total:,} rows, stratified by class "
+                f"(all {len(classes)} classes kept, seed {seed})"
+            )
+    return RowSample(torch.from_numpy(np.sort(keep).astype(np.int64)), text)
+
+
+# --------------------------------------------------------------------------- projection
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A 2-D picture of ``N`` feature vectors and how faithful it is.
+
+    Attributes:
+        coords: ``FloatTensor[N, 2]`` on the CPU (PCA: score units of the features;
+            t-SNE: arbitrary units).
+        method: what was actually run, ``"pca"`` or ``"tsne"``.
+        trustworthiness: in ``[0, 1]`` (see :func:`trustworthiness_score`), NaN when
+            ``N < 3``.
+        seconds: wall time of the projection itself (trustworthiness excluded).
+        trustworthiness_rows: number of points trustworthiness was computed on.
+        params: the settings used (``perplexity`` after clipping, ``pca_dims``,
+            ``n_jobs``, ``seed``, ...), ready for a run config.
+        note: empty, or why the method run differs from the one asked for.
+    """
+
+    coords: Tensor
+    method: str
+    trustworthiness: float
+    seconds: float
+    trustworthiness_rows: int
+    params: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+def project(
+    features: Tensor,
+    method: Literal["pca", "tsne"] = "pca",
+    seed: int = 0,
+    *,
+    perplexity: float = 30.0,
+    pca_dims: int = 50,
+    n_jobs: int = 1,
+    n_iter: int = 500,
+    negative_gradient_method: Literal["auto", "fft", "bh"] = "auto",
+    n_neighbors: int = 5,
+    trustworthiness_rows: int = TRUSTWORTHINESS_ROWS,
+) -> Projection:
+    """Project ``features [N, D]`` to 2-D with ``method`` and measure its trustworthiness.
+
+    ``"pca"``: :func:`pca_2d`. ``"tsne"``: :func:`tsne_2d` with ``perplexity``,
+    ``pca_dims``, ``n_jobs``, ``n_iter``, ``negative_gradient_method``; for fewer than :data:`MIN_TSNE_ROWS` points
+    PCA is used instead (``method="pca"`` and a ``note`` in the result). Trustworthiness
+    is measured against the original ``D``-dimensional features with ``n_neighbors``,
+    on at most ``trustworthiness_rows`` points.
+    """
+    _check_method(method)
+    x = _as_features(features).cpu()
+    n = x.shape[0]
+    note = ""
+    params: dict[str, Any] = {"seed": int(seed), "points": n}
+    start = time.perf_counter()
+    if method == "tsne" and n >= MIN_TSNE_ROWS:
+        coords = tsne_2d(
+            x, seed=seed, perplexity=perplexity, pca_dims=pca_dims, n_jobs=n_jobs, n_iter=n_iter,
+            negative_gradient_method=negative_gradient_method,
+        )
+        params.update(
+            perplexity=min(float(perplexity), (n - 1) / 3.0),
+            pca_dims=min(pca_dims, x.shape[1], n),
+            n_jobs=n_jobs,
+            n_iter=n_iter,
+            negative_gradient_method=_gradient_method(negative_gradient_method, n),
+        )
+    else:
+        if method == "tsne":
+            note = f"t-SNE needs at least {MIN_TSNE_ROWS} points, got {n}: PCA shown instead"
+            method = "pca"
+        coords = pca_2d(x, seed=seed).float()
+    seconds = time.perf_counter() - start
+    rows = min(n, trustworthiness_rows)
+    trust = trustworthiness_score(x, coords, n_neighbors=n_neighbors, max_rows=trustworthiness_rows, seed=seed)
+    params.update(trustworthiness_neighbors=n_neighbors)
+    return Projection(
+        coords=coords.contiguous(),
+        method=method,
+        trustworthiness=trust,
+        seconds=seconds,
+        trustworthiness_rows=rows,
+        params=params,
+        note=note,
+    )
+
+
+@dataclass(frozen=True)
+class EmbeddingSummary:
+    """What :func:`embed` found: the rows drawn, their projection and class separation.
+
+    Attributes:
+        indices: ``Int64Tensor[M]`` rows of the input that were projected (ascending).
+        description: one line saying what was sampled (see :func:`sample_rows`).
+        projection: the :class:`Projection` of those ``M`` rows (``coords[i]`` belongs
+            to input row ``indices[i]``).
+        silhouette_2d: :func:`class_separation` of the 2-D coordinates (what the picture shows).
+        silhouette_features: :func:`class_separation` of the original features (how
+            separable the model's features are; independent of the projection).
+    """
+
+    indices: Tensor
+    description: str
+    projection: Projection
+    silhouette_2d: float
+    silhouette_features: float
+
+    def scalars(self, prefix: str = "embeddings") -> dict[str, float]:
+        """Stable metric keys: ``<prefix>/<method>/{trustworthiness, silhouette_2d, seconds}``,
+        ``<prefix>/silhouette_features`` and ``<prefix>/points``."""
+        method = self.projection.method
+        return {
+            f"{prefix}/{method}/trustworthiness": self.projection.trustworthiness,
+            f"{prefix}/{method}/silhouette_2d": self.silhouette_2d,
+            f"{prefix}/{method}/seconds": self.projection.seconds,
+            f"{prefix}/silhouette_features": self.silhouette_features,
+            f"{prefix}/points": float(len(self.indices)),
+        }
+
+
+def embed(
+    features: Tensor,
+    labels: Sequence[Any] | Tensor,
+    method: Literal["pca", "tsne"] = "tsne",
+    seed: int = 0,
+    max_rows: int = 10_000,
+    stratify_by: Sequence[Any] | Tensor | None = None,
+    **project_kwargs: Any,
+) -> EmbeddingSummary:
+    """Sample, project and score box features in one call (what an embedding callback needs).
+
+    Args:
+        features: ``FloatTensor[N, D]`` one row per detection.
+        labels: ``N`` class labels (colour and silhouette classes).
+        method: ``"pca"`` or ``"tsne"``.
+        seed: seeds sampling, projection and the score subsamples.
+        max_rows: most points projected (W&B tables hold at most 10,000 rows).
+        stratify_by: ``N`` keys the sample keeps every value of; defaults to ``labels``.
+        **project_kwargs: passed to :func:`project` (``perplexity``, ``n_jobs``, ...).
+    """
+    _check_method(method)
+    x = _as_features(features).cpu()
+    y = _as_labels(labels, x.shape[0])
+    sample = sample_rows(x.shape[0], max_rows=max_rows, stratify_by=y if stratify_by is None else stratify_by, seed=seed)
+    keep = sample.indices
+    x, y = x[keep], y[keep.numpy()]
+    projection = project(x, method=method, seed=seed, **project_kwargs)
+    return EmbeddingSummary(
+        indices=keep,
+        description=sample.description,
+        projection=projection,
+        silhouette_2d=class_separation(projection.coords, y, seed=seed),
+        silhouette_features=class_separation(x, y, seed=seed),
+    )
