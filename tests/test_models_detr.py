@@ -111,15 +111,29 @@ def test_eval_returns_detections_in_each_input_images_pixels():
         assert (det["scores"][:-1] >= det["scores"][1:]).all()  # sorted
 
 
-def test_padding_a_smaller_image_into_a_batch_does_not_change_its_detections():
+def test_padding_of_a_smaller_image_gets_no_attention_and_its_boxes_stay_inside_it():
+    # A CNN backbone cannot be exactly padding-invariant (deeper receptive fields see the
+    # padded zeros), so DETR masks the padding instead: no encoder or decoder attention
+    # may land on it, and boxes are reported in the image's own pixels.
+    from detlens.explainers.attention import AttentionCapture
+
     torch.manual_seed(0)
     module = tiny_detr(score_thresh=0.0).eval()
-    images, _ = scenes()
-    with torch.no_grad():
-        alone = module([images[1]])[0]  # 32x64, no padding
-        batched = module(images)[1]  # padded to 64x64 next to the larger image
-    for key in ("boxes", "scores", "labels"):
-        torch.testing.assert_close(batched[key], alone[key], rtol=1e-4, atol=1e-4)
+    images, _ = scenes()  # 64x64 next to 32x64: the second is padded to 64x64
+    with torch.no_grad(), AttentionCapture(module) as cap:
+        detections = module(images)
+
+    cross = [n for n in cap.weights if "multihead_attn" in n]
+    selfs = [n for n in cap.weights if "encoder" in n and "self_attn" in n]
+    assert cross and selfs
+    padding = cap.key_padding_masks[cross[-1]][1]  # [K] True on padded feature cells
+    assert padding.any() and not cap.key_padding_masks[cross[-1]][0].any()
+    for name in cross + selfs:
+        weights = cap.weights[name]  # [B, heads, Q, K]
+        assert weights[1][..., padding].abs().max() == 0, name
+        assert weights[0].sum(-1).sub(1).abs().max() < 1e-5
+    boxes = detections[1]["boxes"]
+    assert (boxes[:, [1, 3]] <= 32 + 1e-4).all() and (boxes[:, [0, 2]] <= 64 + 1e-4).all()
 
 
 def test_resizing_keeps_boxes_in_input_pixels():

@@ -166,7 +166,7 @@ def test_checkpoint_for_another_class_count_loads_the_rest_and_reports_the_skipp
     path = tmp_path / "other_classes.pt"
     torch.save(small_detector("fasterrcnn_resnet18_fpn", num_classes=5).model.state_dict(), path)
 
-    with pytest.warns(UserWarning, match=r"shape differs, skipped \(2\): roi_heads\.box_predictor\.bbox_pred"):
+    with pytest.warns(UserWarning, match=r"loaded \d+ tensors[^\n]*\n  shape differs, skipped \(4\): roi_heads\.box_predictor\.cls_score\.weight \(6, 64\) -> \(3, 64\)"):
         small_detector("fasterrcnn_resnet18_fpn", checkpoint=str(path))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         small_detector("fasterrcnn_resnet18_fpn", checkpoint=str(tmp_path / "missing.pt"))

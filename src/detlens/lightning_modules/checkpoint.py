@@ -84,5 +84,5 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> CheckpointRe
         )
     model.load_state_dict(compatible, strict=False)
     report.loaded = sorted(compatible)
-    report.missing = [k for k in own if k not in compatible]
+    report.missing = [k for k in own if k not in state]
     return report
