@@ -66,7 +66,7 @@ def _print_run_locations(trainer: pl.Trainer) -> None:
             run = logger.experiment
             run_dir = Path(run.dir).parent
             rank_zero_info(
-                f"detlens: W&B run {run.id} ({'offline' if run.settings.mode == 'offline' else 'online'})"
+                f"detlens: W&B run {run.id} ({'offline' if run.offline else 'online'})"
                 f" in {run_dir}\n  media: {Path(run.dir) / 'media'}\n"
                 f"  upload it with: wandb sync {run_dir}"
             )
@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``detlens`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     build_cli(argv)
+    import wandb
+
+    if wandb.run is not None:  # close the run now (flushes history, writes its exit record)
+        wandb.finish()
 
 
 if __name__ == "__main__":  # pragma: no cover

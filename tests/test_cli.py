@@ -1,0 +1,133 @@
+"""``detlens fit|validate --config``: LightningCLI wiring, the shipped configs, and the W&B run it leaves.
+
+The fit runs in-process through :func:`detlens.cli.build_cli` (the console script's code
+path) on a tiny variant of the demo config, then the offline W&B run is read back from
+disk: the mAP history, the saved config and the overlay images with their box metadata.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import wandb
+import yaml
+from wandb_utils import image_events, newest_offline_run, scalar_history
+
+from detlens.cli import build_cli
+from detlens.data.synthetic import TRAIN_ANN, VAL_ANN
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    # LightningCLI warns when it is given args while sys.argv holds pytest's own.
+    monkeypatch.setattr(sys, "argv", ["detlens"])
+
+
+def tiny_demo_config(tmp_path: Path) -> Path:
+    """The demo config, shrunk to seconds: same classes, callbacks and logger."""
+    config = yaml.safe_load((REPO / "configs" / "fasterrcnn_synthetic.yaml").read_text())
+    config["trainer"].update(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=1, check_val_every_n_epoch=1,
+        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+    )
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    for callback in config["trainer"]["callbacks"]:
+        if "every_n_epochs" in callback.get("init_args", {}):
+            callback["init_args"]["every_n_epochs"] = 1
+        if "num_probe_images" in callback.get("init_args", {}):
+            callback["init_args"]["num_probe_images"] = 2
+    config["model"]["init_args"].update(min_size=64, max_size=64, fpn_channels=16, representation_size=32)
+    config["data"]["init_args"].update(
+        root=str(tmp_path / "data"), num_train=4, num_val=2, image_size=64, batch_size=2, num_workers=0
+    )
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_parses_and_builds_its_model_and_data(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the configs' relative data/ and wandb/ paths land here
+    raw = yaml.safe_load(config.read_text())
+    data_args = raw["data"]["init_args"]
+    if raw["data"]["class_path"].endswith("SyntheticDataModule"):
+        data_args.update(num_train=2, num_val=1)  # generating the full set is not the point here
+    else:  # a COCO folder: point it at a tiny synthetic one written in COCO format
+        from detlens.data import generate_synthetic_scenes
+
+        root = generate_synthetic_scenes(tmp_path / "coco", num_train=2, num_val=1, image_size=64, progress=False)
+        data_args.update(root=str(root), train_ann=TRAIN_ANN, val_ann=VAL_ANN, train_images="train", val_images="val", num_workers=0)
+    raw["trainer"].update(accelerator="cpu", devices=1, num_nodes=1, strategy="auto", precision="32-true", sync_batchnorm=False)
+    raw["trainer"]["logger"] = False
+    path = tmp_path / config.name
+    path.write_text(yaml.safe_dump(raw))
+
+    cli = build_cli(["--config", str(path)], run=False)
+
+    assert cli.model.num_classes == cli.datamodule.num_classes == 4  # linked from the data
+    assert cli.model.class_names == cli.datamodule.class_names
+    assert type(cli.model).__name__ == raw["model"]["class_path"].rsplit(".", 1)[1]
+
+
+def test_fit_writes_an_offline_wandb_run_with_map_history_config_and_box_overlays(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_demo_config(tmp_path)
+
+    build_cli(["fit", "--config", str(config)])
+    wandb.finish()  # what `detlens` (cli.main) does on exit
+
+    run = newest_offline_run(tmp_path)
+    assert run.exit_code == 0
+    assert len(scalar_history(run, "val/mAP_50")) == 1 and len(scalar_history(run, "val/mAP")) == 1
+    assert scalar_history(run, "train/loss")
+    saved = run.config["detlens_config"]
+    assert saved["model"]["class_path"] == "detlens.lightning_modules.TorchvisionDetector"
+    assert saved["model"]["init_args"]["attention_stage"] == "layer3"
+    assert saved["data"]["init_args"]["root"] == str(tmp_path / "data")
+    assert (run.run_dir / "files" / "config.yaml").is_file()
+
+    (event,) = image_events(run, "predictions/probe")
+    assert len(event.captions) == 2 and all(f.is_file() for f in event.image_files(run))
+    truth = event.boxes(run, "ground_truth")
+    assert all(image["box_data"] for image in truth)  # every synthetic scene holds objects
+    assert {b["domain"] for image in truth for b in image["box_data"]} == {"pixel"}
+    assert set(truth[0]["class_labels"].values()) >= {"circle", "square", "triangle", "cross"}
+
+
+def test_validate_subcommand_runs_from_a_checkpoint_under_inference_mode(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_demo_config(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["trainer"]["logger"] = False
+    raw["trainer"]["callbacks"] = [c for c in raw["trainer"]["callbacks"] if "LearningRateMonitor" not in c["class_path"]]
+    raw["trainer"]["enable_checkpointing"] = True
+    raw["trainer"]["default_root_dir"] = str(tmp_path / "out")
+    config.write_text(yaml.safe_dump(raw))
+    build_cli(["fit", "--config", str(config)])
+    (ckpt,) = (tmp_path / "out").rglob("*.ckpt")
+
+    cli = build_cli(["validate", "--config", str(config), "--ckpt_path", str(ckpt)])
+
+    assert "val/mAP_50" in cli.trainer.callback_metrics
+
+
+def test_console_script_reports_a_bad_config_value_without_a_traceback(tmp_path):
+    config = tiny_demo_config(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["init_args"]["architecture"] = "fasterrcnn_resnet19_fpn"
+    config.write_text(yaml.safe_dump(raw))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "detlens.cli", "fit", "--config", str(config)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+
+    assert result.returncode != 0
+    assert "fasterrcnn_resnet19_fpn" in result.stderr and "fasterrcnn_resnet18_fpn" in result.stderr
+    assert "Traceback" not in result.stderr
