@@ -1,9 +1,20 @@
 """detlens.callbacks: Lightning callbacks that explain a fixed probe set while a detector trains.
 
-Every callback subclasses :class:`ProbeCallback` (cadence, probe set, guard, DDP gather).
+Every callback subclasses :class:`ProbeCallback` (cadence, probe set, guard, DDP gather),
+except where noted; all are usable from YAML (``trainer.callbacks`` with ``class_path``).
 """
 
+from detlens.callbacks.attention_entropy import AttentionEntropyCallback
+from detlens.callbacks.attention_maps import AttentionMapCallback, AttentionMapResult
 from detlens.callbacks.base import ProbeCallback, ProbeResult
 from detlens.callbacks.prediction_overlay import PredictionOverlayCallback, ProbePrediction
 
-__all__ = ["PredictionOverlayCallback", "ProbeCallback", "ProbePrediction", "ProbeResult"]
+__all__ = [
+    "AttentionEntropyCallback",
+    "AttentionMapCallback",
+    "AttentionMapResult",
+    "PredictionOverlayCallback",
+    "ProbeCallback",
+    "ProbePrediction",
+    "ProbeResult",
+]

@@ -1,0 +1,420 @@
+"""``AttentionMapCallback``: where a detector's attention goes, overlaid on the probe images.
+
+For a DETR (``detlens.lightning_modules.DETR`` or any network the DETR adapter accepts):
+
+* ``decoder/layer<l>``: each top detection's decoder cross-attention over the image
+  (head mean; with ``heads="all"`` also ``decoder/layer<l>/head<h>``), for the chosen
+  decoder layers (default: the last);
+* ``encoder/layer<l>``: the encoder self-attention read at reference points (the
+  detections' box centres, or a fixed grid), for the chosen encoder layer;
+* ``rollout``: the last decoder layer's cross-attention composed with the attention
+  rollout of the encoder (Abnar & Zuidema, 2020).
+
+For a CNN detector with attention blocks that implement the attention probe protocol
+(``SpatialSelfAttention`` of ``TorchvisionDetector(attention_stage=...)``):
+
+* ``spatial/<block>``: the block's self-attention read at reference points.
+
+Every overlay carries the detection's box (or a small square at a grid point) and is
+logged under ``<log_key>/<map>`` (default ``attention_maps/...``) as one list of images per
+key and event, probe image by probe image, detection by detection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from detlens.adapters import DetrAdapter, ImageGeometry, adapter_for
+from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.explainers.attention import PROBE_FLAG, AttentionCapture, find_attention_modules
+from detlens.explainers.rollout import (
+    attention_rollout,
+    decoder_rollout,
+    point_attention_maps,
+    query_attention_maps,
+    transformer_attention_names,
+)
+from detlens.render.attention import overlay_attention
+from detlens.sinks import MediaImage, log_media
+
+__all__ = ["AttentionMapCallback", "AttentionMapResult", "MapKind", "no_attention_error"]
+
+MapKind = Literal["decoder", "encoder", "rollout", "spatial"]
+_MAX_MAP_SIDE = 256  # maps travel to rank 0 at most this large; the renderer upsamples them
+
+
+def no_attention_error(who: str, pl_module: nn.Module, unavailable: dict[str, str] | None = None) -> ValueError:
+    """The error of a callback given a model with no attention it can read."""
+    inner = getattr(pl_module, "model", None)
+    model = type(pl_module).__name__ + (f" (network {type(inner).__name__})" if isinstance(inner, nn.Module) else "")
+    fused = ""
+    if unavailable:
+        fused = " Found attention it cannot read: " + "; ".join(f"{n}: {why}" for n, why in unavailable.items()) + "."
+    return ValueError(
+        f"{who}: {model} has no attention module detlens can read. It looks for nn.MultiheadAttention "
+        f"modules (e.g. the encoder/decoder layers of detlens.lightning_modules.DETR) and modules that "
+        f"implement the attention probe protocol ({PROBE_FLAG} / last_attention, e.g. the "
+        f"SpatialSelfAttention of TorchvisionDetector(attention_stage='layer3')).{fused}"
+    )
+
+
+@dataclass(frozen=True)
+class AttentionMapResult:
+    """Attention maps of one probe image (CPU tensors, gathered to rank 0).
+
+    Attributes:
+        boxes: ``float32[K, 4]`` xyxy image pixels of the explained detections (score order).
+        scores: ``float32[K]``; labels: ``int64[K]`` in ``1..C``.
+        points: ``float32[P, 2]`` ``(x, y)`` image pixels of the grid reference points
+            (``P = 0`` when reference points are the detections' box centres).
+        detection_maps: map key -> ``float32[K, h, w]`` in ``[0, 1]``; row ``j`` belongs to
+            detection ``j``. ``(h, w)`` is the image size scaled to a longer side of at
+            most 256 px (the renderer resizes it onto the image).
+        point_maps: map key -> ``float32[P, h, w]``; row ``j`` belongs to ``points[j]``.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    points: Tensor
+    detection_maps: dict[str, Tensor] = field(default_factory=dict)
+    point_maps: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which attention modules feed which maps (names relative to the adapter's network)."""
+
+    decoder: dict[int, str]  # decoder layer index -> cross-attention module
+    encoder: tuple[int, str] | None  # encoder layer index, self-attention module
+    rollout: list[str]  # encoder self-attention modules, first layer first ([] = no rollout)
+    last_decoder: str | None  # cross-attention the rollout starts from
+    spatial: list[str]  # probe-protocol modules
+    grid_layer: str | None  # DETR: module whose output is the [B, D, Hf, Wf] token grid
+
+
+class AttentionMapCallback(ProbeCallback):
+    """Logs attention maps of the probe images' top detections as W&B image overlays.
+
+    Keys (``<log_key>`` defaults to ``attention_maps``), each one list of images per event
+    with captions ``"img 3 (id 12) · det 0 car 0.91 · step 400"``:
+
+    * ``<log_key>/decoder/layer<l>`` (and ``.../head<h>`` with ``heads="all"``), DETR;
+    * ``<log_key>/encoder/layer<l>`` (and per head), DETR encoder at the reference points;
+    * ``<log_key>/rollout``, DETR decoder cross-attention through the encoder rollout;
+    * ``<log_key>/spatial/<block>`` (and per head), attention-probe blocks at the
+      reference points (``<block>`` is the module name in the network, e.g.
+      ``backbone.body.layer3_attention``).
+
+    Maps are min-max scaled per overlay (they show where attention goes, not how much:
+    compare heads and steps through the entropy callback's numbers).
+
+    Args:
+        layers: decoder layers whose cross-attention is drawn (negative counts from the
+            last); ``None`` = the last layer.
+        encoder_layer: the encoder layer whose self-attention is read at reference points.
+        heads: ``"mean"`` (head-averaged maps) or ``"all"`` (also one panel per head).
+        maps: which kinds to draw among ``"decoder"``, ``"encoder"``, ``"rollout"``,
+            ``"spatial"``; ``None`` = every kind the model has. Asking for a kind the model
+            does not have is an error at setup.
+        reference_points: ``"detections"`` (each detection's box centre) or ``"grid"``
+            (a fixed ``grid_size x grid_size`` grid of points over each image), for the
+            encoder and spatial maps.
+        grid_size: points per side of the reference grid.
+        top_k: explain at most this many detections per image (highest scores).
+        score_threshold: explain detections scoring above this.
+        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key:
+            see :class:`~detlens.callbacks.base.ProbeCallback`.
+
+    Raises:
+        ValueError: bad arguments; at ``setup``: a model without readable attention (the
+            message names the model class and what is looked for), a requested map kind
+            the model lacks, a layer index out of range.
+    """
+
+    def __init__(
+        self,
+        layers: list[int] | None = None,
+        encoder_layer: int = -1,
+        heads: Literal["mean", "all"] = "mean",
+        maps: list[MapKind] | None = None,
+        reference_points: Literal["detections", "grid"] = "detections",
+        grid_size: int = 3,
+        top_k: int = 3,
+        score_threshold: float = 0.0,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        num_probe_images: int = 4,
+        probe_indices: list[int] | None = None,
+        probe_dir: str | None = None,
+        log_key: str = "attention_maps",
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            num_probe_images=num_probe_images,
+            probe_indices=probe_indices,
+            probe_dir=probe_dir,
+            log_key=log_key,
+        )
+        name = type(self).__name__
+        if layers is not None:
+            layers = [int(i) for i in layers]
+            if not layers:
+                raise ValueError(f"{name}: layers is empty; give decoder layer indices or None (the last)")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"{name}: layers has duplicates: {layers}")
+        if heads not in ("mean", "all"):
+            raise ValueError(f"{name}: heads must be 'mean' or 'all', got {heads!r}")
+        valid_kinds = get_args(MapKind)
+        if maps is not None:
+            maps = list(maps)
+            bad = [m for m in maps if m not in valid_kinds]
+            if bad or not maps:
+                raise ValueError(f"{name}: maps must be a non-empty list of {list(valid_kinds)}, got {maps!r}")
+        if reference_points not in ("detections", "grid"):
+            raise ValueError(f"{name}: reference_points must be 'detections' or 'grid', got {reference_points!r}")
+        if not isinstance(grid_size, int) or grid_size < 1:
+            raise ValueError(f"{name}: grid_size must be a positive int, got {grid_size!r}")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"{name}: top_k must be a positive int, got {top_k!r}")
+        if not 0.0 <= score_threshold < 1.0:
+            raise ValueError(f"{name}: score_threshold must be in [0, 1), got {score_threshold}")
+        self.layers = layers
+        self.encoder_layer = int(encoder_layer)
+        self.heads = heads
+        self.maps = maps
+        self.reference_points = reference_points
+        self.grid_size = grid_size
+        self.top_k = top_k
+        self.score_threshold = float(score_threshold)
+        self._plan: _Plan | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._plan = self._make_plan(pl_module)  # model errors first: they are the likelier mistake
+        super().setup(trainer, pl_module, stage)
+
+    def _make_plan(self, pl_module: nn.Module) -> _Plan:
+        who = type(self).__name__
+        readable, unavailable = find_attention_modules(pl_module)
+        if not readable:
+            raise no_attention_error(who, pl_module, unavailable)
+        try:
+            adapter = adapter_for(pl_module)
+        except TypeError as err:
+            raise ValueError(f"{who}: {err}") from err
+        net = adapter.model
+        names = transformer_attention_names(net)
+        is_detr = isinstance(adapter, DetrAdapter)
+        spatial = [n for n, m in net.named_modules() if hasattr(m, PROBE_FLAG)]
+        available = {
+            "decoder": bool(is_detr and names["decoder_cross"]),
+            "encoder": bool(is_detr and names["encoder_self"]),
+            "rollout": bool(is_detr and names["decoder_cross"] and names["encoder_self"]),
+            "spatial": bool(spatial),
+        }
+        wanted = self.maps if self.maps is not None else [k for k, ok in available.items() if ok]
+        missing = [k for k in wanted if not available[k]]
+        if missing:
+            have = [k for k, ok in available.items() if ok]
+            raise ValueError(
+                f"{who}: {type(pl_module).__name__} has no attention for maps {missing} "
+                f"(it has: {have or 'none'}; decoder/encoder/rollout need a DETR, spatial an attention-probe block)"
+            )
+        if not wanted:
+            raise no_attention_error(who, pl_module, unavailable)
+        decoder: dict[int, str] = {}
+        if "decoder" in wanted:
+            for layer in self.layers if self.layers is not None else [-1]:
+                index = _layer_index(layer, len(names["decoder_cross"]), "decoder layer", who)
+                decoder[index] = names["decoder_cross"][index]
+            decoder = dict(sorted(decoder.items()))
+        encoder = None
+        if "encoder" in wanted:
+            index = _layer_index(self.encoder_layer, len(names["encoder_self"]), "encoder_layer", who)
+            encoder = (index, names["encoder_self"][index])
+        rollout = list(names["encoder_self"]) if "rollout" in wanted else []
+        return _Plan(
+            decoder=decoder,
+            encoder=encoder,
+            rollout=rollout,
+            last_decoder=names["decoder_cross"][-1] if "rollout" in wanted else None,
+            spatial=spatial if "spatial" in wanted else [],
+            grid_layer="input_proj" if is_detr and (decoder or encoder or rollout) else None,
+        )
+
+    # ------------------------------------------------------------------ explain (every rank)
+    def explain_shard(
+        self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
+    ) -> list[AttentionMapResult]:
+        plan = self._plan if self._plan is not None else self._make_plan(pl_module)
+        self._plan = plan
+        adapter = adapter_for(pl_module)
+        modules = sorted({*plan.decoder.values(), *plan.rollout, *plan.spatial}
+                         | ({plan.encoder[1]} if plan.encoder else set())
+                         | ({plan.last_decoder} if plan.last_decoder else set()))
+        grid_layers = [plan.grid_layer] if plan.grid_layer else []
+        grid_layers += [n for n in plan.spatial if n not in grid_layers]
+        with AttentionCapture(adapter.model, modules, on_unavailable="raise") as capture:
+            out = adapter.run(
+                images, grid_layers, top_k=self.top_k, score_threshold=self.score_threshold, with_grad=False
+            )
+        weights = capture.weights
+        detections = out.detections
+        # Maps are computed at a reduced size (the image's aspect, longer side <= 256 px).
+        scales = [min(1.0, _MAX_MAP_SIDE / max(g.original_size)) for g in out.geometry]
+        map_sizes = [(max(1, round(g.original_size[0] * s)), max(1, round(g.original_size[1] * s)))
+                     for g, s in zip(out.geometry, scales)]
+        centres = [_box_centres(d.boxes) * s for d, s in zip(detections, scales)]
+        grid_points = [_grid_points(g.original_size, self.grid_size) for g in out.geometry]
+        use_grid = self.reference_points == "grid"
+        refs = [p * s for p, s in zip(grid_points, scales)] if use_grid else centres
+        per_image: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = [({}, {}) for _ in images]
+
+        def put(key: str, maps: list[Any], at_points: bool) -> None:
+            for b, m in enumerate(maps):
+                per_image[b][1 if at_points else 0][key] = m.display.float().cpu()
+
+        if plan.grid_layer is not None:  # DETR: one token grid for every transformer map
+            grid = out.activations[plan.grid_layer]
+            feature_size = (int(grid.shape[-2]), int(grid.shape[-1]))
+            any_name = next(iter([*plan.decoder.values(), *plan.rollout, *([plan.encoder[1]] if plan.encoder else [])]))
+            padding = capture.key_padding_masks.get(any_name)
+            padding = None if padding is None else padding.reshape(len(images), *feature_size)
+            queries = [d.origin for d in detections]
+            for layer, name in plan.decoder.items():
+                self._query_maps(put, f"decoder/layer{layer}", weights[name], feature_size, map_sizes, queries, padding)
+            if plan.rollout:
+                rolled = decoder_rollout(weights[plan.last_decoder], attention_rollout([weights[n] for n in plan.rollout]))
+                put("rollout", query_attention_maps(rolled, feature_size, map_sizes, queries, padding), False)
+            if plan.encoder is not None:
+                layer, name = plan.encoder
+                self._point_maps(put, f"encoder/layer{layer}", weights[name], refs, feature_size, map_sizes, padding, use_grid)
+        for name in plan.spatial:
+            grid = out.activations[name]
+            feature_size = (int(grid.shape[-2]), int(grid.shape[-1]))
+            padding = _feature_padding_mask(out.geometry, feature_size)
+            self._point_maps(put, f"spatial/{name}", weights[name], refs, feature_size, map_sizes, padding, use_grid)
+
+        return [
+            AttentionMapResult(
+                boxes=d.boxes.detach().float().cpu(),
+                scores=d.scores.detach().float().cpu(),
+                labels=d.labels.detach().long().cpu(),
+                points=grid_points[b] if use_grid else torch.zeros(0, 2),
+                detection_maps=per_image[b][0],
+                point_maps=per_image[b][1],
+            )
+            for b, d in enumerate(detections)
+        ]
+
+    def _query_maps(self, put: Any, key: str, weights: Tensor, feature_size: tuple[int, int],
+                    sizes: list[tuple[int, int]], queries: list[Tensor], padding: Tensor | None) -> None:
+        put(key, query_attention_maps(weights, feature_size, sizes, queries, padding, heads="mean"), False)
+        if self.heads == "all":
+            self._put_heads(put, key, query_attention_maps(weights, feature_size, sizes, queries, padding, heads="none"), False)
+
+    def _point_maps(self, put: Any, key: str, weights: Tensor, points: list[Tensor], feature_size: tuple[int, int],
+                    sizes: list[tuple[int, int]], padding: Tensor | None, at_points: bool) -> None:
+        put(key, point_attention_maps(weights, points, feature_size, sizes, padding, heads="mean"), at_points)
+        if self.heads == "all":
+            self._put_heads(put, key, point_attention_maps(weights, points, feature_size, sizes, padding, heads="none"), at_points)
+
+    @staticmethod
+    def _put_heads(put: Any, key: str, maps: list[Any], at_points: bool) -> None:
+        heads = maps[0].display.shape[1] if maps else 0
+        for h in range(heads):
+            put(f"{key}/head{h}", [_Head(m.display[:, h]) for m in maps], at_points)
+
+    # ------------------------------------------------------------------ log (rank 0)
+    def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
+        class_names = _class_names(trainer, pl_module)
+        panels: dict[str, list[MediaImage]] = {}
+        for result in results:
+            value: AttentionMapResult = result.value
+            image, target = self.probe_item(result.index)
+            head, _, step = self.caption(trainer, result.index, target).rpartition(" · ")
+            for key, maps in value.detection_maps.items():
+                for j in range(min(len(maps), len(value.boxes))):
+                    label, score = int(value.labels[j]), float(value.scores[j])
+                    name = (class_names or {}).get(label, f"class {label}")
+                    pixels = overlay_attention(image, maps[j], value.boxes[j].tolist(), label=label, score=score,
+                                               class_names=class_names)
+                    detail = f"det {j} {name} {score:.2f}"
+                    if key.startswith(("encoder/", "spatial/")):
+                        detail += " (from its box centre)"
+                    panels.setdefault(self.key(key), []).append(MediaImage(pixels, caption=f"{head} · {detail} · {step}"))
+            for key, maps in value.point_maps.items():
+                for j in range(min(len(maps), len(value.points))):
+                    x, y = (float(v) for v in value.points[j])
+                    pixels = overlay_attention(image, maps[j], _marker(x, y, image.shape[-2:]))
+                    detail = f"from point ({x:.0f}, {y:.0f})"
+                    panels.setdefault(self.key(key), []).append(MediaImage(pixels, caption=f"{head} · {detail} · {step}"))
+        if panels:
+            log_media(trainer, images=panels, step=trainer.global_step)
+
+
+@dataclass
+class _Head:
+    """Quacks like ``AttentionMaps`` for ``put``: one head's display maps ``[N, h, w]``."""
+
+    display: Tensor
+
+
+def _layer_index(layer: int, count: int, what: str, who: str) -> int:
+    if not -count <= layer < count:
+        raise ValueError(f"{who}: {what} {layer} is out of range: the model has {count} (valid {-count}..{count - 1})")
+    return layer % count
+
+
+def _box_centres(boxes: Tensor) -> Tensor:
+    """``[K, 4]`` xyxy -> ``[K, 2]`` ``(x, y)`` centres."""
+    return (boxes[:, :2] + boxes[:, 2:]).float() / 2
+
+
+def _grid_points(size: tuple[int, int], n: int) -> Tensor:
+    """``n x n`` points at the centres of an even ``n x n`` tiling of an ``(H, W)`` image, ``[n*n, 2]`` ``(x, y)``,
+    row by row."""
+    h, w = size
+    ys = (torch.arange(n, dtype=torch.float32) + 0.5) * (h / n)
+    xs = (torch.arange(n, dtype=torch.float32) + 0.5) * (w / n)
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
+
+
+def _feature_padding_mask(geometry: list[ImageGeometry], feature_size: tuple[int, int]) -> Tensor:
+    """``BoolTensor[B, Hf, Wf]``, True on cells of the padded batch grid that lie past the image.
+
+    A cell ``i`` covers the image when its top-left pixel ``i * Hp / Hf`` is inside the
+    resized image (the rule DETR's nearest-neighbour mask interpolation follows).
+    """
+    hf, wf = feature_size
+    masks = []
+    for g in geometry:
+        (ih, iw), (hp, wp) = g.input_size, g.batch_size
+        rows = min(hf, math.ceil(ih * hf / hp))
+        cols = min(wf, math.ceil(iw * wf / wp))
+        mask = torch.ones(hf, wf, dtype=torch.bool)
+        mask[:rows, :cols] = False
+        masks.append(mask)
+    return torch.stack(masks)
+
+
+def _marker(x: float, y: float, size: Any) -> list[float]:
+    """A small square box around a reference point, drawn by ``overlay_attention`` as its box."""
+    r = max(2.0, min(int(size[0]), int(size[1])) / 40)
+    return [x - r, y - r, x + r, y + r]
+
+
+def _class_names(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, str] | None:
+    for owner in (pl_module, trainer.datamodule):
+        names = getattr(owner, "class_names", None)
+        if names:
+            return {int(k): str(v) for k, v in dict(names).items()}
+    return None
