@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from .base import DetectorAdapter, ImageGeometry, LayerCapture
 
@@ -46,7 +48,13 @@ class TorchvisionAdapterMixin(DetectorAdapter):
         return image_list, features, geometry
 
     def feature_keys(self) -> list[str]:
-        """Keys of the backbone's feature dict (one backbone-only probe run if unknown)."""
+        """Keys of the backbone's feature dict.
+
+        Read from the module structure for torchvision's ``BackboneWithFPN``; other
+        backbones (SSD) get one backbone-only probe run on a blank image, cached per model.
+        """
+        if self._feature_keys is None:
+            self._feature_keys = _static_feature_keys(self.model.backbone) or _PROBED.get(self.model)
         if self._feature_keys is None:
             model = self.model
             modes = {m: m.training for m in model.modules()}
@@ -60,6 +68,7 @@ class TorchvisionAdapterMixin(DetectorAdapter):
                 for m, mode in modes.items():
                     m.training = mode
             self._feature_keys = list(out.keys()) if isinstance(out, dict) else ["0"]
+            _PROBED[self.model] = list(self._feature_keys)
         return list(self._feature_keys)
 
     def virtual_layers(self) -> list[str]:
@@ -90,6 +99,26 @@ class TorchvisionAdapterMixin(DetectorAdapter):
 
     def layer_names(self) -> list[str]:
         return self.virtual_layers() + self._stage_names()
+
+
+_PROBED: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
+
+
+def _static_feature_keys(backbone: nn.Module) -> list[str] | None:
+    """``BackboneWithFPN``'s output keys: the body's return names, then the extra levels'."""
+    body, fpn = getattr(backbone, "body", None), getattr(backbone, "fpn", None)
+    returns = getattr(body, "return_layers", None)
+    if not isinstance(returns, dict) or fpn is None:
+        return None
+    keys = [str(v) for v in returns.values()]
+    extra = getattr(fpn, "extra_blocks", None)
+    if extra is None:
+        return keys
+    if isinstance(extra, LastLevelMaxPool):
+        return keys + ["pool"]
+    if isinstance(extra, LastLevelP6P7):
+        return keys + ["p6", "p7"]
+    return None  # a custom extra block: its names are only known by running it
 
 
 def level_of_index(index: Tensor, counts: list[int]) -> Tensor:

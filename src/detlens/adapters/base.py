@@ -231,7 +231,14 @@ class LayerCapture:
     raised.
     """
 
-    def __init__(self, model: nn.Module, module_names: Sequence[str], virtual: Sequence[str]):
+    def __init__(
+        self,
+        model: nn.Module,
+        module_names: Sequence[str],
+        virtual: Sequence[str],
+        on_output: Callable[[str, Any], tuple[Any, Any]] | None = None,
+    ):
+        self._on_output = on_output
         self._modules = dict(model.named_modules())
         self._module_names = list(module_names)
         self._virtual = set(virtual)
@@ -256,10 +263,18 @@ class LayerCapture:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+    def _hook(self, name: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
             self._calls[name] = self._calls.get(name, 0) + 1
-            self.activations[name] = output
+            if self._on_output is None:
+                self.activations[name] = output
+                return None
+            # The adapter may store a reshaped view (e.g. tokens -> grid) and hand the
+            # forward a tensor computed from it, so the stored tensor is on the graph
+            # upstream of every score (equal values: only views/permutes in between).
+            stored, replacement = self._on_output(name, output)
+            self.activations[name] = stored
+            return replacement
 
         return hook
 
@@ -376,9 +391,16 @@ class DetectorAdapter:
     ) -> tuple[list[Detections], list[ImageGeometry], RoIScoring | None]:
         raise NotImplementedError
 
-    def _to_grid(self, name: str, value: Any) -> Tensor:
-        """Turn a hooked module's output into ``Tensor[B, C, h, w]`` (override for tokens)."""
-        return value
+    def _capture_output(self, name: str, value: Any) -> tuple[Any, Any]:
+        """Called in the forward hook of target layer ``name`` with its output.
+
+        Returns ``(stored, replacement)``: ``stored`` becomes ``activations[name]``
+        (must be ``Tensor[B, C, h, w]``); ``replacement`` (or ``None`` to keep the output)
+        replaces the module's output. An adapter whose layer emits tokens ``[B, S, D]``
+        stores the grid view and returns tokens computed back from it, so the stored
+        grid lies on the path to every score (override for such layers).
+        """
+        return value, None
 
     def level_layers(self) -> dict[str, str]:
         """Per-detection-level virtual layer -> prefix of its per-level layers."""
@@ -431,9 +453,10 @@ class DetectorAdapter:
                 virt.remove(layer)
                 virt.extend(n for n in self.virtual_layers() if n.startswith(prefix) and n not in virt)
         grad_ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
-        with _eval_with_grad(self.model), grad_ctx, LayerCapture(self.model, mod, virt) as capture:
+        capture = LayerCapture(self.model, mod, virt, on_output=self._capture_output)
+        with _eval_with_grad(self.model), grad_ctx, capture:
             dets, geometry, roi = self._forward(inputs, capture, top_k, score_threshold)
-            activations = capture.finish(self._to_grid)
+            activations = capture.finish()
         return AdapterOutput(
             detections=dets,
             activations=activations,

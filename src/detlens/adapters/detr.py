@@ -49,20 +49,27 @@ class DetrAdapter(DetectorAdapter):
     def default_layer(self) -> str:
         return [n for n in self.layer_names() if n.startswith("backbone.")][-1]
 
-    def _to_grid(self, name: str, value: Any) -> Tensor:
+    def _capture_output(self, name: str, value: Any) -> tuple[Any, Any]:
         if isinstance(value, Tensor) and value.dim() == 3 and self._grid_hw is not None:
             h, w = self._grid_hw
-            if value.shape[1] == h * w:  # encoder tokens, row-major positions
-                return value.transpose(1, 2).reshape(value.shape[0], value.shape[2], h, w)
-        return value
+            if value.shape[1] == h * w:  # encoder tokens [B, S, D], row-major positions
+                grid = value.transpose(1, 2).reshape(value.shape[0], value.shape[2], h, w)
+                return grid, grid.flatten(2).transpose(1, 2)  # same values, now downstream of grid
+        return value, None
 
     def _forward(
         self, images: list[Tensor], capture: LayerCapture, top_k: int | None, score_threshold: float
     ) -> tuple[list[Detections], list[ImageGeometry], RoIScoring | None]:
         net = self.model
         seen: dict[str, Tensor] = {}
+
+        def on_proj(module: nn.Module, args: Any, out: Tensor) -> None:
+            # the token grid's size, known before any encoder layer's hook runs
+            self._grid_hw = (int(out.shape[-2]), int(out.shape[-1]))
+
+        self._grid_hw = None
         handles = [
-            net.input_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("proj", o)),
+            net.input_proj.register_forward_hook(on_proj),
             net.decoder.register_forward_hook(lambda m, a, o: seen.__setitem__("hidden", o)),
         ]
         try:
@@ -71,7 +78,6 @@ class DetrAdapter(DetectorAdapter):
         finally:
             for h in handles:
                 h.remove()
-        self._grid_hw = (int(seen["proj"].shape[-2]), int(seen["proj"].shape[-1]))
         hidden = seen["hidden"][-1]  # [B, Q, D]
         padded = (int(batch.shape[-2]), int(batch.shape[-1]))
         probs_all = logits[-1].float().softmax(-1)  # [B, Q, C+1]

@@ -7,12 +7,15 @@ except where noted; all are usable from YAML (``trainer.callbacks`` with ``class
 from detlens.callbacks.attention_entropy import AttentionEntropyCallback
 from detlens.callbacks.attention_maps import AttentionMapCallback, AttentionMapResult
 from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.callbacks.gradcam import GradCAMCallback, ProbeMaps
 from detlens.callbacks.prediction_overlay import PredictionOverlayCallback, ProbePrediction
 
 __all__ = [
     "AttentionEntropyCallback",
     "AttentionMapCallback",
     "AttentionMapResult",
+    "GradCAMCallback",
+    "ProbeMaps",
     "PredictionOverlayCallback",
     "ProbeCallback",
     "ProbePrediction",

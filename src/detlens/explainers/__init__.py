@@ -1,1 +1,70 @@
-"""detlens.explainers."""
+"""detlens.explainers: model + images -> per-detection maps, attention, metrics. No Lightning, no wandb.
+
+Notebook entry point: :func:`explain` (also ``detlens.explain``).
+"""
+
+from detlens.explainers.api import Explanation, box_focus, explain, focus_summary, peak_values
+from detlens.explainers.attention import (
+    AttentionCapture,
+    AttentionUnavailable,
+    AttentionUnavailableWarning,
+    EntropyMonitor,
+    find_attention_modules,
+)
+from detlens.explainers.cams import eigencam, feature_grid, input_gradient
+from detlens.explainers.drise import drise
+from detlens.explainers.entropy import CollapseDetector, attention_entropy, entropy_metrics
+from detlens.explainers.gradcam import gradcam
+from detlens.explainers.metrics import (
+    PerturbationCurve,
+    RandomisationResult,
+    box_area_fraction,
+    deletion_insertion,
+    detect_with,
+    energy_in_box,
+    perturbation_curve,
+    pointing_game,
+    randomisation_check,
+    spearman_per_map,
+    summarise,
+)
+from detlens.explainers.rollout import attention_rollout, decoder_rollout, point_attention_maps, query_attention_maps
+from detlens.explainers.scale import FixedScale, display_maps
+
+__all__ = [
+    "AttentionCapture",
+    "AttentionUnavailable",
+    "AttentionUnavailableWarning",
+    "CollapseDetector",
+    "EntropyMonitor",
+    "Explanation",
+    "FixedScale",
+    "PerturbationCurve",
+    "RandomisationResult",
+    "attention_entropy",
+    "attention_rollout",
+    "box_area_fraction",
+    "box_focus",
+    "decoder_rollout",
+    "deletion_insertion",
+    "detect_with",
+    "display_maps",
+    "drise",
+    "eigencam",
+    "energy_in_box",
+    "entropy_metrics",
+    "explain",
+    "feature_grid",
+    "find_attention_modules",
+    "focus_summary",
+    "gradcam",
+    "input_gradient",
+    "peak_values",
+    "perturbation_curve",
+    "point_attention_maps",
+    "pointing_game",
+    "query_attention_maps",
+    "randomisation_check",
+    "spearman_per_map",
+    "summarise",
+]

@@ -44,7 +44,7 @@ from detlens.adapters.base import AdapterOutput, Detections, unknown_layer_error
 
 from ._autograd import GRAD_MEMORY_BUDGET, looped_grads, per_output_grads
 
-__all__ = ["Target", "Weighting", "gradcam", "detection_layers"]
+__all__ = ["Target", "Weighting", "combine_targets", "detection_layers", "gradcam", "target_outputs"]
 
 Target = Literal["class", "box", "both"]
 Weighting = Literal["gradcam", "elementwise"]
@@ -71,7 +71,7 @@ def detection_layers(output: AdapterOutput, layer: str, image_index: int) -> lis
     return [layer] * len(det)
 
 
-def _target_outputs(det: Detections, target: Target) -> Tensor:
+def target_outputs(det: Detections, target: Target) -> Tensor:
     """Differentiable outputs to explain, ``[K, T]`` (T = 1, 4 or 5)."""
     if target not in ("class", "box", "both"):
         raise ValueError(f"target must be 'class', 'box' or 'both', got {target!r}")
@@ -157,7 +157,7 @@ def _from_graph(output: AdapterOutput, layers: list[list[str]], target: Target, 
     for i, names in enumerate(layers):
         for d, name in enumerate(names):
             groups.setdefault(name, []).append((i, d))
-    outputs = [_target_outputs(det, target) if len(det) else None for det in output.detections]
+    outputs = [target_outputs(det, target) if len(det) else None for det in output.detections]
     for name, members in groups.items():
         act = output.activations[name]
         if not act.requires_grad:
@@ -260,7 +260,7 @@ def _roi_cams(
     cy0 = torch.minimum(cy0, torch.full_like(cy0, H - ch))
     # Crop-local RoIs, still scaled (spatial_scale=1): subtracting an integer from a
     # power-of-two-scaled float is exact, so sampling points match the full-map kernel.
-    batch = torch.arange(n, dtype=rois.dtype).repeat_interleave(t)
+    batch = torch.arange(n * t, dtype=rois.dtype)  # one leaf image per (detection, output)
     local = torch.stack([x0f - cx0, y0f - cy0, x1f - cx0, y1f - cy0], 1).repeat_interleave(t, 0)
     leaf = torch.zeros((n * t, c, ch, cw), requires_grad=True)
     with torch.enable_grad(), torch.autocast(device_type=leaf.device.type, enabled=False):

@@ -4,5 +4,16 @@ No model and no logger here: arrays in, arrays or plain dicts out.
 """
 
 from detlens.render.boxes import class_color, class_labels_for, draw_boxes, wandb_box_data, wandb_boxes
+from detlens.render.heatmap import colorize, heatmap_grid, merge_maps, overlay_heatmap
 
-__all__ = ["class_color", "class_labels_for", "draw_boxes", "wandb_box_data", "wandb_boxes"]
+__all__ = [
+    "class_color",
+    "class_labels_for",
+    "colorize",
+    "draw_boxes",
+    "heatmap_grid",
+    "merge_maps",
+    "overlay_heatmap",
+    "wandb_box_data",
+    "wandb_boxes",
+]

@@ -1,0 +1,126 @@
+"""Per-detection Grad-CAM cost: detlens' fast paths vs one backward per detection vs pytorch-grad-cam.
+
+Measured, not asserted. For each model and K (detections explained on one image), in one
+process, on the same model, layer and target (the class score), it times:
+
+* ``detlens``: one forward + one backward for all K maps (two-stage RoI path on Faster
+  R-CNN; vectorised backward on DETR);
+* ``loop``: the same forward, then one backward per detection (``gradcam(..., fast=False)``);
+* ``pytorch-grad-cam``: ``GradCAM`` with a ``FasterRCNNBoxScoreTarget`` per detection, i.e.
+  one forward and one backward per detection, as its detection tutorial does.
+
+and prints milliseconds per detection and the speed-up, one line per model and K::
+
+    .venv/bin/python benchmarks/gradcam_speed.py            # 1 CPU thread, best of 3
+    .venv/bin/python benchmarks/gradcam_speed.py --threads 4 --repeats 5 --ks 1 10 50
+
+Models are randomly initialised (score threshold 0 so that K detections exist); cost does
+not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+from detlens.adapters import adapter_for
+from detlens.explainers.gradcam import gradcam
+from detlens.lightning_modules import DETR, TorchvisionDetector
+
+
+def build(name: str, size: int) -> tuple[torch.nn.Module, str, str]:
+    """``(network, detlens layer, the same layer as a module name for pytorch-grad-cam)``."""
+    torch.manual_seed(0)
+    if name == "fasterrcnn_mobilenet_v3_fpn":
+        module = TorchvisionDetector(
+            "fasterrcnn_mobilenet_v3_large_fpn", num_classes=20, min_size=size, max_size=size,
+            rpn_proposals_test=300, score_thresh=0.0, detections_per_image=100,
+        )
+        # FPN level "0" is exactly the output of layer_blocks[0]
+        return module.model.eval(), "features/0", "backbone.fpn.layer_blocks.0"
+    module = DETR(num_classes=20, backbone="resnet50", image_size=size, num_queries=100, score_thresh=0.0)
+    return module.model.eval(), "backbone.layer4", "backbone.layer4"
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["fasterrcnn_mobilenet_v3_fpn", "detr_r50"])
+    parser.add_argument("--ks", nargs="+", type=int, default=[1, 10, 50])
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-pytorch-grad-cam", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    image = torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.size} px, best of {args.repeats}")
+    print(f"{'model':30s} {'K':>3s} {'detlens ms/det':>15s} {'loop ms/det':>12s} {'pgc ms/det':>11s} "
+          f"{'vs loop':>8s} {'vs pgc':>8s}")
+    for name in args.models:
+        net, layer, module_name = build(name, args.size)
+        adapter = adapter_for(net)
+        for k in args.ks:
+            def ours(fast: bool) -> list[torch.Tensor]:
+                out = adapter.run([image], [layer], top_k=k)
+                return gradcam(out, layer, fast=fast)
+
+            maps = ours(True)  # warm-up, and the detections pytorch-grad-cam will explain
+            got = int(maps[0].shape[0])
+            t_fast = best_of(args.repeats, lambda: ours(True))
+            t_loop = best_of(args.repeats, lambda: ours(False))
+            t_pgc = float("nan")
+            if not args.no_pytorch_grad_cam:
+                t_pgc = time_pytorch_grad_cam(net, adapter, image, layer, module_name, k, args.repeats)
+            print(
+                f"{name:30s} {got:3d} {1e3 * t_fast / got:15.1f} {1e3 * t_loop / got:12.1f} {1e3 * t_pgc / got:11.1f} "
+                f"{t_loop / t_fast:7.1f}x {t_pgc / t_fast:7.1f}x",
+                flush=True,
+            )
+
+
+def time_pytorch_grad_cam(net, adapter, image, layer, module_name, k, repeats) -> float:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
+
+    dets = adapter.run([image], [layer], top_k=k, with_grad=False).detections[0]
+    target_layer = dict(net.named_modules())[module_name]
+    batch = image[None]
+    net = _ListInput(net)  # pytorch-grad-cam calls model(batch_tensor); detectors take a list
+
+    def run() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with GradCAM(model=net, target_layers=[target_layer]) as cam:
+                for d in range(len(dets)):  # one forward + backward per detection
+                    target = FasterRCNNBoxScoreTarget(labels=[dets.labels[d]], bounding_boxes=dets.boxes[d : d + 1])
+                    cam(input_tensor=batch, targets=[target])
+
+    run()
+    return best_of(repeats, run)
+
+
+class _ListInput(torch.nn.Module):
+    """``model(batch)`` -> ``net(list(batch))`` (DETRNet refuses a bare tensor)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: torch.Tensor):
+        return self.net(list(batch))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""``GradCAMCallback``: per-detection maps of the probe set, blended over the images, with honest-map metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, get_args
+
+import numpy as np
+import pytorch_lightning as pl
+from torch import Tensor
+
+from detlens.adapters import adapter_for
+from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.callbacks.prediction_overlay import _class_names, _to_uint8_hwc
+from detlens.explainers.api import Method, box_focus, explain, focus_summary, peak_values
+from detlens.explainers.drise import MAX_MASKS
+from detlens.explainers.gradcam import Target
+from detlens.explainers.scale import FixedScale, display_maps
+from detlens.render.heatmap import merge_maps, overlay_heatmap
+from detlens.sinks import MediaImage, log_media
+
+__all__ = ["GradCAMCallback", "ProbeMaps"]
+
+_CALLBACK_METHODS = tuple(m for m in get_args(Method) if m != "feature_grid")
+
+
+@dataclass(frozen=True)
+class ProbeMaps:
+    """One probe image's explained detections (CPU, original-image pixels).
+
+    Attributes:
+        boxes: ``FloatTensor[K, 4]`` xyxy; scores: ``FloatTensor[K]``; labels: ``Int64Tensor[K]``.
+        raw: ``FloatTensor[K, H, W]`` maps on the model's own scale.
+        focus: per-detection metrics of :func:`detlens.explainers.api.box_focus`
+            (``is_tp``, ``energy_in_box``, ``chance``, ``pointing_game``), or ``None``
+            when the probe image has no ground truth.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    raw: Tensor
+    focus: dict[str, Tensor] | None
+
+
+class GradCAMCallback(ProbeCallback):
+    """Logs, per probe image, the maps of its top detections blended over it, with
+    ground-truth and predicted boxes as W&B box overlays, and how well the maps sit on
+    the objects.
+
+    Per logging event (keys under ``log_key``, default ``"gradcam"``):
+
+    * ``<log_key>/probe``: one ``wandb.Image`` per probe image: the element-wise maximum of
+      the detections' display maps (each min-max normalised) blended over the image;
+      ``ground_truth`` and ``predictions`` box groups (the explained detections, with
+      scores); caption ``"img 17 (id 42) · step 300"``.
+    * ``<log_key>/energy_in_box``: mean share of a true positive's map inside its
+      ground-truth box, next to ``<log_key>/energy_in_box_chance`` (the same for a uniform
+      map: the box's area fraction); ``<log_key>/pointing_game``: share of true positives
+      whose map peaks inside the box (15 px tolerance); per-class variants
+      ``<log_key>/energy_in_box/<class>`` etc. Absent when there is no true positive.
+    * ``<log_key>/peak``: mean peak of the raw maps divided by a reference fixed at the
+      first logging point (per method and layer, kept in ``state_dict``): ``1.0`` = as
+      strong as then; comparable over the run and across resumed runs.
+    * ``<log_key>/detections_per_image`` and ``<log_key>/true_positive_rate``.
+
+    Args:
+        method: ``"gradcam"``, ``"elementwise"`` (gradient x activation), ``"eigencam"``,
+            ``"input_gradient"`` or ``"drise"`` (black box: ``num_masks`` forwards per image).
+        layer: target layer (``None``: the adapter's default, e.g. ``"features"`` = each
+            detection's own FPN level on torchvision detectors). Checked at ``setup``; an
+            unknown name raises with the closest valid names.
+        target: explain the ``"class"`` score, the ``"box"`` coordinates or ``"both"``.
+        top_k: detections explained per image (highest scores).
+        score_threshold: only detections scoring above it.
+        iou_threshold: IoU with a same-class ground-truth box that makes a true positive.
+        alpha: weight of the colour-mapped map in the blend; colormap: matplotlib name.
+        num_masks: D-RISE masks per image (``<=`` 5000).
+        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key:
+            see :class:`~detlens.callbacks.base.ProbeCallback`.
+    """
+
+    def __init__(
+        self,
+        method: str = "gradcam",
+        layer: str | None = None,
+        target: str = "class",
+        top_k: int = 5,
+        score_threshold: float = 0.3,
+        iou_threshold: float = 0.5,
+        alpha: float = 0.5,
+        colormap: str = "jet",
+        num_masks: int = 500,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        num_probe_images: int = 8,
+        probe_indices: list[int] | None = None,
+        probe_dir: str | None = None,
+        log_key: str = "gradcam",
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            num_probe_images=num_probe_images,
+            probe_indices=probe_indices,
+            probe_dir=probe_dir,
+            log_key=log_key,
+        )
+        name = type(self).__name__
+        if method not in _CALLBACK_METHODS:
+            raise ValueError(f"{name}: method must be one of {list(_CALLBACK_METHODS)}, got {method!r}")
+        if target not in get_args(Target):
+            raise ValueError(f"{name}: target must be one of {list(get_args(Target))}, got {target!r}")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"{name}: top_k must be a positive int, got {top_k!r}")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"{name}: score_threshold must be in [0, 1], got {score_threshold}")
+        if not 0.0 < iou_threshold <= 1.0:
+            raise ValueError(f"{name}: iou_threshold must be in (0, 1], got {iou_threshold}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"{name}: alpha must be in [0, 1], got {alpha}")
+        if not 1 <= num_masks <= MAX_MASKS:
+            raise ValueError(f"{name}: num_masks must be in [1, {MAX_MASKS}], got {num_masks}")
+        from matplotlib import colormaps
+
+        if colormap not in colormaps:
+            raise ValueError(f"{name}: unknown matplotlib colormap {colormap!r}")
+        self.method = method
+        self.layer = layer
+        self.target = target
+        self.top_k = top_k
+        self.score_threshold = float(score_threshold)
+        self.iou_threshold = float(iou_threshold)
+        self.alpha = float(alpha)
+        self.colormap = colormap
+        self.num_masks = num_masks
+        self.scale = FixedScale()
+        self._layer_in_use: str | None = layer
+
+    # ------------------------------------------------------------------ checks and state
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        adapter = adapter_for(pl_module)  # TypeError for a model detlens has no adapter for
+        if self.method in ("gradcam", "elementwise", "eigencam"):
+            self._layer_in_use = self.layer if self.layer is not None else adapter.default_layer()
+            adapter.resolve_layers([self._layer_in_use])  # ValueError listing the closest names
+        super().setup(trainer, pl_module, stage)
+
+    @property
+    def scale_key(self) -> str:
+        """Key of this callback's fixed-scale reference: ``"<method>/<layer>/<target>"``."""
+        return f"{self.method}/{self._layer_in_use or '-'}/{self.target}"
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            log_key=self.log_key, every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps,
+            method=self.method,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "scale": self.scale.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.scale.load_state_dict(state_dict.get("scale", {}))
+
+    # ------------------------------------------------------------------ ProbeCallback API
+    def explain_shard(
+        self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
+    ) -> list[ProbeMaps]:
+        explanations = explain(
+            pl_module,
+            images,
+            method=self.method,  # type: ignore[arg-type]
+            layer=self._layer_in_use,
+            target=self.target,  # type: ignore[arg-type]
+            top_k=self.top_k,
+            score_threshold=self.score_threshold,
+            num_masks=self.num_masks,
+        )
+        results = []
+        for ex, tgt in zip(explanations, targets):
+            focus = None
+            if "boxes" in tgt and "labels" in tgt:
+                focus = box_focus(ex, tgt["boxes"], tgt["labels"], self.iou_threshold)
+            results.append(ProbeMaps(boxes=ex.boxes, scores=ex.scores, labels=ex.labels, raw=ex.raw, focus=focus))
+        return results
+
+    def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
+        class_names = _class_names(trainer, pl_module)
+        media: list[MediaImage] = []
+        for result in results:
+            maps: ProbeMaps = result.value
+            image, target = self.probe_item(result.index)
+            heat = merge_maps(display_maps(maps.raw))
+            media.append(
+                MediaImage(
+                    pixels=overlay_heatmap(_to_uint8_hwc(image), heat, alpha=self.alpha, colormap=self.colormap),
+                    caption=self.caption(trainer, result.index, target),
+                    gt_boxes=target["boxes"].numpy() if "boxes" in target else None,
+                    gt_labels=target["labels"].numpy() if "labels" in target else None,
+                    pred_boxes=maps.boxes.numpy(),
+                    pred_labels=maps.labels.numpy(),
+                    pred_scores=maps.scores.numpy(),
+                    class_names=class_names,
+                )
+            )
+        log_media(
+            trainer,
+            images={self.key("probe"): media},
+            scalars=self._scalars(results, class_names, trainer.global_step),
+            step=trainer.global_step,
+        )
+
+    def _scalars(self, results: list[ProbeResult], class_names: dict[int, str] | None, step: int) -> dict[str, float]:
+        values: list[ProbeMaps] = [r.value for r in results]
+        count = sum(len(v.scores) for v in values)
+        scalars = {"detections_per_image": count / max(len(values), 1)}
+        scaled = self.scale(self.scale_key, [v.raw for v in values], step)
+        if scaled is not None and count:
+            scalars["peak"] = float(peak_values(scaled).mean())
+        with_gt = [v for v in values if v.focus is not None]
+        scalars.update(focus_summary([v.focus for v in with_gt], [v.labels for v in with_gt], class_names))
+        return {self.key(k): float(v) for k, v in scalars.items() if np.isfinite(v)}

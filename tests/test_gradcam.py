@@ -1,0 +1,222 @@
+"""Per-detection maps: the fast paths are exact, the maps are well-formed in every corner case,
+and the other explainers (EigenCAM, input gradient, feature grid, D-RISE) and the fixed scale behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detlens.adapters import adapter_for
+from detlens.data import SyntheticDataModule
+from detlens.explainers.api import box_focus, explain
+from detlens.explainers.cams import feature_grid
+from detlens.explainers.drise import MAX_MASKS
+from detlens.explainers.gradcam import gradcam
+from detlens.explainers.scale import FixedScale, display_maps
+from detlens.lightning_modules import DETR, TorchvisionDetector
+
+SIZE = 64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def faster_rcnn(num_classes: int = 4) -> TorchvisionDetector:
+    return TorchvisionDetector(
+        "fasterrcnn_resnet18_fpn", num_classes=num_classes, min_size=SIZE, max_size=SIZE, fpn_channels=16,
+        representation_size=32, rpn_proposals_train=50, rpn_proposals_test=20, box_batch_size_per_image=16,
+        anchor_sizes=[8, 16, 32, 64, 128], score_thresh=0.0, attention_stage="layer3",
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A Faster R-CNN (with an attention block) trained ~10 s on synthetic scenes, and 3 validation items."""
+    torch.set_num_threads(1)
+    dm = SyntheticDataModule(
+        root=str(tmp_path_factory.mktemp("scenes") / "s"), num_train=16, num_val=3, image_size=SIZE, horizontal_flip=False
+    )
+    torch.manual_seed(0)
+    module = faster_rcnn(dm.num_classes)
+    net = module.model.train()
+    optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    items = [dm.train_dataset[i] for i in range(16)]
+    for step in range(30):
+        batch = items[(step * 4) % 16 : (step * 4) % 16 + 4]
+        losses = net([im for im, _ in batch], [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in batch])
+        optimiser.zero_grad()
+        sum(losses.values()).backward()
+        optimiser.step()
+    optimiser.zero_grad(set_to_none=True)
+    module.eval()
+    return module, [dm.val_dataset[i] for i in range(3)]
+
+
+def assert_same_maps(fast: list[torch.Tensor], slow: list[torch.Tensor], tol: float = 1e-5) -> None:
+    """Equal to ``tol`` relative to each reference map's peak (raw maps are ~1e-4 in absolute terms)."""
+    for f, s in zip(fast, slow):
+        assert f.shape == s.shape
+        peak = s.flatten(1).amax(1).clamp_min(1e-30)[:, None, None]
+        assert float(((f - s).abs() / peak).max()) <= tol
+
+
+@pytest.mark.parametrize("weighting", ["gradcam", "elementwise"])
+@pytest.mark.parametrize("target", ["class", "box", "both"])
+def test_two_stage_fast_path_equals_one_backward_per_detection_on_a_trained_model(trained, weighting, target):
+    module, items = trained
+    out = adapter_for(module).run([im for im, _ in items], ["features"], top_k=8)
+    counts = [len(d) for d in out.detections]
+    assert sum(counts) >= 8, f"the trained model should detect something, got {counts}"
+    assert out.roi is not None
+    fast = gradcam(out, "features", target=target, weighting=weighting, fast=True)
+    slow = gradcam(out, "features", target=target, weighting=weighting, fast=False)
+    assert all(float(s.amax()) > 0 for s in slow)
+    assert_same_maps(fast, slow)
+
+
+@pytest.mark.parametrize("name, layer", [("fasterrcnn", "backbone.body.layer3_attention"), ("retinanet", "features"), ("detr", "encoder.layers.0")])
+def test_vectorised_backward_equals_the_per_detection_loop(trained, name, layer):
+    torch.manual_seed(0)
+    if name == "fasterrcnn":
+        module = trained[0]
+    elif name == "retinanet":
+        module = TorchvisionDetector("retinanet_resnet18_fpn", num_classes=4, min_size=SIZE, max_size=SIZE, fpn_channels=16,
+                                     anchor_sizes=[8, 16, 32, 64, 128], score_thresh=0.0)
+    else:
+        module = DETR(num_classes=4, backbone="resnet18", backbone_stage="layer3", hidden_dim=32, num_queries=10,
+                      enc_layers=1, dec_layers=1, nheads=2, dim_feedforward=64, image_size=SIZE, score_thresh=0.0)
+    images = [im for im, _ in trained[1][:2]]
+    out = adapter_for(module).run(images, [layer], top_k=4)
+    for target in ("class", "both"):
+        fast = gradcam(out, layer, target=target, fast=True)
+        slow = gradcam(out, layer, target=target, fast=False)
+        assert any(float(s.amax()) > 0 for s in slow), "maps must see the layer (it is on the score's graph)"
+        assert_same_maps(fast, slow)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "elementwise", "input_gradient", "eigencam", "drise"])
+def test_explaining_k_detections_runs_the_backbone_once(trained, method):
+    module, items = trained
+    calls = []
+    handle = module.model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = explain(module, [im for im, _ in items], method=method, top_k=8, num_masks=8, mask_batch_size=4)
+    finally:
+        handle.remove()
+    assert sum(len(e) for e in out) >= 8
+    # one forward for all detections; D-RISE adds one per batch of masked images per image
+    assert len(calls) == (1 + 3 * 2 if method == "drise" else 1)
+
+
+METHODS = ["gradcam", "elementwise", "eigencam", "input_gradient", "feature_grid", "drise"]
+
+
+def check_maps(explanations, sizes):
+    for e, (h, w) in zip(explanations, sizes):
+        assert e.maps.shape[-2:] == (h, w) and e.raw.shape == e.maps.shape
+        assert torch.isfinite(e.maps).all() and torch.isfinite(e.raw).all()
+        assert bool((e.maps >= 0).all() and (e.maps <= 1).all() and (e.raw >= 0).all())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_maps_are_finite_and_in_unit_range_for_gray_non_square_images_under_bf16(trained, method):
+    module, items = trained
+    gray = items[0][0].mean(0, keepdim=True)  # [1, 64, 64]
+    wide = torch.nn.functional.interpolate(items[1][0][None], size=(40, 72), mode="bilinear")[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = explain(module, [gray, wide], method=method, target="both" if method != "eigencam" else "class",
+                      top_k=3, num_masks=8)
+    check_maps(out, [(64, 64), (40, 72)])
+    if method != "feature_grid":
+        assert all(len(e) == 3 and e.maps.shape[0] == 3 for e in out)
+        assert all(float(e.maps.amax()) == 1.0 for e in out), "display maps span [0, 1]"
+    assert module.training is False and all(p.grad is None for p in module.parameters())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_detections_give_empty_maps(trained, method):
+    module, items = trained
+    out = explain(module, [items[0][0]], method=method, score_threshold=0.999999, num_masks=4)
+    assert len(out[0]) == 0
+    if method != "feature_grid":
+        assert out[0].maps.shape == (0, SIZE, SIZE)
+    check_maps(out, [(SIZE, SIZE)])
+
+
+def test_constant_activations_give_blank_finite_maps(trained):
+    module, items = trained
+    layer = module.model.backbone.body.layer4
+    handle = layer.register_forward_hook(lambda m, a, out: torch.ones_like(out) + 0 * out)
+    try:
+        outs = [explain(module, [items[0][0]], method=m, layer="backbone.body.layer4", top_k=3)[0]
+                for m in ("gradcam", "eigencam")]
+    finally:
+        handle.remove()
+    for e in outs:
+        assert torch.isfinite(e.maps).all() and not e.maps.any()
+    assert display_maps(torch.full((2, 5, 7), 3.0)).abs().max() == 0
+
+
+def test_box_focus_scores_true_positives_against_their_ground_truth_box(trained):
+    module, items = trained
+    (e,) = explain(module, [items[0][0]], method="gradcam", top_k=3)
+    gt_boxes, gt_labels = e.boxes[:1] + 0.5, e.labels[:1]  # detection 0 is a true positive
+    focus = box_focus(e, gt_boxes, gt_labels)
+    assert focus["is_tp"].tolist()[0] is True
+    from detlens.explainers.metrics import energy_in_box
+
+    assert float(focus["energy_in_box"][0]) == pytest.approx(float(energy_in_box(e.raw[:1], gt_boxes)[0]))
+    box = gt_boxes[0]
+    area = float((box[2] - box[0]) * (box[3] - box[1])) / SIZE**2
+    assert float(focus["chance"][0]) == pytest.approx(area, rel=1e-5)
+    others = ~focus["is_tp"]
+    assert torch.isnan(focus["energy_in_box"][others]).all() and torch.isnan(focus["pointing_game"][others]).all()
+
+
+def test_wrong_layer_names_are_explained(trained):
+    module, items = trained
+    with pytest.raises(ValueError, match=r"Closest: 'backbone\.body\.layer4'"):
+        explain(module, [items[0][0]], layer="backbone.body.layer_4")
+    with pytest.raises(ValueError, match="feature_grid needs one feature map"):
+        explain(module, [items[0][0]], method="feature_grid", layer="features")
+    with pytest.raises(ValueError, match="method must be one of"):
+        explain(module, [items[0][0]], method="gradcam++")
+
+
+def test_feature_grid_ranks_channels_by_mean_activation(trained):
+    module, items = trained
+    out = adapter_for(module).run([items[0][0]], ["backbone.body.layer2"], with_grad=False)
+    ((channels, maps),) = feature_grid(out, "backbone.body.layer2", k=5)
+    act = out.activations["backbone.body.layer2"][0]
+    assert torch.equal(channels, act.mean(dim=(1, 2)).argsort(descending=True)[:5])
+    assert maps.shape == (5, SIZE, SIZE)
+
+
+def test_drise_is_reproducible_bounded_and_points_at_the_detection(trained):
+    module, items = trained
+    kwargs = dict(method="drise", top_k=2, num_masks=64, mask_batch_size=32)
+    a = explain(module, [items[0][0]], seed=3, **kwargs)[0]
+    b = explain(module, [items[0][0]], seed=3, **kwargs)[0]
+    c = explain(module, [items[0][0]], seed=4, **kwargs)[0]
+    assert torch.equal(a.raw, b.raw) and not torch.equal(a.raw, c.raw)
+    with pytest.raises(ValueError, match="num_masks must be in"):
+        explain(module, [items[0][0]], method="drise", num_masks=MAX_MASKS + 1)
+
+
+def test_fixed_scale_keeps_the_first_reference_and_survives_a_checkpoint():
+    scale = FixedScale()
+    first = [torch.tensor([[[0.0, 2.0]], [[4.0, 1.0]]]), torch.zeros(0, 1, 2)]
+    assert scale("gradcam/features", [torch.zeros(1, 1, 2)]) is None, "blank maps do not fix the scale"
+    scaled = scale("gradcam/features", first, step=10)
+    assert scale.reference("gradcam/features") == pytest.approx(3.0)
+    assert torch.allclose(scaled[0], first[0] / 3.0)
+    later = scale("gradcam/features", [first[0] * 2], step=20)
+    assert float(later[0].amax()) == pytest.approx(8 / 3), "drift shows: the normaliser does not follow"
+    restored = FixedScale()
+    restored.load_state_dict(scale.state_dict())
+    assert restored.reference("gradcam/features") == pytest.approx(3.0)
