@@ -20,6 +20,13 @@ computed for every projection against the original features on the same seeded
 subsample (``--trust-rows``).
 
 Run: ``.venv/bin/python benchmarks/embedding_projection.py [--points 10000 --dims 1024]``
+
+``--detector EPOCHS`` instead measures real box features: it trains Faster R-CNN
+(ResNet-18 FPN, from scratch, the demo config's sizes) for ``EPOCHS`` epochs on the
+synthetic scenes (``detlens.data.SyntheticDataModule``), extracts the box-head feature of
+every validation detection (``detlens.explainers.box_features``), projects them with
+t-SNE and prints the class silhouette (features and 2-D) and trustworthiness, next to
+the same figures for the untrained network; ``--scatter PATH`` saves the scatter plot.
 """
 
 from __future__ import annotations
@@ -72,6 +79,77 @@ def environment(n_jobs: int) -> str:
     )
 
 
+def detector_features(epochs: int, seed: int, scatter: str | None, image_size: int = 128) -> None:
+    """Train briefly on synthetic scenes; print how well box features separate classes."""
+    import tempfile
+
+    import pytorch_lightning as pl
+
+    from detlens.data import SyntheticDataModule
+    from detlens.explainers.box_features import concat_box_features, extract_box_features
+    from detlens.explainers.embeddings import embed
+    from detlens.lightning_modules import TorchvisionDetector
+    from detlens.render.scatter import render_scatter
+
+    root = os.path.join(tempfile.gettempdir(), f"detlens-bench-scenes-{image_size}")
+    dm = SyntheticDataModule(root=root, num_train=400, num_val=100, image_size=image_size, seed=seed, batch_size=8)
+    pl.seed_everything(seed)
+    model = TorchvisionDetector(
+        "fasterrcnn_resnet18_fpn", num_classes=dm.num_classes, class_names=dm.class_names,
+        min_size=image_size, max_size=image_size, returned_layers=[2, 3, 4], fpn_channels=64,
+        anchor_sizes=[16, 32, 64, 128], rpn_proposals_train=300, rpn_proposals_test=150,
+        rpn_batch_size_per_image=128, box_batch_size_per_image=128, representation_size=256,
+        detections_per_image=20, optimizer="adamw", lr=0.002, warmup_steps=50,
+    )
+    dm.setup("fit")
+    items = [dm.val_dataset[i] for i in range(len(dm.val_dataset))]
+
+    def measure(name: str, score_threshold: float = 0.3) -> None:
+        per_image = []
+        for start in range(0, len(items), 16):
+            chunk = items[start : start + 16]
+            per_image += extract_box_features(
+                model, [im for im, _ in chunk], [t for _, t in chunk], score_threshold=score_threshold,
+                max_detections=10,
+            )
+        dets = concat_box_features(per_image)
+        counts = dets.counts()
+        if len(dets) < 10:
+            print(f"{name}: only {len(dets)} detections above score {score_threshold} - nothing to project", flush=True)
+            return
+        summary = embed(dets.features, dets.labels, method="tsne", seed=seed)
+        print(
+            f"{name}: {len(dets)} detections on {len(items)} val images (TP {counts['tp']}, FP {counts['fp']}, "
+            f"FN {counts['fn']}), {dets.features.shape[1]}-d box-head features | silhouette: features "
+            f"{summary.silhouette_features:.3f}, t-SNE 2-D {summary.silhouette_2d:.3f} | trustworthiness "
+            f"{summary.projection.trustworthiness:.4f} | t-SNE {summary.projection.seconds:.1f} s",
+            flush=True,
+        )
+        if scatter and name.startswith("trained"):
+            from PIL import Image
+
+            rows = summary.indices.tolist()
+            pixels = render_scatter(
+                summary.projection.coords, dets.labels[rows], outcomes=[dets.outcome[r] for r in rows],
+                class_names=dm.class_names, method="tsne", trustworthiness=summary.projection.trustworthiness,
+                silhouette=summary.silhouette_2d,
+                subtitle=f"Faster R-CNN R18-FPN, {epochs} epochs on synthetic scenes: {len(dets)} val detections",
+            )
+            Image.fromarray(pixels).save(scatter)
+            print(f"scatter plot: {scatter}")
+
+    # Untrained scores sit near 1 / (C + 1): its top 10 boxes per image, whatever their score.
+    measure("untrained network (top 10 per image, any score)", score_threshold=0.0)
+    start = time.perf_counter()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    trainer.fit(model, dm)
+    print(f"trained {epochs} epochs ({trainer.global_step} steps) in {time.perf_counter() - start:.0f} s", flush=True)
+    measure(f"trained network ({epochs} epochs)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=10_000)
@@ -82,9 +160,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trust-rows", type=int, default=5_000)
     parser.add_argument("--n-jobs", type=int, default=0, help="threads for both (0: all available cores)")
     parser.add_argument("--n-iter", type=int, default=500, help="openTSNE iterations after early exaggeration")
-    parser.add_argument("--ints-in-interval", type=float, default=1.0, help="openTSNE FFT grid coarseness")
+    parser.add_argument("--ints-in-interval", type=float, default=None,
+                        help="openTSNE FFT grid coarseness (default: detlens' 4; openTSNE's own default is 1)")
     parser.add_argument("--sklearn-on-pca50", action="store_true", help="also time sklearn on the PCA-50 input")
+    parser.add_argument("--detector", type=int, default=0, metavar="EPOCHS",
+                        help="instead: train Faster R-CNN for EPOCHS on synthetic scenes and measure its box features")
+    parser.add_argument("--scatter", default=None, help="with --detector: save the trained model's scatter PNG here")
     args = parser.parse_args(argv)
+    if args.detector:
+        torch.set_num_threads(args.n_jobs or 1)
+        detector_features(args.detector, args.seed, args.scatter)
+        return
 
     from sklearn.manifold import TSNE as SklearnTSNE
 
@@ -95,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     print(environment(n_jobs))
     features, labels = make_box_features(args.points, args.dims, args.classes, args.seed)
     x = torch.from_numpy(features)
-    tsne_kwargs = {"ints_in_interval": args.ints_in_interval}
+    tsne_kwargs = {} if args.ints_in_interval is None else {"ints_in_interval": args.ints_in_interval}
     print(
         f"data: {features.shape[0]:,} x {features.shape[1]:,} float32 features, {args.classes} classes "
         f"(sizes {np.bincount(labels)[1:].min()}..{np.bincount(labels)[1:].max()}), perplexity {args.perplexity}, "

@@ -7,6 +7,7 @@ except where noted; all are usable from YAML (``trainer.callbacks`` with ``class
 from detlens.callbacks.attention_entropy import AttentionEntropyCallback
 from detlens.callbacks.attention_maps import AttentionMapCallback, AttentionMapResult
 from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.callbacks.embeddings import BoxEmbeddingCallback
 from detlens.callbacks.gradcam import GradCAMCallback, ProbeMaps
 from detlens.callbacks.prediction_overlay import PredictionOverlayCallback, ProbePrediction
 
@@ -14,6 +15,7 @@ __all__ = [
     "AttentionEntropyCallback",
     "AttentionMapCallback",
     "AttentionMapResult",
+    "BoxEmbeddingCallback",
     "GradCAMCallback",
     "ProbeMaps",
     "PredictionOverlayCallback",

@@ -19,8 +19,12 @@ background thread. Same input, same seed, same thread count: same output.
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
+import random
+import sys
 import time
+from types import ModuleType
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Sequence
 
@@ -61,6 +65,25 @@ seeded subsample; O(N^2 D))."""
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def _import(name: str) -> ModuleType:
+    """``importlib.import_module(name)`` with the global ``random``/``numpy`` RNG states restored.
+
+    Importing ``sklearn.neighbors`` (and so ``sklearn.manifold``) advances Python's
+    global ``random`` stream (measured with scikit-learn 1.x); the first projection of a
+    training run must not shift the run's random numbers. Imports are local so that
+    ``import detlens`` stays light.
+    """
+    if name in sys.modules:
+        return importlib.import_module(name)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        return importlib.import_module(name)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
 
 
 def _as_features(features: Any, name: str = "features") -> Tensor:
@@ -203,7 +226,8 @@ def tsne_2d(
         negative_gradient_method: ``"fft"``, ``"bh"`` or ``"auto"`` (FFT from 10,000
             points, Barnes-Hut below).
         **opentsne_kwargs: further ``openTSNE.TSNE`` arguments (e.g. ``ints_in_interval``,
-            ``n_interpolation_points`` for the FFT grid, ``theta`` for Barnes-Hut).
+            default 4 here (openTSNE: 1), and ``n_interpolation_points`` for the FFT grid,
+            ``theta`` for Barnes-Hut).
 
     Returns:
         ``FloatTensor[N, 2]`` on the CPU (t-SNE units, centred near 0).
@@ -211,8 +235,9 @@ def tsne_2d(
     Raises:
         ValueError: fewer than :data:`MIN_TSNE_ROWS` rows.
     """
-    from openTSNE import TSNE  # local: keeps `import detlens` light
-    from openTSNE.initialization import jitter, rescale
+    TSNE = _import("openTSNE").TSNE
+    initialization = _import("openTSNE.initialization")
+    jitter, rescale = initialization.jitter, initialization.rescale
 
     x = _as_features(features)
     n = x.shape[0]
@@ -223,6 +248,14 @@ def tsne_2d(
         )
     if perplexity <= 0:
         raise ValueError(f"perplexity must be > 0, got {perplexity}")
+    method = _gradient_method(negative_gradient_method, n)
+    if method == "fft":
+        # openTSNE's default (1) puts an interpolation interval on every unit of the
+        # embedding's span; separated clusters spread the embedding to a span of ~100s, and
+        # the grid then dominates the run time. 4 units per interval: 10,000 x 1,024
+        # features took 18 s instead of 71 s (one core) at the same trustworthiness
+        # (0.999 on 5,000 points; benchmarks/embedding_projection.py).
+        opentsne_kwargs.setdefault("ints_in_interval", 4.0)
     reduced = pca(x.cpu(), min(pca_dims, x.shape[1], n), seed=seed).double().numpy()
     init = rescale(reduced[:, :2].copy(), inplace=False)
     init = jitter(init, random_state=np.random.RandomState(seed))  # openTSNE's own helper, seeded
@@ -233,7 +266,7 @@ def tsne_2d(
         n_iter=n_iter,
         early_exaggeration_iter=early_exaggeration_iter,
         initialization=np.ascontiguousarray(init),
-        negative_gradient_method=_gradient_method(negative_gradient_method, n),
+        negative_gradient_method=method,
         n_jobs=n_jobs,
         random_state=int(seed),
         verbose=False,
@@ -273,7 +306,7 @@ def trustworthiness_score(
     ``n_neighbors`` is clipped below ``N / 2`` (scikit-learn's bound); NaN when
     ``N < 3``.
     """
-    from sklearn.manifold import trustworthiness
+    trustworthiness = _import("sklearn.manifold").trustworthiness
 
     x = _as_features(features).cpu()
     y = _as_features(coords, "coords").cpu()
@@ -303,7 +336,7 @@ def class_separation(
     on a class-stratified subsample (:func:`sample_rows` with ``seed``). NaN when there
     are fewer than 2 classes, or as many classes as points (silhouette undefined).
     """
-    from sklearn.metrics import silhouette_score
+    silhouette_score = _import("sklearn.metrics").silhouette_score
 
     x = _as_features(coords_or_features, "coords_or_features").cpu()
     y = _as_labels(labels, x.shape[0])
@@ -501,16 +534,20 @@ class EmbeddingSummary:
     silhouette_features: float
 
     def scalars(self, prefix: str = "embeddings") -> dict[str, float]:
-        """Stable metric keys: ``<prefix>/<method>/{trustworthiness, silhouette_2d, seconds}``,
-        ``<prefix>/silhouette_features`` and ``<prefix>/points``."""
-        method = self.projection.method
-        return {
-            f"{prefix}/{method}/trustworthiness": self.projection.trustworthiness,
-            f"{prefix}/{method}/silhouette_2d": self.silhouette_2d,
-            f"{prefix}/{method}/seconds": self.projection.seconds,
+        """Stable metric keys, the same whichever method ran (the method is fixed per run):
+
+        ``<prefix>/trustworthiness``, ``<prefix>/silhouette`` (of the 2-D coordinates),
+        ``<prefix>/silhouette_features``, ``<prefix>/projection_seconds`` and
+        ``<prefix>/points``. NaN values (too few points or classes) are left out.
+        """
+        values = {
+            f"{prefix}/trustworthiness": self.projection.trustworthiness,
+            f"{prefix}/silhouette": self.silhouette_2d,
             f"{prefix}/silhouette_features": self.silhouette_features,
+            f"{prefix}/projection_seconds": self.projection.seconds,
             f"{prefix}/points": float(len(self.indices)),
         }
+        return {k: float(v) for k, v in values.items() if math.isfinite(v)}
 
 
 def embed(

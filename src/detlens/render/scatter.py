@@ -1,6 +1,7 @@
-"""A 2-D embedding of detections as an image: colour = class, marker = TP / FP reason.
+"""A 2-D embedding of detections as an image (colour = class, marker = TP / FP reason),
+and the thumbnail crop of a detection shown next to its row in an embedding table.
 
-Pure function over arrays: no model, no logger, no pyplot state (a ``Figure`` drawn by
+Pure functions over arrays: no model, no logger, no pyplot state (a ``Figure`` drawn by
 ``FigureCanvasAgg``, garbage-collected when the call returns, so nothing ever shows up
 in ``pyplot.get_fignums()`` and it is safe off the main thread).
 """
@@ -12,6 +13,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,7 +23,7 @@ from matplotlib.patches import Patch
 
 from detlens.render.boxes import class_color
 
-__all__ = ["OUTCOME_STYLES", "render_scatter", "scatter_title"]
+__all__ = ["OUTCOME_STYLES", "box_thumbnail", "render_scatter", "scatter_title"]
 
 # marker, filled?, legend text. True positives are dots; every false positive is a cross
 # variant (thin x / thin + / bold X / bold +), duplicates a three-armed cross, so the
@@ -34,9 +36,13 @@ OUTCOME_STYLES: dict[str, tuple[str, bool, str]] = {
     "wrong_class": ("X", True, "FP wrong class"),
     "class_and_localization": ("P", True, "FP class + localization"),
     "duplicate": ("1", False, "FP duplicate"),
+    "unknown": ("o", True, "no ground truth"),
 }
 """``outcome -> (matplotlib marker, filled, legend label)``; outcomes are those of
-``detlens.explainers.matching`` (``"tp"`` or an FP reason) or a bare ``"fp"``."""
+``detlens.explainers.matching`` (``"tp"`` or an FP reason), a bare ``"fp"``, or
+``"unknown"`` (images without ground truth, drawn as dots like true positives)."""
+
+_DOTS = ("tp", "unknown")
 
 _METHOD_NAMES = {"tsne": "t-SNE", "pca": "PCA"}
 
@@ -112,11 +118,11 @@ def render_scatter(
     width, height = size
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.04, 0.05, 0.66, 0.82))
+    ax = fig.add_axes((0.07, 0.09, 0.63, 0.78))
     title = scatter_title(method, trustworthiness, silhouette)
-    fig.text(0.04, 0.955, title, fontsize=12, fontweight="bold", va="center")
+    fig.text(0.07, 0.955, title, fontsize=12, fontweight="bold", va="center")
     if subtitle:
-        fig.text(0.04, 0.91, subtitle, fontsize=9, color="0.3", va="center")
+        fig.text(0.07, 0.91, subtitle, fontsize=9, color="0.3", va="center")
     name = _METHOD_NAMES.get(method, method or "dim")
     ax.set_xlabel(f"{name} 1", fontsize=9)
     ax.set_ylabel(f"{name} 2", fontsize=9)
@@ -132,11 +138,11 @@ def render_scatter(
     out_arr = np.asarray(outs)
     outcome_counts = Counter(outs)
     # True positives underneath, then false positives, rarest reason on top.
-    order = sorted(outcome_counts, key=lambda o: (o != "tp", -outcome_counts[o]))
+    order = sorted(outcome_counts, key=lambda o: (o not in _DOTS, -outcome_counts[o]))
     for outcome in order:
         marker, filled, _ = OUTCOME_STYLES[outcome]
         sel = out_arr == outcome
-        if outcome == "tp":
+        if outcome in _DOTS:
             ax.scatter(xy[sel, 0], xy[sel, 1], s=dot, c=point_colours[sel], marker=marker,
                        alpha=0.55, linewidths=0, rasterized=True)
         elif filled:
@@ -172,3 +178,41 @@ def render_scatter(
     pixels = np.asarray(canvas.buffer_rgba())[..., :3].copy()
     fig.clear()
     return pixels
+
+
+def box_thumbnail(image: Any, box: Any, size: int = 64, margin: float = 0.15) -> np.ndarray:
+    """A square crop centred on ``box`` (with ``margin`` of its longer side around it), scaled to ``size``.
+
+    Square, so the box keeps its aspect ratio (the shorter direction shows more of the
+    surroundings); parts of the window outside the image are grey.
+
+    Args:
+        image: ``FloatTensor[3, H, W]`` in ``[0, 1]`` or ``uint8[H, W, 3]``.
+        box: ``x1, y1, x2, y2`` pixels.
+        size: side of the thumbnail in pixels.
+        margin: context kept around the box, as a fraction of the box's longer side.
+
+    Returns:
+        ``uint8[size, size, 3]`` RGB.
+    """
+    if hasattr(image, "detach"):
+        chw = image.detach().float().clamp(0, 1).mul(255).round().byte().cpu().numpy()
+        pixels = np.ascontiguousarray(chw.transpose(1, 2, 0))
+    else:
+        pixels = np.asarray(image)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"image must be FloatTensor[3, H, W] or uint8[H, W, 3], got {pixels.dtype}{list(pixels.shape)}")
+    if size < 4:
+        raise ValueError(f"size must be >= 4 pixels, got {size}")
+    x1, y1, x2, y2 = (float(v) for v in np.asarray(box, dtype=np.float64).reshape(4))
+    side = int(np.ceil(max(x2 - x1, y2 - y1, 1.0) * (1.0 + 2.0 * margin)))
+    x0 = int(np.floor((x1 + x2) / 2.0 - side / 2.0))
+    y0 = int(np.floor((y1 + y2) / 2.0 - side / 2.0))
+    height, width = pixels.shape[:2]
+    pad = max(0, -x0, -y0, x0 + side - width, y0 + side - height)
+    if pad:
+        pixels = cv2.copyMakeBorder(pixels, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+    crop = pixels[y0 + pad : y0 + pad + side, x0 + pad : x0 + pad + side]
+    # Area averaging when shrinking (no aliasing of large boxes), bilinear when enlarging.
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return np.ascontiguousarray(cv2.resize(crop, (size, size), interpolation=interpolation))

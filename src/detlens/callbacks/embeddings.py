@@ -1,0 +1,234 @@
+"""``BoxEmbeddingCallback``: the feature vector behind every probe detection, as a W&B
+embedding table, a 2-D scatter plot and class-separation scalars."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+from torch import Tensor
+
+from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.explainers.box_features import BoxFeatureSet, ImageBoxFeatures, concat_box_features, extract_box_features
+from detlens.explainers.embeddings import METHODS, EmbeddingSummary, embed
+from detlens.render.scatter import box_thumbnail, render_scatter
+from detlens.sinks import MediaImage, MediaTable, log_media
+
+__all__ = ["BoxEmbeddingCallback", "TABLE_COLUMNS", "WANDB_MAX_TABLE_ROWS"]
+
+WANDB_MAX_TABLE_ROWS = 10_000
+"""W&B logs at most this many rows of a ``wandb.Table``."""
+
+TABLE_COLUMNS: tuple[str, ...] = (
+    "thumbnail", "class", "label", "score", "status", "fp_kind", "image_id", "probe_index",
+    "box", "x", "y", "embedding",
+)
+"""Columns of the logged table, one row per detection (see :class:`BoxEmbeddingCallback`)."""
+
+
+class BoxEmbeddingCallback(ProbeCallback):
+    """Logs the box features of the probe set's detections: table, scatter plot, scalars.
+
+    Per logging event, for the detections on the probe images (each image's top
+    ``max_detections`` scoring above ``score_threshold``), matched to the ground truth
+    at ``iou_threshold`` (COCO greedy matching; :mod:`detlens.explainers.matching`):
+
+    * ``<log_key>/table``: a ``wandb.Table`` with one row per detection — columns
+      :data:`TABLE_COLUMNS`: a ``thumbnail`` crop of the box (``thumbnail_size`` px),
+      ``class`` name, ``label``, ``score``, ``status`` (``"TP"``/``"FP"``; ``"n/a"``
+      without ground truth), ``fp_kind`` (``duplicate``, ``wrong_class``,
+      ``localization``, ``class_and_localization``, ``background``; empty for TPs),
+      ``image_id``, ``probe_index``, ``box`` (xyxy pixels), ``x``/``y`` (detlens' 2-D
+      projection) and ``embedding`` (the raw feature vector, so W&B's projector can run
+      PCA/t-SNE/UMAP in the browser; left out with ``log_embedding=False``);
+    * ``<log_key>/scatter``: the 2-D projection as an image, colour = class, marker =
+      TP / FP kind, trustworthiness and silhouette in the title, step in the caption;
+    * scalars ``<log_key>/trustworthiness`` (of the 2-D picture), ``<log_key>/silhouette``
+      (class separation of the 2-D coordinates), ``<log_key>/silhouette_features`` (of
+      the raw features), ``<log_key>/projection_seconds``, ``<log_key>/points``,
+      ``<log_key>/detections``, ``<log_key>/tp``, ``<log_key>/fp``, ``<log_key>/fn`` and
+      ``<log_key>/fp/<kind>``.
+
+    Bounded rows: when the probe set yields more than ``max_rows`` detections (at most
+    10,000, W&B's table limit) a seeded sample of ``max_rows`` is projected and logged,
+    stratified by (class, TP/FP kind): every stratum keeps a share proportional to its
+    size and at least one row, so rare classes and rare error kinds stay visible. The
+    sample is described in the scatter plot's subtitle; counts and silhouettes of the
+    raw features refer to the sample, the TP/FP/FN counts to all detections.
+
+    Features per detector family: see :mod:`detlens.explainers.box_features`. Under DDP
+    each rank extracts its shard; the variable-length per-image sets are gathered to
+    rank 0 by the base class (count, pad, gather, trim); rank 0 projects, renders and logs.
+    The projection runs on rank 0 on the training thread (t-SNE of a few hundred points
+    takes about a second with ``n_jobs=1``, 10,000 points about a minute).
+
+    Args:
+        method: ``"tsne"`` (openTSNE after PCA-50) or ``"pca"``.
+        score_threshold: keep detections scoring above this.
+        max_detections: at most this many detections per image (highest scores).
+        iou_threshold: IoU a detection needs with a same-class GT box to be a TP.
+        max_rows: most detections projected and logged per event (``<= 10,000``).
+        thumbnail_size: side of the thumbnail crops in pixels; ``0`` logs no thumbnails.
+        log_embedding: include the raw feature vector column.
+        perplexity: t-SNE perplexity (clipped for small sets).
+        n_jobs: threads t-SNE may use on rank 0.
+        seed: seeds the row sample and the projection (the global RNG is never used).
+        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key:
+            see :class:`~detlens.callbacks.base.ProbeCallback`.
+    """
+
+    def __init__(
+        self,
+        method: Literal["tsne", "pca"] = "tsne",
+        score_threshold: float = 0.3,
+        max_detections: int = 50,
+        iou_threshold: float = 0.5,
+        max_rows: int = WANDB_MAX_TABLE_ROWS,
+        thumbnail_size: int = 64,
+        log_embedding: bool = True,
+        perplexity: float = 30.0,
+        n_jobs: int = 1,
+        seed: int = 0,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        num_probe_images: int = 32,
+        probe_indices: list[int] | None = None,
+        probe_dir: str | None = None,
+        log_key: str = "embeddings",
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            num_probe_images=num_probe_images,
+            probe_indices=probe_indices,
+            probe_dir=probe_dir,
+            log_key=log_key,
+        )
+        name = type(self).__name__
+        if method not in METHODS:
+            close = difflib.get_close_matches(str(method), METHODS, n=1, cutoff=0.3)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{name}: method must be one of {list(METHODS)}, got {method!r}.{hint}")
+        if not 0.0 <= score_threshold < 1.0:
+            raise ValueError(f"{name}: score_threshold must be in [0, 1), got {score_threshold}")
+        if not isinstance(max_detections, int) or max_detections < 1:
+            raise ValueError(f"{name}: max_detections must be a positive int, got {max_detections!r}")
+        if not 0.0 < iou_threshold <= 1.0:
+            raise ValueError(f"{name}: iou_threshold must be in (0, 1], got {iou_threshold}")
+        if not isinstance(max_rows, int) or not 1 <= max_rows <= WANDB_MAX_TABLE_ROWS:
+            raise ValueError(
+                f"{name}: max_rows must be an int in [1, {WANDB_MAX_TABLE_ROWS:,}] (W&B's table limit), got {max_rows!r}"
+            )
+        if not isinstance(thumbnail_size, int) or (thumbnail_size != 0 and not 4 <= thumbnail_size <= 512):
+            raise ValueError(f"{name}: thumbnail_size must be 0 (no thumbnails) or in [4, 512] pixels, got {thumbnail_size!r}")
+        if perplexity <= 0:
+            raise ValueError(f"{name}: perplexity must be > 0, got {perplexity}")
+        if not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
+            raise ValueError(f"{name}: n_jobs must be a positive int or -1 (all cores), got {n_jobs!r}")
+        self.method = method
+        self.score_threshold = float(score_threshold)
+        self.max_detections = max_detections
+        self.iou_threshold = float(iou_threshold)
+        self.max_rows = max_rows
+        self.thumbnail_size = thumbnail_size
+        self.log_embedding = bool(log_embedding)
+        self.perplexity = float(perplexity)
+        self.n_jobs = n_jobs
+        self.seed = int(seed)
+
+    # ------------------------------------------------------------------ every rank
+    def explain_shard(
+        self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
+    ) -> list[ImageBoxFeatures]:
+        has_truth = all("boxes" in t and "labels" in t for t in targets)
+        return extract_box_features(
+            pl_module,
+            images,
+            targets if has_truth else None,
+            score_threshold=self.score_threshold,
+            max_detections=self.max_detections,
+            iou_threshold=self.iou_threshold,
+        )
+
+    # ------------------------------------------------------------------ rank 0
+    def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
+        step = trainer.global_step
+        detections = concat_box_features([r.value for r in results], sources=[r.index for r in results])
+        counts = detections.counts()
+        scalars = {self.key(k): float(v) for k, v in counts.items()}
+        if not len(detections):
+            log_media(trainer, scalars=scalars, step=step)
+            return
+        strata = [f"{int(label)}/{outcome}" for label, outcome in zip(detections.labels.tolist(), detections.outcome)]
+        summary = embed(
+            detections.features, detections.labels, method=self.method, seed=self.seed, max_rows=self.max_rows,
+            stratify_by=strata, perplexity=self.perplexity, n_jobs=self.n_jobs,
+        )
+        scalars.update(summary.scalars(self.log_key))
+        class_names = _class_names(trainer, pl_module)
+        rows = summary.indices.tolist()
+        scatter = render_scatter(
+            summary.projection.coords,
+            detections.labels[rows],
+            outcomes=[detections.outcome[r] for r in rows],
+            class_names=class_names,
+            method=summary.projection.method,
+            trustworthiness=summary.projection.trustworthiness,
+            silhouette=summary.silhouette_2d,
+            subtitle=f"{summary.description} from {len(results)} probe images · step {step}"
+            + (f" · {summary.projection.note}" if summary.projection.note else ""),
+        )
+        caption = f"{summary.projection.method} of {len(rows):,} detections · step {step}"
+        log_media(
+            trainer,
+            images={self.key("scatter"): [MediaImage(pixels=scatter, caption=caption)]},
+            tables={self.key("table"): self._table(detections, summary, class_names)},
+            scalars=scalars,
+            step=step,
+        )
+
+    def _table(
+        self, detections: BoxFeatureSet, summary: EmbeddingSummary, class_names: dict[int, str] | None
+    ) -> MediaTable:
+        columns = [c for c in TABLE_COLUMNS if (c != "thumbnail" or self.thumbnail_size) and (c != "embedding" or self.log_embedding)]
+        rows = summary.indices.tolist()
+        images: dict[int, Tensor] = {}
+        if self.thumbnail_size:
+            for source in sorted({int(detections.source[r]) for r in rows}):
+                images[source] = self.probe_item(source)[0]
+        coords = summary.projection.coords.tolist()
+        table = MediaTable(columns=columns)
+        for row, (x, y) in zip(rows, coords):
+            label, outcome, source = int(detections.labels[row]), detections.outcome[row], int(detections.source[row])
+            box = [round(v, 2) for v in detections.boxes[row].tolist()]
+            cells: dict[str, Any] = {
+                "class": (class_names or {}).get(label, f"class {label}"),
+                "label": label,
+                "score": round(float(detections.scores[row]), 4),
+                "status": {"tp": "TP", "unknown": "n/a"}.get(outcome, "FP"),
+                "fp_kind": "" if outcome in ("tp", "unknown") else outcome,
+                "image_id": int(detections.image_id[row]),
+                "probe_index": source,
+                "box": box,
+                "x": float(x),
+                "y": float(y),
+            }
+            if self.thumbnail_size:
+                cells["thumbnail"] = MediaImage(
+                    pixels=box_thumbnail(images[source], box, size=self.thumbnail_size),
+                    caption=f"{cells['class']} {cells['score']:.2f} {cells['status']}",
+                )
+            if self.log_embedding:
+                cells["embedding"] = detections.features[row].tolist()
+            table.rows.append([cells[c] for c in columns])
+        return table
+
+
+def _class_names(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, str] | None:
+    """The module's ``class_names``, else the DataModule's (``detlens`` contracts)."""
+    for owner in (pl_module, trainer.datamodule):
+        names = getattr(owner, "class_names", None)
+        if names:
+            return {int(k): str(v) for k, v in dict(names).items()}
+    return None

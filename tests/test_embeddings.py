@@ -1,0 +1,200 @@
+"""Projections of box features: faithful (trustworthiness), class-separating, bounded, seeded, and RNG-neutral."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+
+from detlens.explainers.embeddings import (
+    class_separation,
+    embed,
+    pca,
+    pca_2d,
+    project,
+    sample_rows,
+    trustworthiness_score,
+    tsne_2d,
+)
+
+torch.set_num_threads(1)
+
+
+def clusters(n_per_class: int = 60, classes: int = 4, dims: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Well separated Gaussian classes: ``([n, dims], [n])``."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dims, generator=g) * 3.0
+    labels = torch.arange(classes).repeat_interleave(n_per_class) + 1
+    return centres[labels - 1] + torch.randn(len(labels), dims, generator=g), labels
+
+
+def decaying_spectrum(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scales = 0.7 ** torch.arange(d, dtype=torch.float64)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) * scales) @ torch.linalg.qr(
+        torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (2000, 600)], ids=["exact-svd", "randomised-svd"])
+def test_pca_gives_scikit_learns_scores_with_stable_signs(shape):
+    x = decaying_spectrum(*shape)
+    ours = pca(x, 5, seed=3)
+    theirs = torch.from_numpy(PCA(5, svd_solver="full").fit_transform(x.numpy()))
+    torch.testing.assert_close(ours.abs(), theirs.abs(), atol=1e-6, rtol=1e-6)
+    # Signs are fixed by the loadings, so a second call (another seed) does not flip the picture.
+    torch.testing.assert_close(pca(x, 5, seed=7), ours, atol=1e-6, rtol=1e-6)
+    assert pca_2d(x).shape == (shape[0], 2)
+
+
+def test_pca_of_rank_deficient_input_pads_with_zero_columns():
+    x = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 2.0], [2.0, 1.0, 2.0]])  # varies along one axis only
+    out = pca(x, 4)
+    assert out.shape == (3, 4)
+    torch.testing.assert_close(out[:, 0].abs(), torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.all(out[:, 3] == 0)
+    assert torch.all(pca(x[:1], 2) == 0), "one point has no direction of variance"
+
+
+def test_tsne_separates_classes_faithfully_and_is_deterministic_for_a_seed():
+    x, labels = clusters()
+    first = project(x, "tsne", seed=0)
+    again = project(x, "tsne", seed=0)
+    other = project(x, "tsne", seed=1)
+
+    assert first.method == "tsne" and first.coords.shape == (240, 2) and first.note == ""
+    assert first.trustworthiness > 0.9
+    assert class_separation(first.coords, labels) > 0.7
+    assert torch.equal(first.coords, again.coords)
+    assert not torch.equal(first.coords, other.coords)
+    assert first.params["perplexity"] == 30.0 and first.params["pca_dims"] == 50
+    assert first.params["negative_gradient_method"] == "bh"  # below 10,000 points
+
+
+def test_trustworthiness_is_one_for_an_exact_picture_and_low_for_noise():
+    x, _ = clusters(dims=2)
+    assert trustworthiness_score(x, x) == pytest.approx(1.0)
+    noise = torch.randn(len(x), 2, generator=torch.Generator().manual_seed(5))
+    assert trustworthiness_score(x, noise) < 0.7
+    # Above max_rows a seeded subsample is scored: same seed, same value.
+    a = trustworthiness_score(x, noise, max_rows=100, seed=2)
+    assert a == trustworthiness_score(x, noise, max_rows=100, seed=2)
+    assert np.isnan(trustworthiness_score(x[:2], x[:2]))
+
+
+def test_silhouette_high_for_separated_classes_and_undefined_with_one_class():
+    x, labels = clusters()
+    assert class_separation(x, labels) > 0.5
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    assert class_separation(x, shuffled) < 0.05
+    assert np.isnan(class_separation(x, torch.ones(len(x))))
+
+
+def test_stratified_sampling_keeps_rare_classes_and_proportions():
+    keys = np.array(["car"] * 9000 + ["bus"] * 990 + ["cat/fp"] * 10 + ["dog"] * 3)
+    sample = sample_rows(len(keys), max_rows=1000, stratify_by=keys, seed=0)
+    picked = keys[sample.indices.numpy()]
+    counts = {k: int((picked == k).sum()) for k in np.unique(keys)}
+
+    assert len(sample.indices) == 1000 and len(set(sample.indices.tolist())) == 1000
+    assert torch.all(sample.indices[1:] > sample.indices[:-1])
+    assert counts["dog"] >= 1 and counts["cat/fp"] >= 1, "rare classes stay visible"
+    assert abs(counts["car"] - 900) <= 4 and abs(counts["bus"] - 99) <= 4  # 1 per class first, then shares
+    assert "1,000 of 10,003 rows, stratified by class (all 4 classes kept, seed 0)" == sample.description
+    assert torch.equal(sample_rows(len(keys), 1000, keys, seed=0).indices, sample.indices)
+    assert sample_rows(50, max_rows=1000).description == "all 50 rows"
+    uniform = sample_rows(5000, max_rows=10)
+    assert len(uniform.indices) == 10 and "uniform" in uniform.description
+    with pytest.raises(ValueError, match="stratify_by"):
+        sample_rows(10, 5, stratify_by=[1, 2])
+
+
+def test_embed_bounds_the_rows_and_reports_stable_scalars():
+    x, labels = clusters(n_per_class=100)
+    summary = embed(x, labels, method="pca", max_rows=150, seed=0)
+    assert len(summary.indices) == 150 and summary.projection.coords.shape == (150, 2)
+    assert set(labels[summary.indices].tolist()) == {1, 2, 3, 4}
+    scalars = summary.scalars()
+    assert set(scalars) == {
+        "embeddings/trustworthiness", "embeddings/silhouette", "embeddings/silhouette_features",
+        "embeddings/projection_seconds", "embeddings/points",
+    }
+    assert scalars["embeddings/points"] == 150 and 0.5 < scalars["embeddings/trustworthiness"] <= 1.0
+
+
+def test_too_few_points_for_tsne_fall_back_to_pca_and_say_so():
+    x, _ = clusters(n_per_class=1)
+    result = project(x, "tsne")
+    assert result.method == "pca" and "PCA shown instead" in result.note and result.coords.shape == (4, 2)
+    with pytest.raises(ValueError, match="at least 5 points"):
+        tsne_2d(x)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="unknown projection method 'tnse'.*'tsne'"):
+        project(torch.zeros(10, 3), "tnse")
+    bad = torch.zeros(10, 3)
+    bad[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="1 rows with NaN/inf values \\(first: \\[4\\]\\)"):
+        pca(bad, 2)
+    with pytest.raises(ValueError, match=r"must be \[N, D\]"):
+        pca(torch.zeros(10), 2)
+
+
+RNG_SCRIPT = textwrap.dedent(
+    """
+    import random, numpy as np, torch
+    random.seed(1); np.random.seed(1); torch.manual_seed(1)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
+    from detlens.explainers.embeddings import embed, project
+    x = torch.cat([torch.zeros(40, 32), torch.ones(40, 32)]) + torch.linspace(0, 1, 80 * 32).reshape(80, 32)
+    labels = [1] * 40 + [2] * 40
+    embed(x, labels, method="tsne", max_rows=60, seed=3)
+    project(x, "pca")
+    after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
+    assert before[0] == after[0], "python random moved"
+    assert np.array_equal(before[1], after[1]), "numpy global RNG moved"
+    assert torch.equal(before[2], after[2]), "torch global RNG moved"
+    print("unchanged")
+    """
+)
+
+
+def test_projections_leave_every_global_rng_unchanged_even_on_first_import():
+    # A fresh interpreter: the first import of scikit-learn's neighbours module draws from
+    # Python's `random`, which would shift a training run's random numbers.
+    done = subprocess.run([sys.executable, "-c", RNG_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "unchanged", done.stderr[-2000:]
+
+
+def test_scatter_image_shows_each_class_in_its_colour_and_refuses_unknown_outcomes():
+    from detlens.render.scatter import _class_colours, render_scatter
+
+    x, labels = clusters(n_per_class=30, classes=3, dims=2)
+    outcomes = ["tp"] * 80 + ["background"] * 5 + ["duplicate"] * 5
+    pixels = render_scatter(x, labels, outcomes=outcomes, class_names={1: "a", 2: "b", 3: "c"}, method="pca",
+                            trustworthiness=0.9, silhouette=0.5, size=(480, 320))
+    assert pixels.shape == (320, 480, 3) and pixels.dtype == np.uint8
+    flat = pixels.reshape(-1, 3).astype(int)
+    for colour in _class_colours([1, 2, 3]).values():
+        rgb = np.round(np.array(colour) * 255).astype(int)
+        assert (np.abs(flat - rgb).sum(1) <= 3).sum() > 20, f"class colour {rgb} missing from the plot"
+    with pytest.raises(ValueError, match="unknown outcomes \\['maybe'\\]"):
+        render_scatter(x[:2], labels[:2], outcomes=["tp", "maybe"])
+    assert render_scatter(x[:0], labels[:0]).shape == (640, 960, 3)  # empty: an image saying so
+
+
+def test_thumbnail_is_a_square_crop_around_the_box_with_grey_outside_the_image():
+    from detlens.render.scatter import box_thumbnail
+
+    image = torch.zeros(3, 50, 80)
+    image[0, 2:12, 30:60] = 1.0  # a red 30 x 10 box near the top edge
+    thumb = box_thumbnail(image, [30, 2, 60, 12], size=32, margin=0.0)  # window: x 30..60, y -8..22
+    assert thumb.shape == (32, 32, 3) and thumb.dtype == np.uint8
+    assert tuple(thumb[16, 16]) == (255, 0, 0) and tuple(thumb[16, 1]) == (255, 0, 0)
+    assert tuple(thumb[1, 16]) == (128, 128, 128), "above the image: grey"
+    assert tuple(thumb[30, 16]) == (0, 0, 0), "below the box, inside the image: the image"
