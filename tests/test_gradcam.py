@@ -220,3 +220,38 @@ def test_fixed_scale_keeps_the_first_reference_and_survives_a_checkpoint():
     restored = FixedScale()
     restored.load_state_dict(scale.state_dict())
     assert restored.reference("gradcam/features") == pytest.approx(3.0)
+
+
+def test_gradcam_fails_the_model_randomisation_sanity_check_only_when_it_should(trained):
+    """Adebayo et al.'s check on a trained detector: Grad-CAM must change when the weights do.
+
+    A randomised detector finds other boxes, so each image's maps are compared as one
+    image-level map (the element-wise max over its top detections' raw maps).
+    """
+    from detlens.explainers.api import explain
+    from detlens.explainers.metrics import randomisation_check
+
+    module, items = trained
+    images = [image for image, _ in items]
+
+    def image_maps(net: torch.nn.Module) -> list[torch.Tensor]:
+        explanations = explain(net, images, method="gradcam", target="class", top_k=5, score_threshold=0.0)
+        return [ex.raw.amax(0, keepdim=True) if len(ex) else torch.zeros(1, *img.shape[-2:]) for ex, img in zip(explanations, images)]
+
+    before = [p.detach().clone() for p in module.model.parameters()]
+    rng = torch.get_rng_state()
+
+    full = randomisation_check(module.model, image_maps, mode="full", seed=0)
+    cascading = randomisation_check(
+        module.model, image_maps, mode="cascading", stages=["roi_heads", "rpn", "backbone"], seed=0
+    )
+
+    print(f"\nGrad-CAM randomisation check, Spearman per image: full {full.correlations.tolist()}, "
+          f"cascading mean |rho| per stage {dict(zip(cascading.stages, cascading.mean_abs.tolist()))}")
+    assert float(full.mean_abs[0]) < 0.5  # the maps depend on the weights
+    assert float(cascading.mean_abs[-1]) < 0.5
+    # and a map that ignores the model passes as "not honest": correlation 1
+    constant = randomisation_check(module.model, lambda net: [img.mean(0, keepdim=True) for img in images], mode="full")
+    assert torch.allclose(constant.correlations, torch.ones_like(constant.correlations))
+    assert all(torch.equal(a, b) for a, b in zip(before, module.model.parameters()))
+    assert torch.equal(rng, torch.get_rng_state())
