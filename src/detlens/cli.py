@@ -1,4 +1,4 @@
-"""``detlens`` command line: ``detlens fit|validate|test --config configs/<name>.yaml``.
+"""``detlens`` command line: ``detlens fit|validate|test --config configs/<name>.yaml``, ``detlens compare|report``.
 
 Training subcommands go through Lightning's ``LightningCLI`` (jsonargparse), so a config
 is a plain Lightning config: ``model``, ``data``, ``trainer`` (callbacks under
@@ -14,6 +14,7 @@ is a plain Lightning config: ``model``, ``data``, ``trainer`` (callbacks under
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,98 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DetlensCLI:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``detlens`` console script."""
+# ---------------------------------------------------------------------------------------
+# detlens compare / detlens report (focus records; see detlens.focus)
+# ---------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
+"""Exit codes of ``compare``/``report``: passed, a threshold crossed, unreadable input."""
+
+
+def _focus_parser(command: str) -> argparse.ArgumentParser:
+    if command == "compare":
+        parser = argparse.ArgumentParser(
+            prog="detlens compare",
+            description="Compare the focus of a candidate run with a baseline run (their focus records) and write an "
+            "HTML report. Exit code 0: within thresholds, 1: a threshold was crossed, 2: unreadable input.",
+        )
+        parser.add_argument("baseline", help="baseline: W&B run folder (offline-run-*/run-*), its files/detlens_focus, or focus.jsonl")
+        parser.add_argument("candidate", help="candidate: same forms as baseline")
+        parser.add_argument("--max-drift", type=float, default=0.5,
+                            help="largest allowed map drift (mean 1 - Spearman rho of matched detections; default 0.5); "
+                            "a negative value disables the check")
+        parser.add_argument("--min-energy-in-box", type=float, default=None,
+                            help="smallest allowed per-class energy-in-box of the candidate (default: not checked)")
+    else:
+        parser = argparse.ArgumentParser(
+            prog="detlens report",
+            description="Write an HTML report of one run's focus over training (from its focus record).",
+        )
+        parser.add_argument("run", help="W&B run folder (offline-run-*/run-*), its files/detlens_focus, or focus.jsonl")
+    parser.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
+    parser.add_argument("--log-key", default=None, help="map source to use (default: the first in the record, e.g. gradcam)")
+    parser.add_argument("--iou-threshold", type=float, default=0.5, help="IoU (same class) matching detections (default 0.5)")
+    return parser
+
+
+def focus_command(argv: list[str]) -> int:
+    """``detlens compare ...`` / ``detlens report ...``; returns the exit code."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from detlens.focus.compare import compare_records, load_record
+    from detlens.focus.record import FocusRecordError
+    from detlens.focus.report import render_comparison_report, render_run_report, write_report
+
+    command, rest = argv[0], argv[1:]
+    args = _focus_parser(command).parse_args(rest)
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+
+        def track(items, description):  # type: ignore[no-untyped-def]
+            items = list(items)
+            yield from progress.track(items, total=len(items), description=description)
+
+        try:
+            if command == "compare":
+                records = list(track([args.baseline, args.candidate], "reading records"))
+                baseline, candidate = (load_record(p) for p in records)
+                max_drift = args.max_drift if args.max_drift is not None and args.max_drift >= 0 else None
+                comparison = compare_records(baseline, candidate, log_key=args.log_key, max_drift=max_drift,
+                                             min_energy_in_box=args.min_energy_in_box, iou_threshold=args.iou_threshold)
+                html_text = render_comparison_report(comparison, track=track)
+            else:
+                record = load_record(args.run)
+                html_text = render_run_report(record, log_key=args.log_key, track=track)
+        except (FocusRecordError, OSError) as err:
+            console.print(f"[red]detlens {command}: {err}[/red]")
+            return EXIT_BAD_INPUT
+    out = write_report(html_text, args.out)
+    if command == "report":
+        console.print(f"detlens report: {record.name}: {len(record.maps)} map points -> {out}")
+        return EXIT_OK
+    drift = comparison.drift
+    summary = (f"map drift {drift.drift:.3f} (Spearman {drift.spearman:.3f}, cosine {drift.similarity:.3f}, "
+               f"{drift.matched} matched of {drift.count_a}/{drift.count_b})" if drift is not None else "no map drift")
+    console.print(f"detlens compare: {baseline.name} -> {candidate.name}: {summary}; report: {out}")
+    if comparison.passed:
+        console.print("[green]PASS[/green]: focus within thresholds")
+        return EXIT_OK
+    for violation in comparison.violations:
+        console.print(f"[red]FAIL[/red]: {violation}")
+    return EXIT_REGRESSION
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    """Entry point of the ``detlens`` console script.
+
+    ``compare`` and ``report`` are handled here (they read focus records and return an exit
+    code); everything else (``fit``, ``validate``, ``test``, ...) goes to ``LightningCLI``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("compare", "report"):
+        return focus_command(argv)
     build_cli(argv)
     import wandb
 
@@ -103,4 +193,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

@@ -8,6 +8,7 @@ from detlens.callbacks.attention_entropy import AttentionEntropyCallback
 from detlens.callbacks.attention_maps import AttentionMapCallback, AttentionMapResult
 from detlens.callbacks.base import ProbeCallback, ProbeResult
 from detlens.callbacks.embeddings import BoxEmbeddingCallback
+from detlens.callbacks.focus import FocusRegressionCallback, FocusRegressionError
 from detlens.callbacks.gradcam import GradCAMCallback, ProbeMaps
 from detlens.callbacks.prediction_overlay import PredictionOverlayCallback, ProbePrediction
 
@@ -16,6 +17,8 @@ __all__ = [
     "AttentionMapCallback",
     "AttentionMapResult",
     "BoxEmbeddingCallback",
+    "FocusRegressionCallback",
+    "FocusRegressionError",
     "GradCAMCallback",
     "ProbeMaps",
     "PredictionOverlayCallback",

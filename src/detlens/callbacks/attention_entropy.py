@@ -41,9 +41,11 @@ from torch import Tensor, nn
 
 from detlens.callbacks.attention_maps import no_attention_error
 from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.callbacks.focus import publish_focus_record, record_entropy
 from detlens.distributed import RankError, gather_to_rank_zero
 from detlens.explainers.attention import AttentionUnavailableWarning, EntropyMonitor, find_attention_modules
 from detlens.explainers.entropy import CollapseDetector, entropy_metrics
+from detlens.explainers.modules import named_modules
 from detlens.render.attention import entropy_heatmap
 from detlens.sinks import MediaImage, log_media
 
@@ -155,6 +157,7 @@ class AttentionEntropyCallback(ProbeCallback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._disarm_all()
+        publish_focus_record(trainer)  # online runs: the focus record as a W&B artifact
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._disarm_all()
@@ -224,6 +227,7 @@ class AttentionEntropyCallback(ProbeCallback):
         if self.every_n_train_steps is not None:
             scalars.update(self._watch_collapse(trainer, step, entropies))
         log_media(trainer, scalars=scalars, step=step)
+        record_entropy(self, trainer, entropies, origin="train", step=step)  # detlens focus record
 
     # ------------------------------------------------------------------ probe set
     def explain_shard(
@@ -252,6 +256,7 @@ class AttentionEntropyCallback(ProbeCallback):
         caption = f"probe set, {len(results)} images · step {step}"
         log_media(trainer, images={self.key("entropy_heatmap"): [MediaImage(heatmap, caption=caption)]},
                   scalars=scalars, step=step)
+        record_entropy(self, trainer, entropies, origin="probe", step=step)  # detlens focus record
 
     # ------------------------------------------------------------------ helpers (rank 0)
     def _mean(self, parts: list[Sums]) -> dict[str, Tensor]:
@@ -294,7 +299,7 @@ class AttentionEntropyCallback(ProbeCallback):
 
 def _resolve_name(pl_module: nn.Module, name: str, who: str) -> str:
     """``name`` in the LightningModule, accepting names relative to its ``.model`` too."""
-    named = dict(pl_module.named_modules())
+    named = dict(named_modules(pl_module))
     if name in named:
         return name
     if isinstance(getattr(pl_module, "model", None), nn.Module) and f"model.{name}" in named:

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from torch import Tensor
 
 from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.callbacks.focus import record_embedding
 from detlens.explainers.box_features import BoxFeatureSet, ImageBoxFeatures, concat_box_features, extract_box_features
 from detlens.explainers.embeddings import METHODS, EmbeddingSummary, embed
 from detlens.render.scatter import box_thumbnail, render_scatter
@@ -186,6 +187,13 @@ class BoxEmbeddingCallback(ProbeCallback):
             tables={self.key("table"): self._table(detections, summary, class_names)},
             scalars=scalars,
             step=step,
+        )
+        # detlens focus record (detlens.callbacks.focus): the projection, for `detlens report|compare`.
+        record_embedding(
+            self, trainer, coords=summary.projection.coords, labels=detections.labels[rows],
+            outcomes=[detections.outcome[r] for r in rows], probe_index=detections.source[rows],
+            method=summary.projection.method, trustworthiness=summary.projection.trustworthiness,
+            silhouette=summary.silhouette_2d, class_names=class_names,
         )
 
     def _table(

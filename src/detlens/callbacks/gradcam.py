@@ -11,6 +11,7 @@ from torch import Tensor
 
 from detlens.adapters import adapter_for
 from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.callbacks.focus import publish_focus_record, record_map_point
 from detlens.callbacks.prediction_overlay import _class_names, _to_uint8_hwc
 from detlens.explainers.api import Method, box_focus, explain, focus_summary, peak_values
 from detlens.explainers.drise import MAX_MASKS
@@ -211,6 +212,11 @@ class GradCAMCallback(ProbeCallback):
             scalars=self._scalars(results, class_names, trainer.global_step),
             step=trainer.global_step,
         )
+        # detlens focus record (detlens.callbacks.focus): this point's maps, detections and metrics.
+        record_map_point(self, trainer, results, method=self.method, layer=self._layer_in_use, class_names=class_names)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        publish_focus_record(trainer)  # online runs: the focus record as a W&B artifact
 
     def _scalars(self, results: list[ProbeResult], class_names: dict[int, str] | None, step: int) -> dict[str, float]:
         values: list[ProbeMaps] = [r.value for r in results]
