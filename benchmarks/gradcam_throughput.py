@@ -11,8 +11,8 @@ process, on the same model, layer and target (the class score), it times:
 
 and prints milliseconds per detection and the speed-up, one line per model and K::
 
-    .venv/bin/python benchmarks/gradcam_speed.py            # 1 CPU thread, best of 3
-    .venv/bin/python benchmarks/gradcam_speed.py --threads 4 --repeats 5 --ks 1 10 50
+    .venv/bin/python benchmarks/gradcam_throughput.py            # 1 CPU thread, best of 3
+    .venv/bin/python benchmarks/gradcam_throughput.py --threads 4 --repeats 5 --ks 1 10 50
 
 Models are randomly initialised (score threshold 0 so that K detections exist); cost does
 not depend on the weights.

@@ -2,20 +2,23 @@
 # The spurious-cue demo: does `detlens compare` flag a detector that learnt a shortcut?
 #
 # Trains the demo detector (configs/fasterrcnn_synthetic.yaml, every detlens callback on,
-# W&B offline) twice on the synthetic scenes:
-#   clean: the default scenes (data/synthetic), no cue;
-#   cue:   data/synthetic_cue, where 90% of training objects also carry a small
-#          class-specific mark placed off the object (spurious_cue=0.9); the validation /
-#          probe images carry none (spurious_cue_val=0.0), so they are the same images as
-#          the clean run's and the two runs' focus records compare image by image.
-# then writes one report per run and compares the cue-trained candidate with the clean
-# baseline. `detlens compare` exits 1 when a threshold is crossed: that is the expected
-# outcome here, so this script reports it instead of failing on it.
+# W&B offline) twice on the synthetic scenes, with the same seed and the same objects:
+#   clean: training objects without cue (spurious_cue=0);
+#   cue:   90% of training objects also carry a small class-specific mark placed off the
+#          object (spurious_cue=0.9) -- a shortcut to the class.
+# Both runs validate and probe on the SAME validation images, in which objects carry their
+# mark with probability PROBE_CUE (default 0.9; the generator draws objects and marks from
+# separate streams, so both runs' images are identical bytes). The two focus records then
+# compare image by image, and a difference comes from the model, not from the images:
+# a model that learnt the shortcut moves its Grad-CAM from the object to the mark.
+# Then it writes one report per run and compares the cue-trained candidate with the clean
+# baseline. `detlens compare` exits 1 when a threshold is crossed: the expected outcome
+# here, so this script reports it instead of failing on it.
 #
 #   ./scripts/spurious_cue_demo.sh                 # outputs under runs/spurious_cue/
 #   OUT=/tmp/demo MAX_DRIFT=0.4 MIN_ENERGY_IN_BOX=0.3 ./scripts/spurious_cue_demo.sh
 #   SKIP_TRAINING=1 ./scripts/spurious_cue_demo.sh # only compare/report existing runs
-#   CONFIG=my.yaml CUE_ROOT=/tmp/cue_scenes ...     # another config / cue data folder
+#   CONFIG=my.yaml PROBE_CUE=0.5 ...               # another config / share of marked probe objects
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +27,8 @@ CONFIG=${CONFIG:-configs/fasterrcnn_synthetic.yaml}
 MAX_DRIFT=${MAX_DRIFT:-0.5}
 MIN_ENERGY_IN_BOX=${MIN_ENERGY_IN_BOX:-0.3}
 DETLENS=${DETLENS:-.venv/bin/detlens}
-CUE_ROOT=${CUE_ROOT:-data/synthetic_cue}  # the cue run's scenes (generated on first use)
+PROBE_CUE=${PROBE_CUE:-0.9}
+DATA=${DATA:-data}  # scenes are generated on first use under $DATA/synthetic_{clean,cue}_probe<PROBE_CUE>
 mkdir -p "$OUT/clean" "$OUT/cue"
 
 newest_run() {  # the newest offline W&B run folder under $1
@@ -45,11 +49,14 @@ train() {  # name, extra args...
 
 if [[ -z "${SKIP_TRAINING:-}" ]]; then
   : > "$OUT/timings.txt"
-  train clean
+  train clean \
+    --data.init_args.spurious_cue=0.0 \
+    --data.init_args.spurious_cue_val="$PROBE_CUE" \
+    --data.init_args.root="$DATA/synthetic_clean_probe$PROBE_CUE"
   train cue \
     --data.init_args.spurious_cue=0.9 \
-    --data.init_args.spurious_cue_val=0.0 \
-    --data.init_args.root="$CUE_ROOT"
+    --data.init_args.spurious_cue_val="$PROBE_CUE" \
+    --data.init_args.root="$DATA/synthetic_cue_probe$PROBE_CUE"
 fi
 
 CLEAN=$(newest_run "$OUT/clean")

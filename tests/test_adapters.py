@@ -130,3 +130,15 @@ def test_running_the_adapter_restores_modes_hooks_and_parameter_grads():
 def test_a_model_without_an_adapter_is_told_how_to_write_one():
     with pytest.raises(TypeError, match="subclass detlens.adapters.DetectorAdapter"):
         adapter_for(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+def test_a_two_stage_model_whose_rpn_keeps_no_proposal_explains_to_empty_maps():
+    """An untrained RPN can keep no proposal for a whole batch (seen at step 21 of a tiny fit):
+    Grad-CAM then returns zero detections and zero maps, not an IndexError from the box decoder."""
+    import detlens
+
+    module = tv("fasterrcnn_resnet18_fpn").eval()
+    module.model.rpn.score_thresh = 1.01  # sigmoid objectness never reaches it: no proposals
+    out = detlens.explain(module, images(), method="gradcam", top_k=5)
+    assert [len(e.boxes) for e in out] == [0, 0]
+    assert [tuple(e.maps.shape) for e in out] == [(0, 64, 64), (0, 48, 80)]

@@ -134,6 +134,13 @@ def test_too_few_points_for_tsne_fall_back_to_pca_and_say_so():
         tsne_2d(x)
 
 
+def test_identical_features_fall_back_to_pca_instead_of_nan_coordinates():
+    # A box head whose ReLUs are all off gives every detection the same (zero) feature vector.
+    result = project(torch.zeros(6, 32), "tsne")
+    assert result.method == "pca" and "distinct feature vectors" in result.note
+    assert torch.isfinite(result.coords).all() and result.coords.shape == (6, 2)
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="unknown projection method 'tnse'.*'tsne'"):
         project(torch.zeros(10, 3), "tnse")

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from detlens.explainers.modules import named_modules
 from .base import DetectorAdapter, ImageGeometry, LayerCapture
 
 FEATURES = "features"
@@ -93,7 +94,7 @@ class TorchvisionAdapterMixin(DetectorAdapter):
         if not names:
             names += [f"backbone.{n}" for n, _ in backbone.named_children()]
         names += [
-            n for n, m in self.model.named_modules() if getattr(m, "detlens_attention_probe", False) and n not in names
+            n for n, m in named_modules(self.model) if getattr(m, "detlens_attention_probe", False) and n not in names
         ]
         return names
 

@@ -63,6 +63,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from detlens.explainers.modules import named_modules
+
 __all__ = [
     "AdapterOutput",
     "Detections",
@@ -239,7 +241,7 @@ class LayerCapture:
         on_output: Callable[[str, Any], tuple[Any, Any]] | None = None,
     ):
         self._on_output = on_output
-        self._modules = dict(model.named_modules())
+        self._modules = dict(named_modules(model))
         self._module_names = list(module_names)
         self._virtual = set(virtual)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -409,7 +411,7 @@ class DetectorAdapter:
     # -- provided -----------------------------------------------------------------
     def resolve_layers(self, target_layers: Sequence[str]) -> tuple[list[str], list[str]]:
         """Split requested names into (module names, virtual names); raise on unknown."""
-        modules = {n for n, _ in self.model.named_modules() if n}
+        modules = {n for n, _ in named_modules(self.model) if n}
         virtual = set(self.virtual_layers())
         mod, virt = [], []
         for name in target_layers:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+from detlens.explainers.modules import named_modules
 from .base import Detections, DetectorAdapter, ImageGeometry, LayerCapture, RoIScoring
 
 __all__ = ["DetrAdapter", "is_detr"]
@@ -42,7 +43,7 @@ class DetrAdapter(DetectorAdapter):
         names.append("input_proj")
         names += [f"encoder.layers.{i}" for i in range(len(self.model.encoder.layers))]
         names += [
-            n for n, m in self.model.named_modules() if getattr(m, "detlens_attention_probe", False) and n not in names
+            n for n, m in named_modules(self.model) if getattr(m, "detlens_attention_probe", False) and n not in names
         ]
         return names
 

@@ -56,7 +56,9 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
         if not scales:  # single level: scale inferred the way MultiScaleRoIAlign does
             scales = [features[pooled_names[0]].shape[-1] / image_list.tensors.shape[-1]]
 
-        pred_boxes = rh.box_coder.decode(box_regression, proposals)  # [N, C+1, 4], input pixels
+        # [N, C+1, 4], input pixels. BoxCoder.decode skips its reshape when N == 0 (an
+        # untrained RPN can keep no proposal at all), so shape it here.
+        pred_boxes = rh.box_coder.decode(box_regression, proposals).reshape(len(box_regression), class_logits.shape[-1], 4)
         pred_scores = F.softmax(class_logits, -1)
         num_classes = pred_scores.shape[-1]
         offsets = [0]
@@ -115,7 +117,7 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
             ar = torch.arange(len(labels_k), device=labels_k.device)
             probs = F.softmax(logits, -1)[ar, labels_k]
             shape = image_shapes[image_index]
-            bx = rh.box_coder.decode(reg, [rois_k])[ar, labels_k]
+            bx = rh.box_coder.decode(reg, [rois_k]).reshape(len(reg), logits.shape[-1], 4)[ar, labels_k]
             bx = box_ops.clip_boxes_to_image(bx, shape)
             return probs, resize_boxes(bx, list(shape), list(geometry[image_index].original_size))
 

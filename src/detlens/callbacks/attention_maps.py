@@ -40,6 +40,7 @@ from detlens.explainers.rollout import (
     query_attention_maps,
     transformer_attention_names,
 )
+from detlens.explainers.modules import named_modules
 from detlens.render.attention import overlay_attention
 from detlens.sinks import MediaImage, log_media
 
@@ -213,7 +214,7 @@ class AttentionMapCallback(ProbeCallback):
         net = adapter.model
         names = transformer_attention_names(net)
         is_detr = isinstance(adapter, DetrAdapter)
-        spatial = [n for n, m in net.named_modules() if hasattr(m, PROBE_FLAG)]
+        spatial = [n for n, m in named_modules(net) if hasattr(m, PROBE_FLAG)]
         available = {
             "decoder": bool(is_detr and names["decoder_cross"]),
             "encoder": bool(is_detr and names["encoder_self"]),

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from detlens.explainers.entropy import entropy_sums
+from detlens.explainers.modules import named_modules
 
 __all__ = [
     "PROBE_FLAG",
@@ -142,7 +143,7 @@ def find_attention_modules(
         ValueError: a name does not exist (the message lists close matches).
         AttentionUnavailable: a requested name exists but exposes no attention weights.
     """
-    named = dict(model.named_modules())
+    named = dict(named_modules(model))
     readable: dict[str, nn.Module] = {}
     unavailable: dict[str, str] = {}
     if modules is None:
@@ -167,7 +168,7 @@ def find_attention_modules(
             continue
         inner = {
             f"{name}.{sub}" if name else sub: m
-            for sub, m in mod.named_modules()
+            for sub, m in named_modules(mod)
             if sub and (_is_mha(m) or _is_probe(m))
         }
         if inner:
@@ -346,7 +347,7 @@ class _HookSet:
             raise
 
     def _install(self) -> None:
-        for enc_name, enc in self.model.named_modules():
+        for enc_name, enc in named_modules(self.model):
             if isinstance(enc, nn.TransformerEncoder):
                 prefix = f"{enc_name}." if enc_name else ""
                 for name in self.modules:

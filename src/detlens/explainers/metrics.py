@@ -47,6 +47,8 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 from torchvision.transforms.v2.functional import gaussian_blur
 
+from detlens.explainers.modules import named_modules
+
 __all__ = [
     "Baseline",
     "Detect",
@@ -545,7 +547,7 @@ def randomisation_check(
         raise ValueError(f"mode must be 'full' or 'cascading', got {mode!r}")
     if mode == "full" and stages is not None:
         raise ValueError("stages applies to mode='cascading' only")
-    modules = dict(model.named_modules())
+    modules = dict(named_modules(model))
     if mode == "cascading":
         names = list(stages) if stages is not None else _default_stages(model)
         if not names:
@@ -561,7 +563,7 @@ def randomisation_check(
     reference = explain(model)
     generator = torch.Generator().manual_seed(int(seed))
     randomised = copy.deepcopy(model)
-    copies = dict(randomised.named_modules())
+    copies = dict(named_modules(randomised))
     rows: list[Tensor] = []
     for name in names:
         _randomise_(randomised if name == "all" else copies[name], generator)

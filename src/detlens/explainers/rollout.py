@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detlens.explainers.modules import named_modules
+
 __all__ = [
     "AttentionMaps",
     "attention_rollout",
@@ -240,7 +242,7 @@ def transformer_attention_names(model: nn.Module) -> dict[str, list[str]]:
     detlens' DETR. Feed them to ``AttentionCapture(model, modules=...)``.
     """
     names: dict[str, list[str]] = {"encoder_self": [], "decoder_self": [], "decoder_cross": []}
-    for name, mod in model.named_modules():
+    for name, mod in named_modules(model):
         prefix = f"{name}." if name else ""
         if isinstance(mod, nn.TransformerEncoderLayer):
             names["encoder_self"].append(prefix + "self_attn")
