@@ -11,14 +11,22 @@
 # separate streams, so both runs' images are identical bytes). The two focus records then
 # compare image by image, and a difference comes from the model, not from the images:
 # a model that learnt the shortcut moves its Grad-CAM from the object to the mark.
-# Then it writes one report per run and compares the cue-trained candidate with the clean
-# baseline. `detlens compare` exits 1 when a threshold is crossed: the expected outcome
+# A third run, the seed control, repeats the clean run with another seed: how far two
+# equally good models' maps differ by chance, which any drift threshold must clear.
+# OBJECT_COLOURS=random gives objects random hues, so that colour does not give the class
+# away and the mark becomes the easiest class signal (with the default class hues the
+# object's own colour is a better shortcut than any mark); shapes alone take longer to
+# learn, so use it with MAX_EPOCHS=6 or more.
+# Then it writes one report per run, compares the cue-trained candidate and the seed
+# control with the clean baseline, and measures how much Grad-CAM mass sits on the marks
+# (scripts/cue_focus.py). `detlens compare` exits 1 when a threshold is crossed: the expected outcome
 # here, so this script reports it instead of failing on it.
 #
 #   ./scripts/spurious_cue_demo.sh                 # outputs under runs/spurious_cue/
 #   OUT=/tmp/demo MAX_DRIFT=0.4 MIN_ENERGY_IN_BOX=0.3 ./scripts/spurious_cue_demo.sh
 #   SKIP_TRAINING=1 ./scripts/spurious_cue_demo.sh # only compare/report existing runs
 #   CONFIG=my.yaml PROBE_CUE=0.5 ...               # another config / share of marked probe objects
+#   OBJECT_COLOURS=random MAX_EPOCHS=6 OUT=runs/cue_random ./scripts/spurious_cue_demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,8 +36,13 @@ MAX_DRIFT=${MAX_DRIFT:-0.5}
 MIN_ENERGY_IN_BOX=${MIN_ENERGY_IN_BOX:-0.3}
 DETLENS=${DETLENS:-.venv/bin/detlens}
 PROBE_CUE=${PROBE_CUE:-0.9}
-DATA=${DATA:-data}  # scenes are generated on first use under $DATA/synthetic_{clean,cue}_probe<PROBE_CUE>
-mkdir -p "$OUT/clean" "$OUT/cue"
+OBJECT_COLOURS=${OBJECT_COLOURS:-class}
+MAX_EPOCHS=${MAX_EPOCHS:-2}  # the demo config's
+DATA=${DATA:-data}  # scenes are generated on first use under $DATA/synthetic_<colours>_{clean,cue}_probe<PROBE_CUE>
+PYTHON=${PYTHON:-.venv/bin/python}
+mkdir -p "$OUT/clean" "$OUT/cue" "$OUT/seed_control"
+SCENES="$DATA/synthetic_${OBJECT_COLOURS}_clean_probe$PROBE_CUE"
+CUE_SCENES="$DATA/synthetic_${OBJECT_COLOURS}_cue_probe$PROBE_CUE"
 
 newest_run() {  # the newest offline W&B run folder under $1
   find "$1/wandb" -maxdepth 1 -type d -name 'offline-run-*' | sort | tail -n 1
@@ -49,21 +62,20 @@ train() {  # name, extra args...
 
 if [[ -z "${SKIP_TRAINING:-}" ]]; then
   : > "$OUT/timings.txt"
-  train clean \
-    --data.init_args.spurious_cue=0.0 \
-    --data.init_args.spurious_cue_val="$PROBE_CUE" \
-    --data.init_args.root="$DATA/synthetic_clean_probe$PROBE_CUE"
-  train cue \
-    --data.init_args.spurious_cue=0.9 \
-    --data.init_args.spurious_cue_val="$PROBE_CUE" \
-    --data.init_args.root="$DATA/synthetic_cue_probe$PROBE_CUE"
+  common=(--data.init_args.spurious_cue_val="$PROBE_CUE" --data.init_args.object_colours="$OBJECT_COLOURS"
+          --trainer.max_epochs="$MAX_EPOCHS")
+  train clean --data.init_args.spurious_cue=0.0 --data.init_args.root="$SCENES" "${common[@]}"
+  train cue --data.init_args.spurious_cue=0.9 --data.init_args.root="$CUE_SCENES" "${common[@]}"
+  train seed_control --seed_everything=1 --data.init_args.spurious_cue=0.0 --data.init_args.root="$SCENES" "${common[@]}"
 fi
 
 CLEAN=$(newest_run "$OUT/clean")
 CUE=$(newest_run "$OUT/cue")
-[[ -n "$CLEAN" && -n "$CUE" ]] || { echo "no offline W&B runs under $OUT/clean and $OUT/cue" >&2; exit 2; }
-echo "== baseline (clean): $CLEAN"
-echo "== candidate (cue):  $CUE"
+SEED=$(newest_run "$OUT/seed_control")
+[[ -n "$CLEAN" && -n "$CUE" && -n "$SEED" ]] || { echo "no offline W&B runs under $OUT/{clean,cue,seed_control}" >&2; exit 2; }
+echo "== baseline (clean):    $CLEAN"
+echo "== candidate (cue):     $CUE"
+echo "== seed control:        $SEED"
 
 "$DETLENS" report "$CLEAN" --out "$OUT/report_clean.html"
 "$DETLENS" report "$CUE" --out "$OUT/report_cue.html"
@@ -74,10 +86,18 @@ set +e
 status=$?
 set -e
 echo "== detlens compare exit code: $status (0 pass, 1 threshold crossed, 2 unreadable input)"
-# The control: the clean baseline against itself passes.
+# The controls: the clean baseline against itself, and against the same training with another seed.
 "$DETLENS" compare "$CLEAN" "$CLEAN" --out "$OUT/compare_self.html" --max-drift "$MAX_DRIFT" \
   && echo "== control: clean vs clean passes"
-echo "== reports: $OUT/compare.html $OUT/report_clean.html $OUT/report_cue.html"
+set +e
+"$DETLENS" compare "$CLEAN" "$SEED" --out "$OUT/compare_seed_control.html" \
+  --max-drift "$MAX_DRIFT" --min-energy-in-box "$MIN_ENERGY_IN_BOX"
+seed_status=$?
+set -e
+echo "== seed control exit code: $seed_status"
+echo "== where the Grad-CAM mass sits (true positives, last logging point; chance levels in brackets):"
+"$PYTHON" scripts/cue_focus.py "$CUE_SCENES/annotations/instances_val.json" clean="$CLEAN" cue="$CUE" seed_control="$SEED"
+echo "== reports: $OUT/compare.html $OUT/compare_seed_control.html $OUT/report_clean.html $OUT/report_cue.html"
 case $status in
   1) echo "== the cue-trained model was flagged" ;;
   0) echo "== the cue-trained model was NOT flagged at these thresholds" ;;

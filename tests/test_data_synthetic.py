@@ -125,6 +125,35 @@ def test_val_split_can_drop_the_cue_to_expose_shortcut_learning(tmp_path: Path) 
     assert all(a["cue_bbox"] is None for a in annotations(root, "val")["annotations"])
 
 
+def test_random_object_colours_keep_every_object_and_cue_and_take_colour_out_of_the_class(
+    tmp_path: Path, scenes_with_cues: Path
+) -> None:
+    import cv2
+
+    root = generate(tmp_path / "s", spurious_cue=1.0, object_colours="random")
+    class_coloured = annotations(scenes_with_cues)["annotations"]
+    random_coloured = annotations(root)["annotations"]
+    strip = lambda anns: [(a["bbox"], a["category_id"], a["cue_bbox"]) for a in anns]  # noqa: E731
+    assert strip(random_coloured) == strip(class_coloured), "same objects and marks, only the colours differ"
+    assert json.loads((root / MANIFEST_NAME).read_text())["params"]["object_colours"] == "random"
+    assert "object_colours" not in json.loads((scenes_with_cues / MANIFEST_NAME).read_text())["params"]
+
+    def hue_spread(folder: Path, category: int) -> float:
+        """Circular spread (0 = one hue, 1 = uniform) of the objects' centre-pixel hues of one class."""
+        angles = []
+        for a in annotations(folder)["annotations"]:
+            if a["category_id"] != category:
+                continue
+            image = cv2.imread(str(folder / "train" / f"{a['image_id']:06d}.png"))
+            x, y, w, h = a["bbox"]
+            hsv = cv2.cvtColor(image[int(y + h / 2) : int(y + h / 2) + 1, int(x + w / 2) : int(x + w / 2) + 1], cv2.COLOR_BGR2HSV)
+            angles.append(float(hsv[0, 0, 0]) * 2 * np.pi / 180)
+        return 1 - float(np.hypot(np.mean(np.cos(angles)), np.mean(np.sin(angles))))
+
+    circle = 1  # category ids follow CLASS_NAMES (circles have no hole at the centre)
+    assert hue_spread(scenes_with_cues, circle) < 0.05 < 0.3 < hue_spread(root, circle)
+
+
 def test_existing_identical_dataset_is_reused_without_rewriting(scenes_without_cues: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in scenes_without_cues.rglob("*")}
 
@@ -184,7 +213,8 @@ def test_waiting_rank_times_out_with_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"image_size": 32}, {"spurious_cue": 1.5}, {"num_train": -1}, {"num_train": 0, "num_val": 0}]
+    "bad", [{"image_size": 32}, {"spurious_cue": 1.5}, {"num_train": -1}, {"num_train": 0, "num_val": 0},
+            {"object_colours": "rainbow"}]
 )
 def test_invalid_parameters_are_rejected_before_touching_disk(tmp_path: Path, bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -238,6 +238,8 @@ class SyntheticDataModule(CocoDataModule):
         seed: seed of the scenes, and of the shuffle order and flips.
         spurious_cue: probability that a training object's class is also shown by a cue patch.
         spurious_cue_val: the same for validation; ``None`` -> ``spurious_cue``.
+        object_colours: ``"class"`` (a hue per class) or ``"random"`` (colour says nothing
+            about the class; only the shape, or a spurious cue, does).
         batch_size, num_workers, horizontal_flip: as for :class:`CocoDataModule`.
         overwrite: replace a dataset in ``root`` that was generated with other parameters.
 
@@ -255,12 +257,15 @@ class SyntheticDataModule(CocoDataModule):
         seed: int = 0,
         spurious_cue: float = 0.0,
         spurious_cue_val: float | None = None,
+        object_colours: Literal["class", "random"] = "class",
         batch_size: int = 8,
         num_workers: int = 0,
         horizontal_flip: bool = True,
         overwrite: bool = False,
     ) -> None:
-        self._synthetic_params = synthetic_params(num_train, num_val, image_size, seed, spurious_cue, spurious_cue_val)
+        self._synthetic_params = synthetic_params(
+            num_train, num_val, image_size, seed, spurious_cue, spurious_cue_val, object_colours
+        )
         self._overwrite = overwrite
         self._ensure_generated(Path(root))
         # CocoDataModule.__init__ is bypassed so that hparams hold this class's arguments only
@@ -270,7 +275,7 @@ class SyntheticDataModule(CocoDataModule):
             {
                 "root": root, "num_train": num_train, "num_val": num_val, "image_size": image_size,
                 "seed": seed, "spurious_cue": spurious_cue, "spurious_cue_val": spurious_cue_val,
-                "batch_size": batch_size, "num_workers": num_workers,
+                "object_colours": object_colours, "batch_size": batch_size, "num_workers": num_workers,
                 "horizontal_flip": horizontal_flip, "overwrite": overwrite,
             }
         )
@@ -296,6 +301,7 @@ class SyntheticDataModule(CocoDataModule):
                 p["seed"],
                 p["spurious_cue"],
                 p["spurious_cue_val"],
+                p.get("object_colours", "class"),
                 overwrite=self._overwrite,
             )
         else:

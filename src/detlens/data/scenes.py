@@ -55,12 +55,17 @@ def draw_scene(
     cue_rng: np.random.Generator,
     image_size: int,
     cue_probability: float,
+    class_colours: bool = True,
 ) -> tuple[np.ndarray, list[SceneObject]]:
-    """Draws one scene. Returns ``uint8[S, S, 3]`` RGB and its objects (cue boxes filled in)."""
+    """Draws one scene. Returns ``uint8[S, S, 3]`` RGB and its objects (cue boxes filled in).
+
+    ``class_colours=False`` gives every object a random hue (the same number of draws, so
+    the scene is otherwise identical): then only the shape, or a cue, tells the class.
+    """
     canvas = _background(scene_rng, image_size)
     objects = _place_objects(scene_rng, image_size)
     for obj in objects:
-        _draw_object(canvas, obj, scene_rng)
+        _draw_object(canvas, obj, scene_rng, class_colours)
     # Drawn from the scene stream before cues so it is identical with and without cues.
     sigma = scene_rng.uniform(3.0, 10.0)
     noise = scene_rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(sigma)
@@ -169,9 +174,10 @@ def _place_objects(rng: np.random.Generator, size: int) -> list[SceneObject]:
     return objects
 
 
-def _draw_object(canvas: np.ndarray, obj: SceneObject, rng: np.random.Generator) -> None:
+def _draw_object(canvas: np.ndarray, obj: SceneObject, rng: np.random.Generator, class_colours: bool = True) -> None:
     name = CLASS_NAMES[obj.class_index]
-    hue = CLASS_HUES[name] + rng.uniform(-12, 12)
+    jitter = rng.uniform(-12, 12)
+    hue = CLASS_HUES[name] + jitter if class_colours else (jitter + 12) * 15.0  # one draw either way
     sat, val = rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)
     fill = tuple(float(c) for c in _hsv(hue, sat, val))
     outline = tuple(float(c) for c in _hsv(hue, sat, val * 0.45))

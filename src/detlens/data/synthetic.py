@@ -44,6 +44,7 @@ GENERATOR_VERSION = 1  # bump when the drawing changes: old folders then stop ma
 TRAIN_ANN = "annotations/instances_train.json"
 VAL_ANN = "annotations/instances_val.json"
 _SPLITS = ("train", "val")
+OBJECT_COLOURS = ("class", "random")
 _MIN_IMAGE_SIZE = 64
 
 
@@ -54,8 +55,13 @@ def synthetic_params(
     seed: int = 0,
     spurious_cue: float = 0.0,
     spurious_cue_val: float | None = None,
+    object_colours: str = "class",
 ) -> dict[str, Any]:
-    """Validated generator parameters, as stored in the manifest and the COCO ``info`` block."""
+    """Validated generator parameters, as stored in the manifest and the COCO ``info`` block.
+
+    ``object_colours`` is stored only when not ``"class"``, so folders generated before the
+    option existed still match their parameters.
+    """
     if not isinstance(num_train, int) or not isinstance(num_val, int) or num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be non-negative integers, got {num_train!r}, {num_val!r}")
     if num_train + num_val == 0:
@@ -66,7 +72,9 @@ def synthetic_params(
     for name, p in (("spurious_cue", spurious_cue), ("spurious_cue_val", val_cue)):
         if not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
-    return {
+    if object_colours not in OBJECT_COLOURS:
+        raise ValueError(f"object_colours must be one of {list(OBJECT_COLOURS)}, got {object_colours!r}")
+    params = {
         "generator": "detlens.data.synthetic",
         "version": GENERATOR_VERSION,
         "num_train": num_train,
@@ -77,6 +85,9 @@ def synthetic_params(
         "spurious_cue_val": float(val_cue),
         "classes": list(CLASS_NAMES),
     }
+    if object_colours != "class":
+        params["object_colours"] = object_colours
+    return params
 
 
 def generate_synthetic_scenes(
@@ -87,6 +98,7 @@ def generate_synthetic_scenes(
     seed: int = 0,
     spurious_cue: float = 0.0,
     spurious_cue_val: float | None = None,
+    object_colours: str = "class",
     *,
     overwrite: bool = False,
     progress: bool = True,
@@ -104,6 +116,9 @@ def generate_synthetic_scenes(
             (training split).
         spurious_cue_val: the same for the validation split; ``None`` -> ``spurious_cue``.
             Set 0 to test whether a model trained with cues relies on them.
+        object_colours: ``"class"``: each class has its own hue (jittered), so colour
+            alone gives the class away; ``"random"``: every object gets a random hue, so
+            only its shape (or a spurious cue) tells the class.
         overwrite: replace a dataset generated with different parameters. Without it, a
             mismatch is an error: a dataset is never silently reused or destroyed.
         progress: show a rich progress bar.
@@ -116,7 +131,7 @@ def generate_synthetic_scenes(
         DatasetError: ``root`` holds something else, or another process held the lock too long.
         ValueError: invalid parameters.
     """
-    params = synthetic_params(num_train, num_val, image_size, seed, spurious_cue, spurious_cue_val)
+    params = synthetic_params(num_train, num_val, image_size, seed, spurious_cue, spurious_cue_val, object_colours)
     root = Path(root)
     if manifest_matches(root, params):
         return root
@@ -278,7 +293,9 @@ def _write_dataset(folder: Path, params: dict[str, Any], *, progress: bool) -> N
         split_key = _SPLITS.index(split)
         scene_rng = np.random.default_rng(np.random.SeedSequence(params["seed"], spawn_key=(split_key, index, 0)))
         cue_rng = np.random.default_rng(np.random.SeedSequence(params["seed"], spawn_key=(split_key, index, 1)))
-        image, objects = draw_scene(scene_rng, cue_rng, params["image_size"], cue_p[split])
+        image, objects = draw_scene(
+            scene_rng, cue_rng, params["image_size"], cue_p[split], class_colours=params.get("object_colours", "class") == "class"
+        )
         file_name = f"{image_id:06d}.png"
         if not cv2.imwrite(str(folder / split / file_name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
             raise DatasetError(f"{folder / split / file_name}: OpenCV could not write the image")
