@@ -38,4 +38,4 @@ bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) wandb lightning_logs outputs data .pytest_cache
+	rm -rf $(VENV) wandb lightning_logs outputs data runs detlens .pytest_cache

@@ -4,17 +4,23 @@ Fits the demo config twice — once with every callback in it, once with the det
 callbacks removed (Lightning's own callbacks stay) — each in a fresh subprocess so that
 peak RSS is measured per run, and prints the overhead as a percentage of wall time::
 
-    python benchmarks/callback_overhead.py                      # the full demo config
+    python benchmarks/callback_overhead.py                      # the full demo config, 2 pairs
+    python benchmarks/callback_overhead.py --repeats 3          # steadier on a noisy machine
     python benchmarks/callback_overhead.py --max-epochs 1       # quicker, same cadence rules
 
 Both runs use the same seed and data; W&B runs offline into a temporary folder. The
 figure includes everything the callbacks cost: explaining, rendering and logging media.
+On a shared 2-core machine one fit's wall time varies by several percent from run to
+run, more than the overhead being measured, so the fits alternate (without, with, with,
+without, ...) and the medians are compared; CPU time (the fit process and its data
+workers) is printed too, as it depends less on what else the machine is doing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import resource
 import subprocess
@@ -40,14 +46,23 @@ def _child(config_path: str, out_path: str) -> None:
 
     from detlens.cli import build_cli
 
-    start = time.perf_counter()
+    def cpu_s() -> float:  # this process and its reaped children (the DataLoader workers)
+        return sum(
+            getattr(resource.getrusage(who), field)
+            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+            for field in ("ru_utime", "ru_stime")
+        )
+
+    start, cpu_start = time.perf_counter(), cpu_s()
     cli = build_cli(["fit", "--config", config_path])
     if wandb.run is not None:
         wandb.finish()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, cpu_s() - cpu_start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-    Path(out_path).write_text(json.dumps({"wall_s": wall, "peak_rss_mib": peak_kib / 1024, "metrics": metrics}))
+    Path(out_path).write_text(
+        json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak_kib / 1024, "metrics": metrics})
+    )
 
 
 def _run_variant(name: str, config: dict, workdir: Path) -> dict:
@@ -66,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "fasterrcnn_synthetic.yaml"))
     parser.add_argument("--max-epochs", type=int, default=None, help="override trainer.max_epochs")
+    parser.add_argument("--repeats", type=int, default=2, help="fits per variant (alternating order)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -84,17 +100,29 @@ def main() -> None:
         if data_root and not Path(data_root).is_absolute():  # share one generated dataset
             config["data"]["init_args"]["root"] = str((REPO / data_root).resolve())
         trainer["logger"]["init_args"]["save_dir"] = str(workdir)
-        baseline = _run_variant("without", _strip_detlens_callbacks(json.loads(json.dumps(config))), workdir)
-        full = _run_variant("with", config, workdir)
+        variants = {"without": _strip_detlens_callbacks(json.loads(json.dumps(config))), "with": config}
+        runs: dict[str, list[dict]] = {"without": [], "with": []}
+        for i in range(args.repeats):
+            order = ("without", "with") if i % 2 == 0 else ("with", "without")
+            for name in order:
+                runs[name].append(_run_variant(name, variants[name], workdir))
 
-    overhead = 100.0 * (full["wall_s"] - baseline["wall_s"]) / baseline["wall_s"]
-    rss = full["peak_rss_mib"] - baseline["peak_rss_mib"]
-    print(f"config: {args.config} (max_epochs={trainer['max_epochs']})")
+    def median(name: str, field: str) -> float:
+        return statistics.median(r[field] for r in runs[name])
+
+    base_wall, full_wall = median("without", "wall_s"), median("with", "wall_s")
+    base_cpu, full_cpu = median("without", "cpu_s"), median("with", "cpu_s")
+    base_rss, full_rss = max(r["peak_rss_mib"] for r in runs["without"]), max(r["peak_rss_mib"] for r in runs["with"])
+    print(f"config: {args.config} (max_epochs={trainer['max_epochs']}), {args.repeats} fits per variant, alternating")
     print(f"detlens callbacks: {', '.join(c.rsplit('.', 1)[1] for c in detlens_callbacks)}")
-    print(f"wall time without callbacks: {baseline['wall_s']:.1f} s   with: {full['wall_s']:.1f} s")
-    print(f"callback overhead: {overhead:.1f}% of wall time")
-    print(f"peak RSS without: {baseline['peak_rss_mib']:.0f} MiB   with: {full['peak_rss_mib']:.0f} MiB   overhead: {rss:+.0f} MiB")
-    print(f"val/mAP_50 without: {baseline['metrics'].get('val/mAP_50', float('nan')):.3f}   with: {full['metrics'].get('val/mAP_50', float('nan')):.3f}")
+    for name in ("without", "with"):
+        walls = ", ".join(f"{r['wall_s']:.1f}" for r in runs[name])
+        print(f"wall time {name} callbacks: {walls} s (median {median(name, 'wall_s'):.1f} s); CPU median {median(name, 'cpu_s'):.1f} s")
+    print(f"callback overhead: {100.0 * (full_wall - base_wall) / base_wall:.1f}% of wall time "
+          f"({100.0 * (full_cpu - base_cpu) / base_cpu:.1f}% of CPU time)")
+    print(f"peak RSS without: {base_rss:.0f} MiB   with: {full_rss:.0f} MiB   overhead: {full_rss - base_rss:+.0f} MiB")
+    print(f"val/mAP_50 without: {runs['without'][0]['metrics'].get('val/mAP_50', float('nan')):.3f}   "
+          f"with: {runs['with'][0]['metrics'].get('val/mAP_50', float('nan')):.3f}")
 
 
 if __name__ == "__main__":

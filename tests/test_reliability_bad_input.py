@@ -56,9 +56,9 @@ def test_an_empty_probe_folder_is_refused_at_setup_by_every_callback(index, scen
 
 def test_an_empty_validation_set_is_refused_at_setup(scenes_root):
     class NoValidationImages(type(scenes(scenes_root))):
-        def setup(self, stage: str) -> None:
-            super().setup(stage)
-            self.val_dataset = Subset(self.val_dataset, [])
+        @property
+        def val_dataset(self):  # a validation split that came out empty (e.g. a filtered annotation file)
+            return Subset(super().val_dataset, [])
 
     dm = NoValidationImages(root=scenes_root, num_train=8, num_val=4, image_size=64, batch_size=4, horizontal_flip=False)
     fit_expecting("the probe dataset is empty", every_callback(every_n_steps=None)[:1], dm)
