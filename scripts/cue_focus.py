@@ -48,7 +48,10 @@ def cue_boxes(annotation_file: Path) -> dict[int, list[tuple[list[float], list[f
 
 def run_figures(run: str, cues: dict[int, list[tuple[list[float], list[float]]]], log_key: str) -> dict[str, float]:
     record = read_focus_record(run)
-    point = record.map_points(log_key)[-1]
+    points = record.map_points(log_key)
+    if not points:
+        raise SystemExit(f"{run}: its focus record has no {log_key!r} map points (it has {record.map_keys() or 'none'})")
+    point = points[-1]
     rows: dict[str, list[float]] = defaultdict(list)
     for image in point.images:
         tp = np.asarray(image.is_tp, bool)
