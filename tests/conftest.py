@@ -11,3 +11,36 @@ os.environ.setdefault("WANDB_CONSOLE", "off")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 os.environ.setdefault("WANDB_DISABLE_CODE", "true")
 os.environ.setdefault("WANDB_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "detlens-tests-wandb"))
+
+import pytest  # noqa: E402 - after the environment above, before anything imports wandb
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny tensors: threads cost more than they give on a
+    shared 2-core machine), the previous count restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def finish_wandb():
+    """Closes the W&B run a test started, pass or fail."""
+    yield
+    import wandb
+
+    wandb.finish()
+
+
+@pytest.fixture(scope="module")
+def scenes_root(tmp_path_factory):
+    """The reliability suite's tiny synthetic scenes (``reliability_utils.scenes``), once per
+    module. Modules that train on other scene sizes define their own ``scenes_root``."""
+    from reliability_utils import scenes
+
+    root = tmp_path_factory.mktemp("scenes") / "synthetic"
+    scenes(str(root))
+    return str(root)

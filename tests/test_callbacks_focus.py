@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
-import torch
 import wandb
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
@@ -24,13 +23,7 @@ from detlens.lightning_modules import TorchvisionDetector
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    wandb.finish()
+pytestmark = pytest.mark.usefixtures("one_thread", "finish_wandb")
 
 
 @pytest.fixture(scope="module")

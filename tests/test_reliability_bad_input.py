@@ -13,18 +13,12 @@ import warnings
 
 import pytest
 import pytorch_lightning as pl
-import torch
 from reliability_utils import every_callback, faster_rcnn, quiet_trainer, scenes
 from torch.utils.data import Subset
 
 from detlens.callbacks import AttentionEntropyCallback, AttentionMapCallback, GradCAMCallback
 
-
-@pytest.fixture(scope="module")
-def scenes_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scenes") / "synthetic"
-    scenes(str(root))
-    return str(root)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class StepCounter(pl.Callback):
@@ -38,7 +32,6 @@ class StepCounter(pl.Callback):
 def fit_expecting(error: str, callbacks: list[pl.Callback], dm: pl.LightningDataModule, **model_kw) -> None:
     """Fits; the error must come before the first training batch."""
     counter = StepCounter()
-    torch.set_num_threads(1)
     with pytest.raises(ValueError, match=error), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quiet_trainer(callbacks=[counter, *callbacks], limit_val_batches=1).fit(faster_rcnn(dm, **model_kw), dm)

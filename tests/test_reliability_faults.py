@@ -20,7 +20,6 @@ import warnings
 from typing import Any
 
 import pytest
-import torch
 import wandb
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
@@ -29,22 +28,9 @@ from wandb_utils import image_events, newest_offline_run
 
 from detlens.sinks import find_offline_runs, read_offline_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DETLENS_PREFIXES = ("predictions/", "gradcam/", "attention_maps/", "attention/", "embeddings/")
-
-
-@pytest.fixture(scope="module")
-def scenes_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scenes") / "synthetic"
-    scenes(str(root))
-    return str(root)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class DiskFullAtStep(WandbLogger):

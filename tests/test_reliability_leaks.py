@@ -21,10 +21,11 @@ import warnings
 import matplotlib.pyplot as plt
 import pytest
 import pytorch_lightning as pl
-import torch
 import wandb
 from pytorch_lightning.loggers import WandbLogger
 from reliability_utils import every_callback, faster_rcnn, hooks_on, quiet_trainer, scenes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EVENTS = 100
 WARMUP = 20
@@ -54,7 +55,6 @@ class RssProbe(pl.Callback):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the RSS from Linux /proc")
 def test_a_hundred_logging_events_leave_no_hooks_no_figures_and_bounded_memory(tmp_path):
-    torch.set_num_threads(1)
     dm = scenes(str(tmp_path / "synthetic"), num_train=4, num_val=2, batch_size=1)
     model = faster_rcnn(dm)
     callbacks = every_callback(every_n_steps=1, num_probe_images=1)  # t-SNE falls back to PCA on few points

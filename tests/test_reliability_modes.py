@@ -13,36 +13,16 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import wandb
 from pytorch_lightning.loggers import WandbLogger
 from reliability_utils import every_callback, faster_rcnn, quiet_trainer, scenes, tiny_detr
 from wandb_utils import image_events, newest_offline_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MEDIA = ["predictions/probe", "gradcam/probe", "attention/entropy_heatmap", "embeddings/scatter", "embeddings/table"]
 SPATIAL = "attention_maps/spatial/backbone.body.layer3_attention"
-
-
-@pytest.fixture(scope="module")
-def scenes_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scenes") / "synthetic"
-    scenes(str(root))
-    return str(root)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def finish_wandb():
-    yield
-    wandb.finish()
 
 
 def detlens_warnings(caught: list[warnings.WarningMessage]) -> list[str]:

@@ -41,13 +41,6 @@ from reliability_utils import (
 from detlens.sinks import find_offline_runs
 
 
-@pytest.fixture(scope="module")
-def scenes_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scenes") / "synthetic"
-    scenes(str(root))
-    return str(root)
-
-
 @pytest.fixture(autouse=True)
 def deterministic_one_thread():
     threads = torch.get_num_threads()
