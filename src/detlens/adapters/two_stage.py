@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
@@ -56,9 +57,7 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
         if not scales:  # single level: scale inferred the way MultiScaleRoIAlign does
             scales = [features[pooled_names[0]].shape[-1] / image_list.tensors.shape[-1]]
 
-        # [N, C+1, 4], input pixels. BoxCoder.decode skips its reshape when N == 0 (an
-        # untrained RPN can keep no proposal at all), so shape it here.
-        pred_boxes = rh.box_coder.decode(box_regression, proposals).reshape(len(box_regression), class_logits.shape[-1], 4)
+        pred_boxes = _decode_per_class(rh.box_coder, box_regression, proposals)  # [N, C+1, 4], input pixels
         pred_scores = F.softmax(class_logits, -1)
         num_classes = pred_scores.shape[-1]
         offsets = [0]
@@ -117,7 +116,7 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
             ar = torch.arange(len(labels_k), device=labels_k.device)
             probs = F.softmax(logits, -1)[ar, labels_k]
             shape = image_shapes[image_index]
-            bx = rh.box_coder.decode(reg, [rois_k]).reshape(len(reg), logits.shape[-1], 4)[ar, labels_k]
+            bx = _decode_per_class(rh.box_coder, reg, [rois_k])[ar, labels_k]
             bx = box_ops.clip_boxes_to_image(bx, shape)
             return probs, resize_boxes(bx, list(shape), list(geometry[image_index].original_size))
 
@@ -132,3 +131,10 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
             score_fn=score_fn,
         )
         return dets, geometry, roi
+
+
+def _decode_per_class(box_coder: det_utils.BoxCoder, regression: Tensor, proposals: list[Tensor]) -> Tensor:
+    """``box_coder.decode`` of ``regression [N, (C+1)*4]`` shaped ``[N, C+1, 4]`` for every
+    ``N``: torchvision skips its own reshape when ``N == 0`` (an untrained RPN can keep no
+    proposal for a whole batch)."""
+    return box_coder.decode(regression, proposals).reshape(len(regression), regression.shape[-1] // 4, 4)

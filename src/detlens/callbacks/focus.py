@@ -186,13 +186,10 @@ def record_embedding(
 def publish_focus_record(trainer: pl.Trainer) -> None:
     """Logs the record as a ``detlens-focus`` W&B artifact if the run is online and the record grew
     since the last time (offline runs keep the plain file, which ``wandb sync`` uploads)."""
-    if not trainer.is_global_zero:
+    run = _wandb_run(trainer)  # None off rank 0
+    if run is None:
         return
-    run = _wandb_run(trainer)
-    directory = focus_record_dir(trainer)
-    if run is None or directory is None:
-        return
-    writer = _WRITERS.get(directory.resolve())
+    writer = _WRITERS.get(focus_record_dir(trainer).resolve())  # the W&B run's folder, as run is set
     if writer is None or not writer.path.exists():
         return
     mode = getattr(getattr(run, "settings", None), "mode", "offline")
