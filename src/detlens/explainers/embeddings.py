@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "EXACT_NEIGHBOURS_ROWS",
     "MIN_TSNE_ROWS",
     "TRUSTWORTHINESS_ROWS",
     "EmbeddingSummary",
@@ -58,6 +59,10 @@ meaningless (perplexity would be below 1.5): :func:`tsne_2d` raises and
 TRUSTWORTHINESS_ROWS = 2_000
 """Default number of points trustworthiness is computed on (seeded uniform subsample;
 the computation is O(N^2) in time and memory: 2,000 points take about a second)."""
+
+EXACT_NEIGHBOURS_ROWS = 20_000
+"""Up to this many points t-SNE's neighbours are exact (brute force on the PCA scores,
+O(N^2)); above it openTSNE's approximate index (Annoy) is used."""
 
 SILHOUETTE_ROWS = 5_000
 """Default number of points the silhouette score is computed on (class-stratified
@@ -207,8 +212,8 @@ def tsne_2d(
     interpolation, O(N) per iteration) from 10,000 points up and Barnes-Hut below
     (``"auto"``, openTSNE's own rule: the FFT's fixed interpolation-grid cost dominates
     for small N; 600 points took 25 s with FFT and 4 s with Barnes-Hut on a loaded
-    2-core machine), ``learning_rate="auto"`` (N / exaggeration),
-    approximate neighbours (Annoy) above 1,000 points and exact ones below, and PCA
+    2-core machine), ``learning_rate="auto"`` (N / exaggeration), exact neighbours up to
+    :data:`EXACT_NEIGHBOURS_ROWS` points (approximate ones, Annoy, above), and PCA
     initialisation (the first two PCA scores, rescaled to std 1e-4 and jittered from
     ``seed``, as openTSNE's ``initialization="pca"``).
 
@@ -225,9 +230,9 @@ def tsne_2d(
         early_exaggeration_iter: early-exaggeration iterations (openTSNE's default 250).
         negative_gradient_method: ``"fft"``, ``"bh"`` or ``"auto"`` (FFT from 10,000
             points, Barnes-Hut below).
-        **opentsne_kwargs: further ``openTSNE.TSNE`` arguments (e.g. ``ints_in_interval``,
-            default 4 here (openTSNE: 1), and ``n_interpolation_points`` for the FFT grid,
-            ``theta`` for Barnes-Hut).
+        **opentsne_kwargs: further ``openTSNE.TSNE`` arguments (e.g. ``ints_in_interval``
+            for the FFT grid after early exaggeration, default 2 here (openTSNE: 1; early
+            exaggeration always uses 4), ``n_interpolation_points``, ``theta`` for Barnes-Hut).
 
     Returns:
         ``FloatTensor[N, 2]`` on the CPU (t-SNE units, centred near 0).
@@ -249,13 +254,17 @@ def tsne_2d(
     if perplexity <= 0:
         raise ValueError(f"perplexity must be > 0, got {perplexity}")
     method = _gradient_method(negative_gradient_method, n)
+    early_grid: dict[str, Any] = {}
     if method == "fft":
-        # openTSNE's default (1) puts an interpolation interval on every unit of the
-        # embedding's span; separated clusters spread the embedding to a span of ~100s, and
-        # the grid then dominates the run time. 4 units per interval: 10,000 x 1,024
-        # features took 18 s instead of 71 s (one core) at the same trustworthiness
-        # (0.999 on 5,000 points; benchmarks/embedding_projection.py).
-        opentsne_kwargs.setdefault("ints_in_interval", 4.0)
+        # The FFT interpolation grid sets both the cost and the accuracy of the repulsive
+        # forces (openTSNE's default is one interval per unit of the embedding's span, which
+        # reaches ~150 units for 10,000 points and makes numpy's FFT the bottleneck). The
+        # final layout needs accurate near-field forces, early exaggeration does not (it only
+        # sorts points into clusters). Measured on 10,000 x 1,024 box features
+        # (benchmarks/embedding_projection.py, 2 cores): 2 units per interval after
+        # exaggeration, 4 (and as few as 10 intervals) during it.
+        opentsne_kwargs.setdefault("ints_in_interval", 2.0)
+        early_grid = {"ints_in_interval": 4.0, "min_num_intervals": 10}
     reduced = pca(x.cpu(), min(pca_dims, x.shape[1], n), seed=seed).double().numpy()
     init = rescale(reduced[:, :2].copy(), inplace=False)
     init = jitter(init, random_state=np.random.RandomState(seed))  # openTSNE's own helper, seeded
@@ -266,13 +275,25 @@ def tsne_2d(
         n_iter=n_iter,
         early_exaggeration_iter=early_exaggeration_iter,
         initialization=np.ascontiguousarray(init),
+        # Exact neighbours (scikit-learn's brute force on the PCA scores: 0.8 s for 10,000
+        # points, Annoy took 3.7 s and is approximate); Annoy beyond EXACT_NEIGHBOURS_ROWS.
+        neighbors="exact" if n <= EXACT_NEIGHBOURS_ROWS else "auto",
         negative_gradient_method=method,
         n_jobs=n_jobs,
         random_state=int(seed),
         verbose=False,
         **opentsne_kwargs,
     )
-    embedding = tsne.fit(reduced)
+    # TSNE.fit's two phases, run here so that early exaggeration can use the coarser grid.
+    embedding = tsne.prepare_initial(reduced)
+    embedding.optimize(
+        n_iter=early_exaggeration_iter, exaggeration=tsne.early_exaggeration, momentum=tsne.initial_momentum,
+        inplace=True, propagate_exception=True, **early_grid,
+    )
+    embedding.optimize(
+        n_iter=n_iter, exaggeration=tsne.exaggeration, momentum=tsne.final_momentum, inplace=True,
+        propagate_exception=True,
+    )
     # np.array copies out of TSNEEmbedding, dropping its affinity matrix and optimiser state.
     return torch.from_numpy(np.array(embedding, dtype=np.float32))
 
