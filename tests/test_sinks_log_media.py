@@ -13,7 +13,8 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from wandb_utils import image_events, newest_offline_run
 
 from detlens.render.boxes import draw_boxes, wandb_boxes
-from detlens.sinks import MediaImage, MediaTable, log_media
+from detlens.sinks import MediaImage, MediaTable, flush_media, log_media
+from detlens.sinks import fanout
 
 
 def probe_image(step: int) -> MediaImage:
@@ -68,6 +69,7 @@ def test_wandb_gets_box_overlays_tables_and_scalars_and_csv_the_scalars(tmp_path
             step=7,
         )
     assert sum("BrokenLogger" in str(w.message) for w in record) == 1
+    assert flush_media() == 1  # the W&B payload was built on the media thread; logged here
     csv_logger.save()
     wandb.finish()
 
@@ -85,6 +87,36 @@ def test_wandb_gets_box_overlays_tables_and_scalars_and_csv_the_scalars(tmp_path
     assert table_ref["_type"] == "table-file" and table_ref["ncols"] == 3
     with open(csv_logger.experiment.metrics_file_path) as f:
         assert [row["predictions/mean_score"] for row in csv.DictReader(f)] == ["0.65"]
+
+
+class FailingWandbLogger(WandbLogger):
+    def log_metrics(self, metrics, step=None):
+        raise ConnectionError("wandb service process gone")
+
+
+def test_wandb_media_are_logged_in_order_with_their_steps_and_the_queue_stays_bounded(tmp_path, finish_wandb):
+    trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
+                         enable_progress_bar=False)
+    for step in range(3 * fanout.MAX_PENDING):
+        log_media(trainer, images={"predictions/probe": [probe_image(step)]}, scalars={"s": float(step)}, step=step)
+        assert len(fanout._pending) <= fanout.MAX_PENDING  # training waits rather than piling up media
+    flush_media()
+    assert not fanout._pending
+    wandb.finish()
+
+    run = newest_offline_run(tmp_path)
+    steps = list(range(3 * fanout.MAX_PENDING))
+    assert [e.global_step for e in image_events(run, "predictions/probe")] == steps
+    assert run.history_of("s") == [(s, float(s)) for s in steps]
+
+
+def test_a_wandb_logger_failing_at_flush_time_costs_a_warning(tmp_path, finish_wandb):
+    trainer = pl.Trainer(logger=FailingWandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
+                         enable_progress_bar=False)
+    log_media(trainer, images={"k": [probe_image(0)]}, scalars={"s": 1.0}, step=5)
+    with pytest.warns(UserWarning, match="WandbLogger failed to log media at step 5: ConnectionError: wandb service"):
+        assert flush_media() == 1
+    assert not fanout._pending
 
 
 def test_no_loggers_is_a_no_op():

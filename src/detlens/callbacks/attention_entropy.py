@@ -157,6 +157,7 @@ class AttentionEntropyCallback(ProbeCallback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._disarm_all()
+        super().teardown(trainer, pl_module, stage)
         publish_focus_record(trainer)  # online runs: the focus record as a W&B artifact
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -164,6 +165,7 @@ class AttentionEntropyCallback(ProbeCallback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._disarm_all()
+        super().on_exception(trainer, pl_module, exception)
 
     def _disarm_all(self) -> None:
         for monitor in (self._train_monitor, self._probe_monitor):

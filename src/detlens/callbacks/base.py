@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from detlens.callbacks.probe_set import evenly_spaced_indices, probe_folder_dataset
 from detlens.distributed import RankError, gather_to_rank_zero, shard_indices
 from detlens.guard import explaining
+from detlens.sinks import flush_media
 
 __all__ = ["ProbeCallback", "ProbeResult"]
 
@@ -209,6 +210,7 @@ class ProbeCallback(pl.Callback):
             self._choose_indices()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        flush_media(wait=False)  # W&B media finished on the media thread are logged from here
         step = trainer.global_step
         if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._run(trainer, pl_module, "train")
@@ -228,6 +230,12 @@ class ProbeCallback(pl.Callback):
         # that did not validate (no val loop, check_val_every_n_epoch > 1).
         if self._epoch_due(trainer):
             self._run(trainer, pl_module, "train")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        flush_media(wait=True)  # nothing built on the media thread is left unlogged
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        flush_media(wait=True)  # an interrupted run keeps the media of every finished event
 
     # ------------------------------------------------------------------ internals
     def _epoch_due(self, trainer: pl.Trainer) -> bool:

@@ -42,7 +42,7 @@ from detlens.focus.record import (
     read_focus_record,
 )
 from detlens.render.attention import to_uint8_image
-from detlens.sinks import log_media
+from detlens.sinks import flush_media, log_media
 
 __all__ = [
     "FocusRegressionCallback",
@@ -370,11 +370,15 @@ class FocusRegressionCallback(pl.Callback):
             listeners.append(self)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        flush_media(wait=True)  # the focus/* rows built on detlens' media thread
         listeners = _LISTENERS.get(id(trainer), [])
         if self in listeners:
             listeners.remove(self)
         if not listeners:
             _LISTENERS.pop(id(trainer), None)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        flush_media(wait=True)
 
     def _ensure_baseline(self) -> None:
         # Also called after load_state_dict restored a baseline (checkpoints load after setup).

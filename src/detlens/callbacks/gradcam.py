@@ -216,6 +216,7 @@ class GradCAMCallback(ProbeCallback):
         record_map_point(self, trainer, results, method=self.method, layer=self._layer_in_use, class_names=class_names)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         publish_focus_record(trainer)  # online runs: the focus record as a W&B artifact
 
     def _scalars(self, results: list[ProbeResult], class_names: dict[int, str] | None, step: int) -> dict[str, float]:

@@ -2,11 +2,27 @@
 
 Rank 0 only (``log_results`` runs there); it runs no collectives. A logger that fails
 costs one warning and never an exception into training.
+
+W&B media are converted off the training thread (DESIGN.md rule 4): building a
+``wandb.Image`` encodes a PNG and a ``wandb.Table`` infers its column types, ~6 ms per
+image, seconds per logging event, time a GPU would otherwise sit idle. One worker thread
+per process builds the payloads in order; the ``log`` calls themselves stay on the
+training thread (``wandb.log`` is not thread-safe, wandb/wandb#1824): finished payloads
+are logged at the next ``log_media`` or :func:`flush_media` call, which every detlens
+callback makes after each training batch, and all of them at the end of a stage or on an
+exception. Rows keep the step they were made at (``trainer/global_step``), so a later
+``log`` call changes nothing on the dashboard. At most :data:`MAX_PENDING` events wait;
+one more blocks until the oldest is logged, so memory stays bounded.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
@@ -18,7 +34,32 @@ from detlens.sinks.media import MediaImage, MediaTable
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-__all__ = ["log_media"]
+__all__ = ["MAX_PENDING", "flush_media", "log_media"]
+
+MAX_PENDING = 4
+"""Logging events whose W&B payload may be waiting to be logged before ``log_media`` blocks."""
+
+DRAIN_TIMEOUT_S = 120.0
+"""How long the end of a stage waits for one payload before giving up on it with a warning."""
+
+
+@dataclass
+class _Pending:
+    logger: WandbLogger
+    payload: Future  # Future[dict[str, Any]]
+    step: int
+
+
+_pending: deque[_Pending] = deque()
+_lock = threading.Lock()  # guards _pending and _executor (callbacks of two Trainers may share a thread)
+_executor: ThreadPoolExecutor | None = None
+
+
+def _worker() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detlens-media")
+    return _executor
 
 
 def log_media(
@@ -39,20 +80,59 @@ def log_media(
         step: ``trainer.global_step`` (W&B records it as ``trainer/global_step``).
 
     Per logger: ``WandbLogger`` gets ``wandb.Image`` with box overlays, ``wandb.Table``
-    and scalars in one ``log`` call (one history row); ``TensorBoardLogger`` gets
-    ``add_image`` (boxes drawn in), tables as Markdown text, and scalars; any other
-    logger (``CSVLogger``, MLflow, ...) gets the scalars only.
+    and scalars in one ``log`` call (one history row), built on the media thread and
+    logged from this one by a later call (see the module docstring); ``TensorBoardLogger``
+    gets ``add_image`` (boxes drawn in), tables as Markdown text, and scalars; any other
+    logger (``CSVLogger``, MLflow, ...) gets the scalars only. The arrays in ``images``
+    and ``tables`` must not be changed after the call.
     """
     for logger in trainer.loggers:
         try:
             if isinstance(logger, WandbLogger):
-                _log_wandb(logger, images, tables, scalars, step)
+                if images or tables or scalars:
+                    with _lock:
+                        future = _worker().submit(_wandb_payload, images, tables, scalars)
+                        _pending.append(_Pending(logger, future, step))
             elif isinstance(logger, TensorBoardLogger):
                 _log_tensorboard(logger, images, tables, scalars, step)
             elif scalars:
                 _log_scalars(logger, scalars, step)
         except Exception as err:  # noqa: BLE001 - a logger failure must never stop training
             rank_zero_warn(f"[detlens] {type(logger).__name__} failed to log media at step {step}: {type(err).__name__}: {err}")
+    flush_media(wait=False)
+    while len(_pending) > MAX_PENDING:
+        flush_media(wait=True, limit=1)
+
+
+def flush_media(wait: bool = True, limit: int | None = None) -> int:
+    """Logs the W&B payloads :func:`log_media` has finished building, oldest first.
+
+    Call it from the thread that trains (``wandb.log`` is not thread-safe). With
+    ``wait=False`` it stops at the first payload still being built (no waiting); with
+    ``wait=True`` it waits for each one (at most :data:`DRAIN_TIMEOUT_S` apiece; one that
+    takes longer is dropped with a warning). ``limit`` bounds how many are logged.
+
+    Returns:
+        how many payloads were logged or dropped.
+    """
+    done = 0
+    while limit is None or done < limit:
+        with _lock:
+            if not _pending or not (wait or _pending[0].payload.done()):
+                return done
+            item = _pending.popleft()
+        done += 1
+        try:
+            payload = item.payload.result(timeout=DRAIN_TIMEOUT_S if wait else 0)
+            if payload:
+                # Lightning's own log_image/log_table go through log_metrics too (prefix, global step).
+                item.logger.log_metrics(payload, step=item.step)
+        except FutureTimeout:
+            item.payload.cancel()
+            rank_zero_warn(f"[detlens] W&B media of step {item.step} took over {DRAIN_TIMEOUT_S:.0f} s to build; dropped")
+        except Exception as err:  # noqa: BLE001 - a logger failure must never stop training
+            rank_zero_warn(f"[detlens] WandbLogger failed to log media at step {item.step}: {type(err).__name__}: {err}")
+    return done
 
 
 def _log_scalars(logger: Logger, scalars: Mapping[str, float], step: int) -> None:
@@ -74,13 +154,12 @@ def _wandb_image(image: MediaImage) -> Any:
     return wandb.Image(image.pixels, caption=image.caption or None, boxes=boxes or None)
 
 
-def _log_wandb(
-    logger: WandbLogger,
+def _wandb_payload(
     images: Mapping[str, list[MediaImage]] | None,
     tables: Mapping[str, MediaTable] | None,
     scalars: Mapping[str, float] | None,
-    step: int,
-) -> None:
+) -> dict[str, Any]:
+    """Runs on the media thread: touches no run, only builds wandb media objects."""
     import wandb
 
     payload: dict[str, Any] = {}
@@ -90,9 +169,7 @@ def _log_wandb(
         rows = [[_wandb_image(c) if isinstance(c, MediaImage) else c for c in row] for row in table.rows]
         payload[key] = wandb.Table(columns=list(table.columns), data=rows)
     payload.update({k: float(v) for k, v in (scalars or {}).items()})
-    if payload:
-        # Lightning's own log_image/log_table go through log_metrics too (prefix, global step).
-        logger.log_metrics(payload, step=step)
+    return payload
 
 
 def _log_tensorboard(
