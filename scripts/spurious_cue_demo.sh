@@ -5,7 +5,10 @@
 # W&B offline) twice on the synthetic scenes, with the same seed and the same objects:
 #   clean: training objects without cue (spurious_cue=0);
 #   cue:   90% of training objects also carry a small class-specific mark placed off the
-#          object (spurious_cue=0.9) -- a shortcut to the class.
+#          object (spurious_cue=0.9) -- a shortcut to the class. CUE_PLACEMENT=beside
+#          (default) puts each mark next to its own object, where the features a detector
+#          classifies a box from can see it; "anywhere" scatters marks over the image, which
+#          a detector cannot tie to an object (the previous demo: no model used them).
 # Both runs validate and probe on the SAME validation images, in which objects carry their
 # mark with probability PROBE_CUE (default 0.9; the generator draws objects and marks from
 # separate streams, so both runs' images are identical bytes). The two focus records then
@@ -37,12 +40,13 @@ MIN_ENERGY_IN_BOX=${MIN_ENERGY_IN_BOX:-0.3}
 DETLENS=${DETLENS:-.venv/bin/detlens}
 PROBE_CUE=${PROBE_CUE:-0.9}
 OBJECT_COLOURS=${OBJECT_COLOURS:-class}
+CUE_PLACEMENT=${CUE_PLACEMENT:-beside}
 MAX_EPOCHS=${MAX_EPOCHS:-2}  # the demo config's
-DATA=${DATA:-data}  # scenes are generated on first use under $DATA/synthetic_<colours>_{clean,cue}_probe<PROBE_CUE>
+DATA=${DATA:-data}  # scenes are generated on first use under $DATA/synthetic_<colours>_<placement>_{clean,cue}_probe<PROBE_CUE>
 PYTHON=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT/clean" "$OUT/cue" "$OUT/seed_control"
-SCENES="$DATA/synthetic_${OBJECT_COLOURS}_clean_probe$PROBE_CUE"
-CUE_SCENES="$DATA/synthetic_${OBJECT_COLOURS}_cue_probe$PROBE_CUE"
+SCENES="$DATA/synthetic_${OBJECT_COLOURS}_${CUE_PLACEMENT}_clean_probe$PROBE_CUE"
+CUE_SCENES="$DATA/synthetic_${OBJECT_COLOURS}_${CUE_PLACEMENT}_cue_probe$PROBE_CUE"
 
 newest_run() {  # the newest offline W&B run folder under $1
   find "$1/wandb" -maxdepth 1 -type d -name 'offline-run-*' | sort | tail -n 1
@@ -63,7 +67,7 @@ train() {  # name, extra args...
 if [[ -z "${SKIP_TRAINING:-}" ]]; then
   : > "$OUT/timings.txt"
   common=(--data.init_args.spurious_cue_val="$PROBE_CUE" --data.init_args.object_colours="$OBJECT_COLOURS"
-          --trainer.max_epochs="$MAX_EPOCHS")
+          --data.init_args.cue_placement="$CUE_PLACEMENT" --trainer.max_epochs="$MAX_EPOCHS")
   train clean --data.init_args.spurious_cue=0.0 --data.init_args.root="$SCENES" "${common[@]}"
   train cue --data.init_args.spurious_cue=0.9 --data.init_args.root="$CUE_SCENES" "${common[@]}"
   train seed_control --seed_everything=1 --data.init_args.spurious_cue=0.0 --data.init_args.root="$SCENES" "${common[@]}"

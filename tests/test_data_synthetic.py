@@ -90,6 +90,31 @@ def test_every_object_gets_a_cue_with_p1_placed_off_every_object(scenes_with_cue
         assert coco["info"]["cue_stats"]["cues_without_room"] == 0
 
 
+def test_cues_placed_beside_touch_their_own_object_and_no_other(tmp_path: Path) -> None:
+    from detlens.data.scenes import CUE_BESIDE_GAP_PX
+
+    root = generate(tmp_path / "beside", spurious_cue=1.0, cue_placement="beside", image_size=128)
+    coco = annotations(root)
+    assert coco["info"]["detlens_synthetic"]["cue_placement"] == "beside"
+    placed = 0
+    for ann in coco["annotations"]:
+        cue = ann["cue_bbox"]
+        if cue is None:  # no free spot next to this object: recorded, never drawn elsewhere
+            continue
+        placed += 1
+        x, y, w, h = ann["bbox"]
+        gap_x = max(x - (cue[0] + cue[2]), cue[0] - (x + w), 0)
+        gap_y = max(y - (cue[1] + cue[3]), cue[1] - (y + h), 0)
+        assert max(gap_x, gap_y) <= CUE_BESIDE_GAP_PX + 1
+        assert not any(boxes_overlap(cue, a["bbox"]) for a in coco["annotations"] if a["image_id"] == ann["image_id"])
+    assert placed >= 0.8 * len(coco["annotations"])
+    # The objects are the same bytes-for-bytes draws as with cues anywhere: only the marks move.
+    anywhere = annotations(generate(tmp_path / "anywhere", spurious_cue=1.0, image_size=128))
+    assert [a["bbox"] for a in anywhere["annotations"]] == [a["bbox"] for a in coco["annotations"]]
+    with pytest.raises(ValueError, match="cue_placement must be one of"):
+        synthetic_params(10, 4, cue_placement="inside")
+
+
 def test_no_cue_with_p0(scenes_without_cues: Path) -> None:
     anns = annotations(scenes_without_cues)["annotations"]
 

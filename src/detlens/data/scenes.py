@@ -35,6 +35,7 @@ _MAX_PAIR_IOU = 0.1
 _MAX_PAIR_COVER = 0.25  # intersection over the smaller box: no object hides under another
 _PLACEMENT_TRIES = 50
 _CUE_MARGIN_PX = 2
+CUE_BESIDE_GAP_PX = 6  # "beside": the patch's nearest edge is at most this far from its object's box
 _SUBPIXEL_BITS = 4  # cv2 fixed-point drawing: coordinates in 1/16 px
 
 
@@ -56,11 +57,14 @@ def draw_scene(
     image_size: int,
     cue_probability: float,
     class_colours: bool = True,
+    cue_beside: bool = False,
 ) -> tuple[np.ndarray, list[SceneObject]]:
     """Draws one scene. Returns ``uint8[S, S, 3]`` RGB and its objects (cue boxes filled in).
 
     ``class_colours=False`` gives every object a random hue (the same number of draws, so
     the scene is otherwise identical): then only the shape, or a cue, tells the class.
+    ``cue_beside=True`` puts each cue patch next to its own object's box (within
+    ``CUE_BESIDE_GAP_PX`` of it) instead of anywhere free.
     """
     canvas = _background(scene_rng, image_size)
     objects = _place_objects(scene_rng, image_size)
@@ -69,7 +73,7 @@ def draw_scene(
     # Drawn from the scene stream before cues so it is identical with and without cues.
     sigma = scene_rng.uniform(3.0, 10.0)
     noise = scene_rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(sigma)
-    objects = _draw_cues(canvas, objects, cue_rng, image_size, cue_probability)
+    objects = _draw_cues(canvas, objects, cue_rng, image_size, cue_probability, cue_beside)
     image = np.clip(canvas + noise, 0, 255).astype(np.uint8)
     return image, objects
 
@@ -203,8 +207,10 @@ def _draw_cues(
     rng: np.random.Generator,
     size: int,
     probability: float,
+    beside: bool = False,
 ) -> list[SceneObject]:
-    """With ``probability`` per object, draws its class's cue patch where no object box lies."""
+    """With ``probability`` per object, draws its class's cue patch where no object box lies
+    (``beside``: within ``CUE_BESIDE_GAP_PX`` of the object's own box)."""
     occupied = np.zeros((size, size), np.uint8)
     for obj in objects:
         x1, y1, x2, y2 = obj.box
@@ -217,7 +223,7 @@ def _draw_cues(
         cue_box = None
         if wants_cue:
             while cue_box is None and side >= 6:
-                cue_box = _free_square(occupied, side, rng)
+                cue_box = _free_square(occupied, side, rng, near=obj.box if beside else None)
                 side = round(side * 0.75)
         if cue_box is not None:
             x, y, w, h = cue_box
@@ -228,8 +234,14 @@ def _draw_cues(
     return result
 
 
-def _free_square(occupied: np.ndarray, side: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
-    """A uniformly random ``side``-px square over free pixels, or ``None`` if there is none."""
+def _free_square(
+    occupied: np.ndarray, side: int, rng: np.random.Generator, near: tuple[float, ...] | None = None
+) -> tuple[int, int, int, int] | None:
+    """A uniformly random ``side``-px square over free pixels, or ``None`` if there is none.
+
+    ``near`` (an ``(x1, y1, x2, y2)`` box): only squares whose gap to that box is at most
+    ``CUE_BESIDE_GAP_PX`` on both axes (they touch its margin ring).
+    """
     size = occupied.shape[0]
     if side > size:
         return None
@@ -237,7 +249,16 @@ def _free_square(occupied: np.ndarray, side: int, rng: np.random.Generator) -> t
     window = (
         integral[side:, side:] - integral[:-side, side:] - integral[side:, :-side] + integral[:-side, :-side]
     )
-    ys, xs = np.nonzero(window == 0)
+    free = window == 0
+    if near is not None:
+        # Top-left corners (x, y) of squares [x, x + side) whose gap to the box is small.
+        x1, y1, x2, y2 = near
+        gap = CUE_BESIDE_GAP_PX
+        corners = np.arange(free.shape[0])
+        ok_y = (corners + side >= y1 - gap) & (corners <= y2 + gap)
+        ok_x = (corners + side >= x1 - gap) & (corners <= x2 + gap)
+        free &= ok_y[:, None] & ok_x[None, :]
+    ys, xs = np.nonzero(free)
     if len(xs) == 0:
         return None
     pick = int(rng.integers(len(xs)))

@@ -8,7 +8,8 @@ Layout under ``root`` (read back by :class:`detlens.data.CocoDetectionDataset`):
 
 Four classes (circle, square, triangle, cross), each with its own shape and hue (jittered),
 on textured backgrounds. With ``spurious_cue=p`` each object's class is, with probability
-``p``, also signalled by a small class-specific patch placed off every object box (its
+``p``, also signalled by a small class-specific patch placed off every object box,
+anywhere in the image or (``cue_placement="beside"``) next to its own object (its
 ``cue_bbox`` is recorded on the annotation) — a shortcut a detector may learn instead of
 the object.
 
@@ -45,6 +46,7 @@ TRAIN_ANN = "annotations/instances_train.json"
 VAL_ANN = "annotations/instances_val.json"
 _SPLITS = ("train", "val")
 OBJECT_COLOURS = ("class", "random")
+CUE_PLACEMENTS = ("anywhere", "beside")
 _MIN_IMAGE_SIZE = 64
 
 
@@ -56,11 +58,12 @@ def synthetic_params(
     spurious_cue: float = 0.0,
     spurious_cue_val: float | None = None,
     object_colours: str = "class",
+    cue_placement: str = "anywhere",
 ) -> dict[str, Any]:
     """Validated generator parameters, as stored in the manifest and the COCO ``info`` block.
 
-    ``object_colours`` is stored only when not ``"class"``, so folders generated before the
-    option existed still match their parameters.
+    ``object_colours`` and ``cue_placement`` are stored only when not at their defaults,
+    so folders generated before the options existed still match their parameters.
     """
     if not isinstance(num_train, int) or not isinstance(num_val, int) or num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be non-negative integers, got {num_train!r}, {num_val!r}")
@@ -74,6 +77,8 @@ def synthetic_params(
             raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
     if object_colours not in OBJECT_COLOURS:
         raise ValueError(f"object_colours must be one of {list(OBJECT_COLOURS)}, got {object_colours!r}")
+    if cue_placement not in CUE_PLACEMENTS:
+        raise ValueError(f"cue_placement must be one of {list(CUE_PLACEMENTS)}, got {cue_placement!r}")
     params = {
         "generator": "detlens.data.synthetic",
         "version": GENERATOR_VERSION,
@@ -87,6 +92,8 @@ def synthetic_params(
     }
     if object_colours != "class":
         params["object_colours"] = object_colours
+    if cue_placement != "anywhere":
+        params["cue_placement"] = cue_placement
     return params
 
 
@@ -99,6 +106,7 @@ def generate_synthetic_scenes(
     spurious_cue: float = 0.0,
     spurious_cue_val: float | None = None,
     object_colours: str = "class",
+    cue_placement: str = "anywhere",
     *,
     overwrite: bool = False,
     progress: bool = True,
@@ -119,6 +127,11 @@ def generate_synthetic_scenes(
         object_colours: ``"class"``: each class has its own hue (jittered), so colour
             alone gives the class away; ``"random"``: every object gets a random hue, so
             only its shape (or a spurious cue) tells the class.
+        cue_placement: ``"anywhere"``: each cue patch lies at a random free spot of the
+            image, so in a scene with several objects it says which classes are present but
+            not where; ``"beside"``: it touches its own object's box (a few pixels off it),
+            inside the receptive field of that object's features, so a detector can use
+            it as a shortcut for the object's class.
         overwrite: replace a dataset generated with different parameters. Without it, a
             mismatch is an error: a dataset is never silently reused or destroyed.
         progress: show a rich progress bar.
@@ -131,7 +144,9 @@ def generate_synthetic_scenes(
         DatasetError: ``root`` holds something else, or another process held the lock too long.
         ValueError: invalid parameters.
     """
-    params = synthetic_params(num_train, num_val, image_size, seed, spurious_cue, spurious_cue_val, object_colours)
+    params = synthetic_params(
+        num_train, num_val, image_size, seed, spurious_cue, spurious_cue_val, object_colours, cue_placement
+    )
     root = Path(root)
     if manifest_matches(root, params):
         return root
@@ -294,7 +309,9 @@ def _write_dataset(folder: Path, params: dict[str, Any], *, progress: bool) -> N
         scene_rng = np.random.default_rng(np.random.SeedSequence(params["seed"], spawn_key=(split_key, index, 0)))
         cue_rng = np.random.default_rng(np.random.SeedSequence(params["seed"], spawn_key=(split_key, index, 1)))
         image, objects = draw_scene(
-            scene_rng, cue_rng, params["image_size"], cue_p[split], class_colours=params.get("object_colours", "class") == "class"
+            scene_rng, cue_rng, params["image_size"], cue_p[split],
+            class_colours=params.get("object_colours", "class") == "class",
+            cue_beside=params.get("cue_placement", "anywhere") == "beside",
         )
         file_name = f"{image_id:06d}.png"
         if not cv2.imwrite(str(folder / split / file_name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
