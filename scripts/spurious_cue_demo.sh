@@ -35,6 +35,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-runs/spurious_cue}
 CONFIG=${CONFIG:-configs/fasterrcnn_synthetic.yaml}
+OVERLAY=${OVERLAY:-configs/spurious_cue.yaml}  # Grad-CAM at backbone.body.layer3 (see the file)
 MAX_DRIFT=${MAX_DRIFT:-0.5}
 MIN_ENERGY_IN_BOX=${MIN_ENERGY_IN_BOX:-0.3}
 DETLENS=${DETLENS:-.venv/bin/detlens}
@@ -56,7 +57,7 @@ train() {  # name, extra args...
   local name=$1; shift
   local start=$SECONDS
   echo "== training '$name' ($CONFIG $*)"
-  "$DETLENS" fit --config "$CONFIG" \
+  "$DETLENS" fit --config "$CONFIG" --config "$OVERLAY" \
     --trainer.logger.init_args.name="spurious-cue-$name" \
     --trainer.logger.init_args.save_dir="$OUT/$name" \
     --trainer.default_root_dir="$OUT/$name" \

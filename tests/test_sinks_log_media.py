@@ -13,7 +13,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from wandb_utils import image_events, newest_offline_run
 
 from detlens.render.boxes import draw_boxes, wandb_boxes
-from detlens.sinks import MediaImage, MediaTable, flush_media, log_media
+from detlens.sinks import Media, MediaImage, MediaTable, flush_media, log_media, log_media_later
 from detlens.sinks import fanout
 
 
@@ -69,7 +69,8 @@ def test_wandb_gets_box_overlays_tables_and_scalars_and_csv_the_scalars(tmp_path
             step=7,
         )
     assert sum("BrokenLogger" in str(w.message) for w in record) == 1
-    assert flush_media() == 1  # the W&B payload was built on the media thread; logged here
+    flush_media()  # the W&B payload is built on the media thread and logged from this one
+    assert not fanout._pending
     csv_logger.save()
     wandb.finish()
 
@@ -107,7 +108,7 @@ def test_wandb_media_are_logged_in_order_with_their_steps_and_the_queue_stays_bo
     run = newest_offline_run(tmp_path)
     steps = list(range(3 * fanout.MAX_PENDING))
     assert [e.global_step for e in image_events(run, "predictions/probe")] == steps
-    assert run.history_of("s") == [(s, float(s)) for s in steps]
+    assert [(row["trainer/global_step"], row["s"]) for row in run.history if "s" in row] == [(s, float(s)) for s in steps]
 
 
 def test_a_wandb_logger_failing_at_flush_time_costs_a_warning(tmp_path, finish_wandb):
@@ -115,8 +116,49 @@ def test_a_wandb_logger_failing_at_flush_time_costs_a_warning(tmp_path, finish_w
                          enable_progress_bar=False)
     log_media(trainer, images={"k": [probe_image(0)]}, scalars={"s": 1.0}, step=5)
     with pytest.warns(UserWarning, match="WandbLogger failed to log media at step 5: ConnectionError: wandb service"):
-        assert flush_media() == 1
+        flush_media()
     assert not fanout._pending
+
+
+def test_media_built_later_are_built_off_the_training_thread_and_followed_up_on_it(tmp_path, finish_wandb):
+    import threading
+
+    csv_logger = CSVLogger(tmp_path / "csv", name="run")
+    trainer = pl.Trainer(logger=[WandbLogger(offline=True, save_dir=tmp_path), csv_logger], accelerator="cpu",
+                         enable_progress_bar=False)
+    threads: dict[str, threading.Thread] = {}
+
+    def build() -> Media:
+        threads["build"] = threading.current_thread()
+        return Media(images={"plot": [probe_image(3)]}, scalars={"score": 0.5}, extra="record me")
+
+    def then(media: Media) -> None:
+        threads["then"] = threading.current_thread()
+        assert media.extra == "record me"
+
+    def broken() -> Media:
+        raise ValueError("t-SNE diverged")
+
+    with pytest.warns(UserWarning, match="building the media of step 4 failed: ValueError: t-SNE diverged"):
+        log_media_later(trainer, build, step=3, then=then)
+        log_media_later(trainer, broken, step=4)
+        flush_media()
+    assert not fanout._pending
+    assert threads["build"] is not threading.main_thread() and threads["then"] is threading.main_thread()
+    csv_logger.save()
+    wandb.finish()
+    run = newest_offline_run(tmp_path)
+    assert [e.global_step for e in image_events(run, "plot")] == [3]
+    assert [(row["trainer/global_step"], row["score"]) for row in run.history if "score" in row] == [(3, 0.5)]
+    with open(csv_logger.experiment.metrics_file_path) as f:  # the other loggers get it at flush time too
+        assert [row["score"] for row in csv.DictReader(f)] == ["0.5"]
+
+
+def test_media_built_later_without_wandb_are_built_at_once():
+    trainer = pl.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False)
+    seen = []
+    log_media_later(trainer, lambda: Media(scalars={"s": 1.0}, extra=7), step=0, then=lambda m: seen.append(m.extra))
+    assert seen == [7] and not fanout._pending
 
 
 def test_no_loggers_is_a_no_op():

@@ -47,7 +47,7 @@ from detlens.explainers.attention import AttentionUnavailableWarning, EntropyMon
 from detlens.explainers.entropy import CollapseDetector, entropy_metrics
 from detlens.explainers.modules import named_modules
 from detlens.render.attention import entropy_heatmap
-from detlens.sinks import MediaImage, log_media
+from detlens.sinks import Media, MediaImage, log_media, log_media_later
 
 __all__ = ["AttentionEntropyCallback"]
 
@@ -254,10 +254,15 @@ class AttentionEntropyCallback(ProbeCallback):
         scalars = entropy_metrics(entropies, prefix=self.key("entropy_probe"))
         if self.every_n_train_steps is None:
             scalars.update(self._watch_collapse(trainer, step, entropies))
-        heatmap = entropy_heatmap(entropies, title=f"attention entropy · probe set ({len(results)} images) · step {step}")
+        title = f"attention entropy · probe set ({len(results)} images) · step {step}"
         caption = f"probe set, {len(results)} images · step {step}"
-        log_media(trainer, images={self.key("entropy_heatmap"): [MediaImage(heatmap, caption=caption)]},
-                  scalars=scalars, step=step)
+        key = self.key("entropy_heatmap")
+
+        def build() -> Media:  # on detlens' media thread: the matplotlib heatmap (~0.25 s)
+            return Media(images={key: [MediaImage(entropy_heatmap(entropies, title=title), caption=caption)]},
+                         scalars=scalars)
+
+        log_media_later(trainer, build, step=step)
         record_entropy(self, trainer, entropies, origin="probe", step=step)  # detlens focus record
 
     # ------------------------------------------------------------------ helpers (rank 0)

@@ -42,7 +42,7 @@ from detlens.explainers.rollout import (
 )
 from detlens.explainers.modules import named_modules
 from detlens.render.attention import overlay_attention
-from detlens.sinks import MediaImage, log_media
+from detlens.sinks import Media, MediaImage, log_media_later
 
 __all__ = ["AttentionMapCallback", "AttentionMapResult", "MapKind", "no_attention_error"]
 
@@ -337,29 +337,41 @@ class AttentionMapCallback(ProbeCallback):
     # ------------------------------------------------------------------ log (rank 0)
     def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
         class_names = _class_names(trainer, pl_module)
-        panels: dict[str, list[MediaImage]] = {}
+        probes = []
         for result in results:
-            value: AttentionMapResult = result.value
             image, target = self.probe_item(result.index)
-            head, _, step = self.caption(trainer, result.index, target).rpartition(" · ")
-            for key, maps in value.detection_maps.items():
-                for j in range(min(len(maps), len(value.boxes))):
-                    label, score = int(value.labels[j]), float(value.scores[j])
-                    name = (class_names or {}).get(label, f"class {label}")
-                    pixels = overlay_attention(image, maps[j], value.boxes[j].tolist(), label=label, score=score,
-                                               class_names=class_names)
-                    detail = f"det {j} {name} {score:.2f}"
-                    if key.startswith(("encoder/", "spatial/")):
-                        detail += " (from its box centre)"
-                    panels.setdefault(self.key(key), []).append(MediaImage(pixels, caption=f"{head} · {detail} · {step}"))
-            for key, maps in value.point_maps.items():
-                for j in range(min(len(maps), len(value.points))):
-                    x, y = (float(v) for v in value.points[j])
-                    pixels = overlay_attention(image, maps[j], _marker(x, y, image.shape[-2:]))
-                    detail = f"from point ({x:.0f}, {y:.0f})"
-                    panels.setdefault(self.key(key), []).append(MediaImage(pixels, caption=f"{head} · {detail} · {step}"))
-        if panels:
-            log_media(trainer, images=panels, step=trainer.global_step)
+            head, _, step_text = self.caption(trainer, result.index, target).rpartition(" · ")
+            probes.append((result.value, image, head, step_text))
+        if not any(value.detection_maps or value.point_maps for value, *_ in probes):
+            return
+        key_of = self.key
+
+        def build() -> Media:  # on detlens' media thread: one overlay per map
+            panels: dict[str, list[MediaImage]] = {}
+            for value, image, head, step_text in probes:
+                for key, maps in value.detection_maps.items():
+                    for j in range(min(len(maps), len(value.boxes))):
+                        label, score = int(value.labels[j]), float(value.scores[j])
+                        name = (class_names or {}).get(label, f"class {label}")
+                        pixels = overlay_attention(image, maps[j], value.boxes[j].tolist(), label=label, score=score,
+                                                   class_names=class_names)
+                        detail = f"det {j} {name} {score:.2f}"
+                        if key.startswith(("encoder/", "spatial/")):
+                            detail += " (from its box centre)"
+                        panels.setdefault(key_of(key), []).append(
+                            MediaImage(pixels, caption=f"{head} · {detail} · {step_text}")
+                        )
+                for key, maps in value.point_maps.items():
+                    for j in range(min(len(maps), len(value.points))):
+                        x, y = (float(v) for v in value.points[j])
+                        pixels = overlay_attention(image, maps[j], _marker(x, y, image.shape[-2:]))
+                        detail = f"from point ({x:.0f}, {y:.0f})"
+                        panels.setdefault(key_of(key), []).append(
+                            MediaImage(pixels, caption=f"{head} · {detail} · {step_text}")
+                        )
+            return Media(images=panels)
+
+        log_media_later(trainer, build, step=trainer.global_step)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from detlens.callbacks.focus import record_embedding
 from detlens.explainers.box_features import BoxFeatureSet, ImageBoxFeatures, concat_box_features, extract_box_features
 from detlens.explainers.embeddings import METHODS, EmbeddingSummary, embed
 from detlens.render.scatter import box_thumbnail, render_scatter
-from detlens.sinks import MediaImage, MediaTable, log_media
+from detlens.sinks import Media, MediaImage, MediaTable, log_media, log_media_later
 
 __all__ = ["BoxEmbeddingCallback", "TABLE_COLUMNS", "WANDB_MAX_TABLE_ROWS"]
 
@@ -154,57 +154,69 @@ class BoxEmbeddingCallback(ProbeCallback):
 
     # ------------------------------------------------------------------ rank 0
     def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
-        step = trainer.global_step
+        step, epoch = trainer.global_step, trainer.current_epoch
         detections = concat_box_features([r.value for r in results], sources=[r.index for r in results])
         counts = detections.counts()
         scalars = {self.key(k): float(v) for k, v in counts.items()}
         if not len(detections):
             log_media(trainer, scalars=scalars, step=step)
             return
-        strata = [f"{int(label)}/{outcome}" for label, outcome in zip(detections.labels.tolist(), detections.outcome)]
-        summary = embed(
-            detections.features, detections.labels, method=self.method, seed=self.seed, max_rows=self.max_rows,
-            stratify_by=strata, perplexity=self.perplexity, n_jobs=self.n_jobs,
-        )
-        scalars.update(summary.scalars(self.log_key))
         class_names = _class_names(trainer, pl_module)
-        rows = summary.indices.tolist()
-        scatter = render_scatter(
-            summary.projection.coords,
-            detections.labels[rows],
-            outcomes=[detections.outcome[r] for r in rows],
-            class_names=class_names,
-            method=summary.projection.method,
-            trustworthiness=summary.projection.trustworthiness,
-            silhouette=summary.silhouette_2d,
-            subtitle=f"{summary.description} from {len(results)} probe images · step {step}"
-            + (f" · {summary.projection.note}" if summary.projection.note else ""),
-        )
-        caption = f"{summary.projection.method} of {len(rows):,} detections · step {step}"
-        log_media(
-            trainer,
-            images={self.key("scatter"): [MediaImage(pixels=scatter, caption=caption)]},
-            tables={self.key("table"): self._table(detections, summary, class_names)},
-            scalars=scalars,
-            step=step,
-        )
-        # detlens focus record (detlens.callbacks.focus): the projection, for `detlens report|compare`.
-        record_embedding(
-            self, trainer, coords=summary.projection.coords, labels=detections.labels[rows],
-            outcomes=[detections.outcome[r] for r in rows], probe_index=detections.source[rows],
-            method=summary.projection.method, trustworthiness=summary.projection.trustworthiness,
-            silhouette=summary.silhouette_2d, class_names=class_names,
+        # Probe images for the thumbnails are read here; the projection, the plot and the
+        # table are built on detlens' media thread (t-SNE: ~0.5 s for 100 points).
+        images = (
+            {s: self.probe_item(s)[0] for s in sorted({int(v) for v in detections.source.tolist()})}
+            if self.thumbnail_size else {}
         )
 
+        def build() -> Media:
+            strata = [f"{int(label)}/{outcome}" for label, outcome in zip(detections.labels.tolist(), detections.outcome)]
+            summary = embed(
+                detections.features, detections.labels, method=self.method, seed=self.seed, max_rows=self.max_rows,
+                stratify_by=strata, perplexity=self.perplexity, n_jobs=self.n_jobs,
+            )
+            rows = summary.indices.tolist()
+            scatter = render_scatter(
+                summary.projection.coords,
+                detections.labels[rows],
+                outcomes=[detections.outcome[r] for r in rows],
+                class_names=class_names,
+                method=summary.projection.method,
+                trustworthiness=summary.projection.trustworthiness,
+                silhouette=summary.silhouette_2d,
+                subtitle=f"{summary.description} from {len(results)} probe images · step {step}"
+                + (f" · {summary.projection.note}" if summary.projection.note else ""),
+            )
+            caption = f"{summary.projection.method} of {len(rows):,} detections · step {step}"
+            return Media(
+                images={self.key("scatter"): [MediaImage(pixels=scatter, caption=caption)]},
+                tables={self.key("table"): self._table(detections, summary, class_names, images)},
+                scalars={**scalars, **summary.scalars(self.log_key)},
+                extra=summary,
+            )
+
+        def then(media: Media) -> None:
+            # detlens focus record (detlens.callbacks.focus): the projection, for `detlens report|compare`.
+            summary: EmbeddingSummary = media.extra
+            rows = summary.indices.tolist()
+            record_embedding(
+                self, trainer, coords=summary.projection.coords, labels=detections.labels[rows],
+                outcomes=[detections.outcome[r] for r in rows], probe_index=detections.source[rows],
+                method=summary.projection.method, trustworthiness=summary.projection.trustworthiness,
+                silhouette=summary.silhouette_2d, class_names=class_names, step=step, epoch=epoch,
+            )
+
+        log_media_later(trainer, build, step=step, then=then)
+
     def _table(
-        self, detections: BoxFeatureSet, summary: EmbeddingSummary, class_names: dict[int, str] | None
+        self,
+        detections: BoxFeatureSet,
+        summary: EmbeddingSummary,
+        class_names: dict[int, str] | None,
+        images: dict[int, Tensor],
     ) -> MediaTable:
         columns = [c for c in TABLE_COLUMNS if (c != "thumbnail" or self.thumbnail_size) and (c != "embedding" or self.log_embedding)]
         rows = summary.indices.tolist()
-        images: dict[int, Tensor] = {}
-        if self.thumbnail_size:
-            for source in sorted({int(detections.source[r]) for r in rows}):
-                images[source] = self.probe_item(source)[0]
         coords = summary.projection.coords.tolist()
         table = MediaTable(columns=columns)
         for row, (x, y) in zip(rows, coords):

@@ -169,14 +169,19 @@ def record_embedding(
     trustworthiness: float | None = None,
     silhouette: float | None = None,
     class_names: Mapping[int, str] | None = None,
+    step: int | None = None,
+    epoch: int | None = None,
 ) -> EmbeddingPoint:
     """Records a 2-D projection of the probe detections (``BoxEmbeddingCallback``): ``coords [N, 2]``,
-    ``labels [N]``, ``outcomes`` (``"tp"`` or FP kind), ``probe_index [N]``."""
+    ``labels [N]``, ``outcomes`` (``"tp"`` or FP kind), ``probe_index [N]``; ``step`` and
+    ``epoch`` default to the trainer's current ones (give them when recording later)."""
 
     def arr(x: Any, dtype: Any) -> np.ndarray:
         return np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype)
 
-    point = EmbeddingPoint(callback.log_key, int(trainer.global_step), int(trainer.current_epoch), method,
+    step = int(trainer.global_step if step is None else step)
+    epoch = int(trainer.current_epoch if epoch is None else epoch)
+    point = EmbeddingPoint(callback.log_key, step, epoch, method,
                            arr(coords, np.float32).reshape(-1, 2), arr(labels, np.int64).reshape(-1), [str(o) for o in outcomes],
                            arr(probe_index, np.int64).reshape(-1), trustworthiness, silhouette, dict(class_names or {}))
     _emit(trainer, point)

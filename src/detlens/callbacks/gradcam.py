@@ -18,7 +18,7 @@ from detlens.explainers.drise import MAX_MASKS
 from detlens.explainers.gradcam import Target
 from detlens.explainers.scale import FixedScale, display_maps
 from detlens.render.heatmap import merge_maps, overlay_heatmap
-from detlens.sinks import MediaImage, log_media
+from detlens.sinks import Media, MediaImage, log_media_later
 
 __all__ = ["GradCAMCallback", "ProbeMaps"]
 
@@ -189,15 +189,20 @@ class GradCAMCallback(ProbeCallback):
 
     def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
         class_names = _class_names(trainer, pl_module)
-        media: list[MediaImage] = []
+        step = trainer.global_step
+        probes = []
         for result in results:
-            maps: ProbeMaps = result.value
             image, target = self.probe_item(result.index)
-            heat = merge_maps(display_maps(maps.raw))
-            media.append(
+            probes.append((result.value, image, target, self.caption(trainer, result.index, target)))
+        scalars = self._scalars(results, class_names, step)
+        key, alpha, colormap = self.key("probe"), self.alpha, self.colormap
+
+        def build() -> Media:  # on detlens' media thread: the overlays
+            media = [
                 MediaImage(
-                    pixels=overlay_heatmap(_to_uint8_hwc(image), heat, alpha=self.alpha, colormap=self.colormap),
-                    caption=self.caption(trainer, result.index, target),
+                    pixels=overlay_heatmap(_to_uint8_hwc(image), merge_maps(display_maps(maps.raw)), alpha=alpha,
+                                           colormap=colormap),
+                    caption=caption,
                     gt_boxes=target["boxes"].numpy() if "boxes" in target else None,
                     gt_labels=target["labels"].numpy() if "labels" in target else None,
                     pred_boxes=maps.boxes.numpy(),
@@ -205,13 +210,11 @@ class GradCAMCallback(ProbeCallback):
                     pred_scores=maps.scores.numpy(),
                     class_names=class_names,
                 )
-            )
-        log_media(
-            trainer,
-            images={self.key("probe"): media},
-            scalars=self._scalars(results, class_names, trainer.global_step),
-            step=trainer.global_step,
-        )
+                for maps, image, target, caption in probes
+            ]
+            return Media(images={key: media}, scalars=scalars)
+
+        log_media_later(trainer, build, step=step)
         # detlens focus record (detlens.callbacks.focus): this point's maps, detections and metrics.
         record_map_point(self, trainer, results, method=self.method, layer=self._layer_in_use, class_names=class_names)
 

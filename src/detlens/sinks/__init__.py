@@ -5,11 +5,12 @@
 ``wandb_offline.read_offline_run`` reads a run back from disk.
 """
 
-from detlens.sinks.fanout import flush_media, log_media
+from detlens.sinks.fanout import Media, flush_media, log_media, log_media_later
 from detlens.sinks.media import MediaImage, MediaTable
 from detlens.sinks.wandb_offline import OfflineRun, OfflineRunError, find_offline_runs, read_offline_run
 
 __all__ = [
+    "Media",
     "MediaImage",
     "MediaTable",
     "OfflineRun",
@@ -17,5 +18,6 @@ __all__ = [
     "find_offline_runs",
     "flush_media",
     "log_media",
+    "log_media_later",
     "read_offline_run",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from detlens.sinks.media import MediaImage, MediaTable
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-__all__ = ["MAX_PENDING", "flush_media", "log_media"]
+__all__ = ["MAX_PENDING", "Media", "flush_media", "log_media", "log_media_later"]
 
 MAX_PENDING = 4
 """Logging events whose W&B payload may be waiting to be logged before ``log_media`` blocks."""
@@ -44,10 +44,22 @@ DRAIN_TIMEOUT_S = 120.0
 
 
 @dataclass
+class Media:
+    """What one logging event logs; ``extra`` is handed to the ``then`` of :func:`log_media_later`."""
+
+    images: Mapping[str, list[MediaImage]] | None = None
+    tables: Mapping[str, MediaTable] | None = None
+    scalars: Mapping[str, float] | None = None
+    extra: Any = None
+
+
+@dataclass
 class _Pending:
-    logger: WandbLogger
-    payload: Future  # Future[dict[str, Any]]
+    wandb_loggers: list[WandbLogger]
+    other_loggers: list[Logger]  # fed at flush time (log_media_later only; log_media feeds them at once)
+    result: Future  # Future[tuple[Media, dict[str, Any]]]
     step: int
+    then: Callable[[Media], None] | None
 
 
 _pending: deque[_Pending] = deque()
@@ -86,19 +98,74 @@ def log_media(
     logger (``CSVLogger``, MLflow, ...) gets the scalars only. The arrays in ``images``
     and ``tables`` must not be changed after the call.
     """
-    for logger in trainer.loggers:
+    media = Media(images, tables, scalars)
+    wandb_loggers, others = _split(trainer)
+    _fan_out(others, media, step)
+    if wandb_loggers and (images or tables or scalars):
+        _enqueue(wandb_loggers, [], lambda: media, step, None)
+
+
+def log_media_later(
+    trainer: pl.Trainer,
+    build: Callable[[], Media],
+    *,
+    step: int,
+    then: Callable[[Media], None] | None = None,
+) -> None:
+    """Like :func:`log_media`, but what is logged comes from ``build()``, run on the media thread.
+
+    For work between the model's outputs and the pixels (projections, plots, tables):
+    ``build`` must not touch the model, the trainer or a global RNG, and must not return
+    arrays anything else changes. ``then(media)`` runs on the training thread once the
+    media are logged (e.g. to write a record from ``media.extra``). Without a W&B logger
+    both run at once, on this thread. An exception in ``build`` or ``then`` is a warning.
+    """
+    wandb_loggers, others = _split(trainer)
+    if wandb_loggers:
+        _enqueue(wandb_loggers, others, build, step, then)
+        return
+    try:
+        media = build()
+        _fan_out(others, media, step)
+        if then is not None:
+            then(media)
+    except Exception as err:  # noqa: BLE001 - logging must never stop training
+        rank_zero_warn(f"[detlens] building the media of step {step} failed: {type(err).__name__}: {err}")
+
+
+def _split(trainer: pl.Trainer) -> tuple[list[WandbLogger], list[Logger]]:
+    loggers = list(trainer.loggers)
+    return [lg for lg in loggers if isinstance(lg, WandbLogger)], [lg for lg in loggers if not isinstance(lg, WandbLogger)]
+
+
+def _fan_out(loggers: list[Logger], media: Media, step: int) -> None:
+    """The loggers that are written on this thread (TensorBoard, CSV, ...)."""
+    for logger in loggers:
         try:
-            if isinstance(logger, WandbLogger):
-                if images or tables or scalars:
-                    with _lock:
-                        future = _worker().submit(_wandb_payload, images, tables, scalars)
-                        _pending.append(_Pending(logger, future, step))
-            elif isinstance(logger, TensorBoardLogger):
-                _log_tensorboard(logger, images, tables, scalars, step)
-            elif scalars:
-                _log_scalars(logger, scalars, step)
+            if isinstance(logger, TensorBoardLogger):
+                _log_tensorboard(logger, media.images, media.tables, media.scalars, step)
+            elif media.scalars:
+                _log_scalars(logger, media.scalars, step)
         except Exception as err:  # noqa: BLE001 - a logger failure must never stop training
             rank_zero_warn(f"[detlens] {type(logger).__name__} failed to log media at step {step}: {type(err).__name__}: {err}")
+
+
+def _build(build: Callable[[], Media]) -> tuple[Media, dict[str, Any]]:
+    """Runs on the media thread."""
+    media = build()
+    return media, _wandb_payload(media.images, media.tables, media.scalars)
+
+
+def _enqueue(
+    wandb_loggers: list[WandbLogger],
+    others: list[Logger],
+    build: Callable[[], Media],
+    step: int,
+    then: Callable[[Media], None] | None,
+) -> None:
+    with _lock:
+        future = _worker().submit(_build, build)
+        _pending.append(_Pending(wandb_loggers, others, future, step, then))
     flush_media(wait=False)
     while len(_pending) > MAX_PENDING:
         flush_media(wait=True, limit=1)
@@ -118,20 +185,34 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
     done = 0
     while limit is None or done < limit:
         with _lock:
-            if not _pending or not (wait or _pending[0].payload.done()):
+            if not _pending or not (wait or _pending[0].result.done()):
                 return done
             item = _pending.popleft()
         done += 1
         try:
-            payload = item.payload.result(timeout=DRAIN_TIMEOUT_S if wait else 0)
-            if payload:
-                # Lightning's own log_image/log_table go through log_metrics too (prefix, global step).
-                item.logger.log_metrics(payload, step=item.step)
+            media, payload = item.result.result(timeout=DRAIN_TIMEOUT_S if wait else 0)
         except FutureTimeout:
-            item.payload.cancel()
-            rank_zero_warn(f"[detlens] W&B media of step {item.step} took over {DRAIN_TIMEOUT_S:.0f} s to build; dropped")
-        except Exception as err:  # noqa: BLE001 - a logger failure must never stop training
-            rank_zero_warn(f"[detlens] WandbLogger failed to log media at step {item.step}: {type(err).__name__}: {err}")
+            item.result.cancel()
+            rank_zero_warn(f"[detlens] the media of step {item.step} took over {DRAIN_TIMEOUT_S:.0f} s to build; dropped")
+            continue
+        except Exception as err:  # noqa: BLE001 - logging must never stop training
+            rank_zero_warn(f"[detlens] building the media of step {item.step} failed: {type(err).__name__}: {err}")
+            continue
+        for logger in item.wandb_loggers:
+            try:
+                if payload:
+                    # Lightning's own log_image/log_table go through log_metrics too (prefix, global step).
+                    logger.log_metrics(payload, step=item.step)
+            except Exception as err:  # noqa: BLE001 - a logger failure must never stop training
+                rank_zero_warn(
+                    f"[detlens] {type(logger).__name__} failed to log media at step {item.step}: {type(err).__name__}: {err}"
+                )
+        _fan_out(item.other_loggers, media, item.step)
+        if item.then is not None:
+            try:
+                item.then(media)
+            except Exception as err:  # noqa: BLE001 - logging must never stop training
+                rank_zero_warn(f"[detlens] after logging the media of step {item.step}: {type(err).__name__}: {err}")
     return done
 
 
