@@ -201,9 +201,10 @@ def tsne_2d(
     perplexity: float = 30.0,
     pca_dims: int = 50,
     n_jobs: int = 1,
-    n_iter: int = 500,
+    n_iter: int | None = None,
     early_exaggeration_iter: int = 250,
     negative_gradient_method: Literal["auto", "fft", "bh"] = "auto",
+    polish_iter: int = 150,
     **opentsne_kwargs: Any,
 ) -> Tensor:
     """t-SNE of ``features [N, D]`` to 2-D: PCA to ``pca_dims``, then openTSNE.
@@ -226,10 +227,17 @@ def tsne_2d(
             neighbour search; ``min(pca_dims, N, D)`` in practice).
         n_jobs: threads for neighbours and gradients (``-1``: all cores). Defaults to 1
             so that explaining on rank 0 does not starve the training's data loaders.
-        n_iter: iterations after early exaggeration (openTSNE's default 500).
+        n_iter: iterations after early exaggeration; ``None``: 500 with Barnes-Hut
+            (openTSNE's default), 300 with FFT gradients (see ``polish_iter``).
         early_exaggeration_iter: early-exaggeration iterations (openTSNE's default 250).
         negative_gradient_method: ``"fft"``, ``"bh"`` or ``"auto"`` (FFT from 10,000
             points, Barnes-Hut below).
+        polish_iter: with FFT gradients, the last ``polish_iter`` of the ``n_iter``
+            iterations use Barnes-Hut (theta 0.5), whose near-field forces are exact: the
+            FFT grid settles the global layout fast, Barnes-Hut finishes the local one.
+            On 10,000 x 1,024 box features, 150 FFT + 150 Barnes-Hut iterations reached
+            a lower KL divergence (1.16) than 500 FFT iterations (1.25) and scikit-learn's
+            trustworthiness, in less time (``benchmarks/embedding_projection.py``).
         **opentsne_kwargs: further ``openTSNE.TSNE`` arguments (e.g. ``ints_in_interval``
             for the FFT grid after early exaggeration, default 2 here (openTSNE: 1; early
             exaggeration always uses 4), ``n_interpolation_points``, ``theta`` for Barnes-Hut).
@@ -254,6 +262,9 @@ def tsne_2d(
     if perplexity <= 0:
         raise ValueError(f"perplexity must be > 0, got {perplexity}")
     method = _gradient_method(negative_gradient_method, n)
+    if n_iter is None:
+        n_iter = _default_n_iter(method)
+    polish = min(max(int(polish_iter), 0), n_iter) if method == "fft" else 0
     early_grid: dict[str, Any] = {}
     if method == "fft":
         # The FFT interpolation grid sets both the cost and the accuracy of the repulsive
@@ -291,11 +302,22 @@ def tsne_2d(
         inplace=True, propagate_exception=True, **early_grid,
     )
     embedding.optimize(
-        n_iter=n_iter, exaggeration=tsne.exaggeration, momentum=tsne.final_momentum, inplace=True,
+        n_iter=n_iter - polish, exaggeration=tsne.exaggeration, momentum=tsne.final_momentum, inplace=True,
         propagate_exception=True,
     )
+    if polish:
+        embedding.optimize(
+            n_iter=polish, exaggeration=tsne.exaggeration, momentum=tsne.final_momentum, inplace=True,
+            propagate_exception=True, negative_gradient_method="bh", theta=0.5,
+        )
     # np.array copies out of TSNEEmbedding, dropping its affinity matrix and optimiser state.
     return torch.from_numpy(np.array(embedding, dtype=np.float32))
+
+
+def _default_n_iter(gradient_method: str) -> int:
+    """Iterations after early exaggeration: openTSNE's 500 for Barnes-Hut; 300 with FFT
+    gradients, the last ``polish_iter`` of them Barnes-Hut (see :func:`tsne_2d`)."""
+    return 300 if gradient_method == "fft" else 500
 
 
 def _gradient_method(method: str, n: int) -> str:
@@ -483,7 +505,7 @@ def project(
     perplexity: float = 30.0,
     pca_dims: int = 50,
     n_jobs: int = 1,
-    n_iter: int = 500,
+    n_iter: int | None = None,
     negative_gradient_method: Literal["auto", "fft", "bh"] = "auto",
     n_neighbors: int = 5,
     trustworthiness_rows: int = TRUSTWORTHINESS_ROWS,
@@ -491,7 +513,7 @@ def project(
     """Project ``features [N, D]`` to 2-D with ``method`` and measure its trustworthiness.
 
     ``"pca"``: :func:`pca_2d`. ``"tsne"``: :func:`tsne_2d` with ``perplexity``,
-    ``pca_dims``, ``n_jobs``, ``n_iter``, ``negative_gradient_method``; for fewer than :data:`MIN_TSNE_ROWS` points
+    ``pca_dims``, ``n_jobs``, ``n_iter`` (``None``: its default), ``negative_gradient_method``; for fewer than :data:`MIN_TSNE_ROWS` points
     PCA is used instead (``method="pca"`` and a ``note`` in the result). Trustworthiness
     is measured against the original ``D``-dimensional features with ``n_neighbors``,
     on at most ``trustworthiness_rows`` points.
@@ -514,12 +536,13 @@ def project(
             x, seed=seed, perplexity=perplexity, pca_dims=pca_dims, n_jobs=n_jobs, n_iter=n_iter,
             negative_gradient_method=negative_gradient_method,
         )
+        gradient = _gradient_method(negative_gradient_method, n)
         params.update(
             perplexity=min(float(perplexity), (n - 1) / 3.0),
             pca_dims=min(pca_dims, x.shape[1], n),
             n_jobs=n_jobs,
-            n_iter=n_iter,
-            negative_gradient_method=_gradient_method(negative_gradient_method, n),
+            n_iter=n_iter if n_iter is not None else _default_n_iter(gradient),
+            negative_gradient_method=gradient,
         )
     else:
         if method == "tsne":

@@ -18,6 +18,7 @@ one more blocks until the oldest is logged, so memory stays bounded.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,6 +66,7 @@ class _Pending:
 _pending: deque[_Pending] = deque()
 _lock = threading.Lock()  # guards _pending and _executor (callbacks of two Trainers may share a thread)
 _executor: ThreadPoolExecutor | None = None
+_build_seconds = 0.0
 
 
 def _worker() -> ThreadPoolExecutor:
@@ -152,8 +154,18 @@ def _fan_out(loggers: list[Logger], media: Media, step: int) -> None:
 
 def _build(build: Callable[[], Media]) -> tuple[Media, dict[str, Any]]:
     """Runs on the media thread."""
-    media = build()
-    return media, _wandb_payload(media.images, media.tables, media.scalars)
+    global _build_seconds
+    start = time.perf_counter()
+    try:
+        media = build()
+        return media, _wandb_payload(media.images, media.tables, media.scalars)
+    finally:
+        _build_seconds += time.perf_counter() - start
+
+
+def media_thread_seconds() -> float:
+    """Wall time the media thread has spent building media in this process (for benchmarks)."""
+    return _build_seconds
 
 
 def _enqueue(
