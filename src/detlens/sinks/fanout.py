@@ -13,6 +13,14 @@ callback makes after each training batch, and all of them at the end of a stage 
 exception. Rows keep the step they were made at (``trainer/global_step``), so a later
 ``log`` call changes nothing on the dashboard. At most :data:`MAX_PENDING` events wait;
 one more blocks until the oldest is logged, so memory stays bounded.
+:func:`log_media_later` moves more onto that thread: a callback hands it a function that
+turns explanations into media (a t-SNE projection, matplotlib plots, overlays), and a
+follow-up that runs back on the training thread once they are logged.
+
+On a GPU the training thread is then free after the explaining forwards; on a CPU-only
+machine the media thread competes with training for the same cores, so the wall-clock
+saving there is smaller than the time moved (``benchmarks/callback_overhead.py`` reports
+both).
 """
 
 from __future__ import annotations
