@@ -35,7 +35,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-runs/spurious_cue}
 CONFIG=${CONFIG:-configs/fasterrcnn_synthetic.yaml}
-OVERLAY=${OVERLAY:-configs/spurious_cue.yaml}  # Grad-CAM at backbone.body.layer3 (see the file)
+OVERLAY=${OVERLAY:-configs/overlays/spurious_cue.yaml}  # Grad-CAM at backbone.body.layer3 (see the file)
 MAX_DRIFT=${MAX_DRIFT:-0.5}
 MIN_ENERGY_IN_BOX=${MIN_ENERGY_IN_BOX:-0.3}
 DETLENS=${DETLENS:-.venv/bin/detlens}

@@ -131,3 +131,21 @@ def test_console_script_reports_a_bad_config_value_without_a_traceback(tmp_path)
     assert result.returncode != 0
     assert "fasterrcnn_resnet19_fpn" in result.stderr and "fasterrcnn_resnet18_fpn" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_spurious_cue_overlay_composes_with_the_demo_config(tmp_path, monkeypatch):
+    """configs/overlays/*.yaml are given after a full config; the cue demo's swaps the callbacks."""
+    monkeypatch.chdir(tmp_path)
+    demo = yaml.safe_load((REPO / "configs" / "fasterrcnn_synthetic.yaml").read_text())
+    demo["data"]["init_args"].update(num_train=2, num_val=1)
+    demo["trainer"]["logger"] = False
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(demo))
+
+    cli = build_cli(["--config", str(path), "--config", str(REPO / "configs" / "overlays" / "spurious_cue.yaml")], run=False)
+
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert {"GradCAMCallback", "BoxEmbeddingCallback", "FocusRegressionCallback"} <= set(names)
+    assert "AttentionMapCallback" not in names
+    (gradcam,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradCAMCallback"]
+    assert gradcam.layer == "backbone.body.layer3"
