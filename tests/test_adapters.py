@@ -15,12 +15,7 @@ from detlens.lightning_modules import DETR, TorchvisionDetector
 NUM_CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tv(arch: str, **kw) -> TorchvisionDetector:

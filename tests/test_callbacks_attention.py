@@ -27,18 +27,7 @@ def scenes_root(tmp_path_factory):
     return str(root)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def finish_wandb():
-    yield
-    wandb.finish()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def scenes(root: str) -> SyntheticDataModule:

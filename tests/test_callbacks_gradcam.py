@@ -20,12 +20,7 @@ from detlens.lightning_modules import TorchvisionDetector
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +50,6 @@ def trainer(**overrides) -> pl.Trainer:
     )
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
-
-
-@pytest.fixture
-def finish_wandb():
-    yield
-    wandb.finish()
 
 
 def test_fit_logs_cam_overlays_with_boxes_and_focus_metrics(scenes_root, tmp_path, finish_wandb):

@@ -65,12 +65,6 @@ def trainer(**overrides) -> pl.Trainer:
     return pl.Trainer(**kwargs)
 
 
-@pytest.fixture
-def finish_wandb():
-    yield
-    wandb.finish()
-
-
 @pytest.mark.slow
 def test_fit_logs_probe_overlays_with_boxes_and_step_captions_next_to_val_map(scenes_root, tmp_path, finish_wandb):
     dm = scenes(scenes_root)

@@ -18,12 +18,7 @@ from detlens.lightning_modules import DETR, TorchvisionDetector
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def faster_rcnn(num_classes: int = 4) -> TorchvisionDetector:

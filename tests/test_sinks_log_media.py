@@ -45,12 +45,6 @@ class BrokenLogger(Logger):
         pass
 
 
-@pytest.fixture
-def finish_wandb():
-    yield
-    wandb.finish()
-
-
 def test_wandb_gets_box_overlays_tables_and_scalars_and_csv_the_scalars(tmp_path, finish_wandb):
     csv_logger = CSVLogger(tmp_path / "csv", name="run")
     trainer = pl.Trainer(
