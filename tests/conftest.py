@@ -44,3 +44,17 @@ def scenes_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("scenes") / "synthetic"
     scenes(str(root))
     return str(root)
+
+
+@pytest.fixture(autouse=True)
+def no_media_left_queued():
+    """Every test leaves detlens's media queue empty: a W&B payload or a focus-record
+    follow-up still queued after a fit ended would be logged into the next run."""
+    yield
+    import sys
+
+    fanout = sys.modules.get("detlens.sinks.fanout")
+    if fanout is not None and fanout._pending:
+        left = len(fanout._pending)
+        fanout._pending.clear()
+        pytest.fail(f"{left} media payload(s) left queued in detlens.sinks.fanout after the test")
