@@ -4,8 +4,8 @@
 # Trains the demo detector (configs/fasterrcnn_synthetic.yaml, every detlens callback on,
 # W&B offline) twice on the synthetic scenes, with the same seed and the same objects:
 #   clean: training objects without cue (spurious_cue=0);
-#   cue:   90% of training objects also carry a small class-specific mark placed off the
-#          object (spurious_cue=0.9) -- a shortcut to the class. CUE_PLACEMENT=beside
+#   cue:   every training object also carries a small class-specific mark placed off the
+#          object (CUE_TRAIN=1.0) -- a shortcut to the class. CUE_PLACEMENT=beside
 #          (default) puts each mark next to its own object, where the features a detector
 #          classifies a box from can see it; "anywhere" scatters marks over the image, which
 #          a detector cannot tie to an object (the previous demo: no model used them).
@@ -16,6 +16,12 @@
 # a model that learnt the shortcut moves its Grad-CAM from the object to the mark.
 # A third run, the seed control, repeats the clean run with another seed: how far two
 # equally good models' maps differ by chance, which any drift threshold must clear.
+# APPEARANCE_NOISE (default 0.3): in BOTH training sets, that share of objects is drawn with
+# the shape and hue of another class while keeping its label (and, in the cue run, its
+# mark). The mark then tells the label better than the object does (100% vs 70%), which is
+# what makes a detector take the shortcut -- as colour in Colored MNIST. Without it (0.0)
+# the object itself is a perfect, easy class signal and our detectors ignored the marks
+# (earlier runs, README). Validation and probe objects always look like their class.
 # OBJECT_COLOURS=random gives objects random hues, so that colour does not give the class
 # away and the mark becomes the easiest class signal (with the default class hues the
 # object's own colour is a better shortcut than any mark); shapes alone take longer to
@@ -43,11 +49,13 @@ PROBE_CUE=${PROBE_CUE:-0.9}
 OBJECT_COLOURS=${OBJECT_COLOURS:-class}
 CUE_PLACEMENT=${CUE_PLACEMENT:-beside}
 MAX_EPOCHS=${MAX_EPOCHS:-2}  # the demo config's
+APPEARANCE_NOISE=${APPEARANCE_NOISE:-0.3}
+CUE_TRAIN=${CUE_TRAIN:-1.0}
 DATA=${DATA:-data}  # scenes are generated on first use under $DATA/synthetic_<colours>_<placement>_{clean,cue}_probe<PROBE_CUE>
 PYTHON=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT/clean" "$OUT/cue" "$OUT/seed_control"
-SCENES="$DATA/synthetic_${OBJECT_COLOURS}_${CUE_PLACEMENT}_clean_probe$PROBE_CUE"
-CUE_SCENES="$DATA/synthetic_${OBJECT_COLOURS}_${CUE_PLACEMENT}_cue_probe$PROBE_CUE"
+SCENES="$DATA/synthetic_${OBJECT_COLOURS}_${CUE_PLACEMENT}_look${APPEARANCE_NOISE}_clean_probe$PROBE_CUE"
+CUE_SCENES="$DATA/synthetic_${OBJECT_COLOURS}_${CUE_PLACEMENT}_look${APPEARANCE_NOISE}_cue${CUE_TRAIN}_probe$PROBE_CUE"
 
 newest_run() {  # the newest offline W&B run folder under $1
   find "$1/wandb" -maxdepth 1 -type d -name 'offline-run-*' | sort | tail -n 1
@@ -68,9 +76,10 @@ train() {  # name, extra args...
 if [[ -z "${SKIP_TRAINING:-}" ]]; then
   : > "$OUT/timings.txt"
   common=(--data.init_args.spurious_cue_val="$PROBE_CUE" --data.init_args.object_colours="$OBJECT_COLOURS"
-          --data.init_args.cue_placement="$CUE_PLACEMENT" --trainer.max_epochs="$MAX_EPOCHS")
+          --data.init_args.cue_placement="$CUE_PLACEMENT" --data.init_args.appearance_noise="$APPEARANCE_NOISE"
+          --trainer.max_epochs="$MAX_EPOCHS")
   train clean --data.init_args.spurious_cue=0.0 --data.init_args.root="$SCENES" "${common[@]}"
-  train cue --data.init_args.spurious_cue=0.9 --data.init_args.root="$CUE_SCENES" "${common[@]}"
+  train cue --data.init_args.spurious_cue="$CUE_TRAIN" --data.init_args.root="$CUE_SCENES" "${common[@]}"
   train seed_control --seed_everything=1 --data.init_args.spurious_cue=0.0 --data.init_args.root="$SCENES" "${common[@]}"
 fi
 
@@ -102,6 +111,9 @@ set -e
 echo "== seed control exit code: $seed_status"
 echo "== where the Grad-CAM mass sits (true positives, last logging point; chance levels in brackets):"
 "$PYTHON" scripts/cue_focus.py "$CUE_SCENES/annotations/instances_val.json" clean="$CLEAN" cue="$CUE" seed_control="$SEED"
+echo "== does each model rely on the marks? (same validation objects, all marked vs none; scripts/cue_reliance.py)"
+"$PYTHON" scripts/cue_reliance.py --placement "$CUE_PLACEMENT" --object-colours "$OBJECT_COLOURS" --data "$DATA" \
+  clean="$OUT/clean" cue="$OUT/cue" seed_control="$OUT/seed_control"
 echo "== reports: $OUT/compare.html $OUT/compare_seed_control.html $OUT/report_clean.html $OUT/report_cue.html"
 case $status in
   1) echo "== the cue-trained model was flagged" ;;

@@ -180,6 +180,55 @@ def test_random_object_colours_keep_every_object_and_cue_and_take_colour_out_of_
     assert class_spread < 0.05 and random_spread > 0.1 + 3 * class_spread, (class_spread, random_spread)
 
 
+def test_appearance_noise_gives_training_objects_another_class_look_but_keeps_label_and_cue(
+    tmp_path: Path, scenes_with_cues: Path
+) -> None:
+    import cv2
+
+    from detlens.data.scenes import CLASS_HUES, CLASS_NAMES
+
+    root = generate(tmp_path / "s", num_train=40, spurious_cue=1.0, appearance_noise=0.5)
+    assert json.loads((root / MANIFEST_NAME).read_text())["params"]["appearance_noise"] == 0.5
+    assert "appearance_noise" not in json.loads((scenes_with_cues / MANIFEST_NAME).read_text())["params"]
+    train = annotations(root)
+    anns = train["annotations"]
+    swapped = [a for a in anns if "appearance_category_id" in a]
+    assert 0.3 < len(swapped) / len(anns) < 0.7, (len(swapped), len(anns))
+    assert train["info"]["cue_stats"]["other_appearance"] == len(swapped)
+    assert all(a["appearance_category_id"] != a["category_id"] for a in swapped)
+    assert not any("appearance_category_id" in a for a in annotations(root, "val")["annotations"])
+
+    def centre_hue(a: dict[str, Any]) -> float:
+        image = cv2.imread(str(root / "train" / f"{a['image_id']:06d}.png"))
+        x, y, w, h = a["bbox"]
+        patch = image[int(y + h / 2) - 1 : int(y + h / 2) + 2, int(x + w / 2) - 1 : int(x + w / 2) + 2]
+        rgb = cv2.cvtColor(patch, cv2.COLOR_BGR2RGB).reshape(-1, 3).mean(axis=0) / 255.0
+        import colorsys
+
+        return colorsys.rgb_to_hsv(*rgb)[0] * 360.0
+
+    def hue_distance(a: float, b: float) -> float:
+        return abs((a - b + 180.0) % 360.0 - 180.0)
+
+    looks_checked, patch_colours = 0, []
+    for a in anns:
+        look = CLASS_NAMES[a.get("appearance_category_id", a["category_id"]) - 1]
+        cx, cy, cw, ch = a["cue_bbox"]
+        image = cv2.cvtColor(cv2.imread(str(root / "train" / f"{a['image_id']:06d}.png")), cv2.COLOR_BGR2RGB)
+        patch_colours.append(image[cy : cy + ch, cx : cx + cw].reshape(-1, 3).mean(axis=0))
+        if look == "circle":  # filled at the centre, in the look's hue
+            looks_checked += 1
+            assert hue_distance(centre_hue(a), CLASS_HUES[look]) < 30
+    # The cue tells the label, whatever the object looks like: each patch's mean colour is
+    # nearest to the mean patch colour of its own label.
+    colours, labels = np.stack(patch_colours), np.array([a["category_id"] for a in anns])
+    means = {c: colours[labels == c].mean(axis=0) for c in set(labels.tolist())}
+    assert [min(means, key=lambda c: np.linalg.norm(colour - means[c])) for colour in colours] == labels.tolist()
+    assert looks_checked > 0
+    with pytest.raises(ValueError, match="appearance_noise"):
+        synthetic_params(10, 4, appearance_noise=-0.1)
+
+
 def test_existing_identical_dataset_is_reused_without_rewriting(scenes_without_cues: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in scenes_without_cues.rglob("*")}
 
@@ -240,7 +289,7 @@ def test_waiting_rank_times_out_with_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "bad", [{"image_size": 32}, {"spurious_cue": 1.5}, {"num_train": -1}, {"num_train": 0, "num_val": 0},
-            {"object_colours": "rainbow"}]
+            {"object_colours": "rainbow"}, {"appearance_noise": 1.5}]
 )
 def test_invalid_parameters_are_rejected_before_touching_disk(tmp_path: Path, bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):

@@ -242,6 +242,8 @@ class SyntheticDataModule(CocoDataModule):
             about the class; only the shape, or a spurious cue, does).
         cue_placement: ``"anywhere"`` (a cue patch at a random free spot) or ``"beside"``
             (touching its own object's box); see :func:`generate_synthetic_scenes`.
+        appearance_noise: probability that a training object has another class's shape and
+            hue (label and cue unchanged); see :func:`generate_synthetic_scenes`.
         batch_size, num_workers, horizontal_flip: as for :class:`CocoDataModule`.
         overwrite: replace a dataset in ``root`` that was generated with other parameters.
 
@@ -261,13 +263,15 @@ class SyntheticDataModule(CocoDataModule):
         spurious_cue_val: float | None = None,
         object_colours: Literal["class", "random"] = "class",
         cue_placement: Literal["anywhere", "beside"] = "anywhere",
+        appearance_noise: float = 0.0,
         batch_size: int = 8,
         num_workers: int = 0,
         horizontal_flip: bool = True,
         overwrite: bool = False,
     ) -> None:
         self._synthetic_params = synthetic_params(
-            num_train, num_val, image_size, seed, spurious_cue, spurious_cue_val, object_colours, cue_placement
+            num_train, num_val, image_size, seed, spurious_cue, spurious_cue_val, object_colours, cue_placement,
+            appearance_noise,
         )
         self._overwrite = overwrite
         self._ensure_generated(Path(root))
@@ -278,7 +282,8 @@ class SyntheticDataModule(CocoDataModule):
             {
                 "root": root, "num_train": num_train, "num_val": num_val, "image_size": image_size,
                 "seed": seed, "spurious_cue": spurious_cue, "spurious_cue_val": spurious_cue_val,
-                "object_colours": object_colours, "cue_placement": cue_placement, "batch_size": batch_size, "num_workers": num_workers,
+                "object_colours": object_colours, "cue_placement": cue_placement,
+                "appearance_noise": appearance_noise, "batch_size": batch_size, "num_workers": num_workers,
                 "horizontal_flip": horizontal_flip, "overwrite": overwrite,
             }
         )
@@ -306,6 +311,7 @@ class SyntheticDataModule(CocoDataModule):
                 p["spurious_cue_val"],
                 p.get("object_colours", "class"),
                 p.get("cue_placement", "anywhere"),
+                p.get("appearance_noise", 0.0),
                 overwrite=self._overwrite,
             )
         else:

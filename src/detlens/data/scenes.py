@@ -49,6 +49,13 @@ class SceneObject:
     area: float
     cue_box: tuple[int, int, int, int] | None = None  # (x, y, width, height) of its cue patch
     cue_wanted: bool = False  # the cue coin came up; cue_box is None only if there was no room
+    look_index: int | None = None  # the class whose shape and hue it is drawn with; None: its own
+
+    @property
+    def looks_like(self) -> int:
+        """0-based index of the class whose shape and hue the object has (its own unless
+        appearance noise gave it another class's look)."""
+        return self.class_index if self.look_index is None else self.look_index
 
 
 def draw_scene(
@@ -58,6 +65,8 @@ def draw_scene(
     cue_probability: float,
     class_colours: bool = True,
     cue_beside: bool = False,
+    appearance_rng: np.random.Generator | None = None,
+    appearance_noise: float = 0.0,
 ) -> tuple[np.ndarray, list[SceneObject]]:
     """Draws one scene. Returns ``uint8[S, S, 3]`` RGB and its objects (cue boxes filled in).
 
@@ -65,9 +74,15 @@ def draw_scene(
     the scene is otherwise identical): then only the shape, or a cue, tells the class.
     ``cue_beside=True`` puts each cue patch next to its own object's box (within
     ``CUE_BESIDE_GAP_PX`` of it) instead of anywhere free.
+    ``appearance_noise=p`` (with ``appearance_rng``, a third stream): each object, with
+    probability ``p``, is drawn with the shape and hue of another class (uniformly chosen)
+    while keeping its own label and cue — the object's look then tells its label less
+    reliably than a cue does, as colour versus digit shape in Colored MNIST.
     """
+    if appearance_noise > 0 and appearance_rng is None:
+        raise ValueError("appearance_noise > 0 needs an appearance_rng")
     canvas = _background(scene_rng, image_size)
-    objects = _place_objects(scene_rng, image_size)
+    objects = _place_objects(scene_rng, image_size, appearance_rng if appearance_noise > 0 else None, appearance_noise)
     for obj in objects:
         _draw_object(canvas, obj, scene_rng, class_colours)
     # Drawn from the scene stream before cues so it is identical with and without cues.
@@ -152,13 +167,21 @@ def _iou_and_cover(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, f
     return inter / (area_a + area_b - inter), inter / min(area_a, area_b)
 
 
-def _place_objects(rng: np.random.Generator, size: int) -> list[SceneObject]:
+def _place_objects(
+    rng: np.random.Generator, size: int, look_rng: np.random.Generator | None = None, look_noise: float = 0.0
+) -> list[SceneObject]:
     objects: list[SceneObject] = []
     for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
         class_index = int(rng.integers(len(CLASS_NAMES)))
+        look = class_index
+        if look_rng is not None:  # two draws per object whatever the outcome: streams stay aligned
+            swap, other = look_rng.uniform() < look_noise, int(look_rng.integers(len(CLASS_NAMES) - 1))
+            if swap:
+                look = other if other < class_index else other + 1
+        look_index = None if look == class_index else look
         for _try in range(_PLACEMENT_TRIES):
             extent = rng.uniform(*OBJECT_SIZE_RANGE) * size
-            unit = _unit_polygon(CLASS_NAMES[class_index], rng)
+            unit = _unit_polygon(CLASS_NAMES[look], rng)
             if unit is None:  # circle: a 48-gon for the segmentation, drawn exactly with cv2.circle
                 angles = np.linspace(0, 2 * math.pi, 48, endpoint=False)
                 unit = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
@@ -172,14 +195,14 @@ def _place_objects(rng: np.random.Generator, size: int) -> list[SceneObject]:
                 iou <= _MAX_PAIR_IOU and cover <= _MAX_PAIR_COVER
                 for iou, cover in (_iou_and_cover(box, o.box) for o in objects)
             ):
-                area = math.pi * (extent / 2) ** 2 if CLASS_NAMES[class_index] == "circle" else float(cv2.contourArea(pts))
-                objects.append(SceneObject(class_index, box, pts, area))
+                area = math.pi * (extent / 2) ** 2 if CLASS_NAMES[look] == "circle" else float(cv2.contourArea(pts))
+                objects.append(SceneObject(class_index, box, pts, area, look_index=look_index))
                 break
     return objects
 
 
 def _draw_object(canvas: np.ndarray, obj: SceneObject, rng: np.random.Generator, class_colours: bool = True) -> None:
-    name = CLASS_NAMES[obj.class_index]
+    name = CLASS_NAMES[obj.looks_like]
     jitter = rng.uniform(-12, 12)
     hue = CLASS_HUES[name] + jitter if class_colours else (jitter + 12) * 15.0  # one draw either way
     sat, val = rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)
@@ -230,7 +253,7 @@ def _draw_cues(
             _draw_cue_patch(canvas, CLASS_NAMES[obj.class_index], x, y, w)
             m = _CUE_MARGIN_PX
             occupied[max(0, y - m) : y + h + m, max(0, x - m) : x + w + m] = 1
-        result.append(SceneObject(obj.class_index, obj.box, obj.polygon, obj.area, cue_box, wants_cue))
+        result.append(SceneObject(obj.class_index, obj.box, obj.polygon, obj.area, cue_box, wants_cue, obj.look_index))
     return result
 
 

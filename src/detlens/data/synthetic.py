@@ -59,10 +59,11 @@ def synthetic_params(
     spurious_cue_val: float | None = None,
     object_colours: str = "class",
     cue_placement: str = "anywhere",
+    appearance_noise: float = 0.0,
 ) -> dict[str, Any]:
     """Validated generator parameters, as stored in the manifest and the COCO ``info`` block.
 
-    ``object_colours`` and ``cue_placement`` are stored only when not at their defaults,
+    ``object_colours``, ``cue_placement`` and ``appearance_noise`` are stored only when not at their defaults,
     so folders generated before the options existed still match their parameters.
     """
     if not isinstance(num_train, int) or not isinstance(num_val, int) or num_train < 0 or num_val < 0:
@@ -75,6 +76,8 @@ def synthetic_params(
     for name, p in (("spurious_cue", spurious_cue), ("spurious_cue_val", val_cue)):
         if not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    if not 0.0 <= float(appearance_noise) <= 1.0:
+        raise ValueError(f"appearance_noise must be a probability in [0, 1], got {appearance_noise!r}")
     if object_colours not in OBJECT_COLOURS:
         raise ValueError(f"object_colours must be one of {list(OBJECT_COLOURS)}, got {object_colours!r}")
     if cue_placement not in CUE_PLACEMENTS:
@@ -94,6 +97,8 @@ def synthetic_params(
         params["object_colours"] = object_colours
     if cue_placement != "anywhere":
         params["cue_placement"] = cue_placement
+    if float(appearance_noise) > 0:
+        params["appearance_noise"] = float(appearance_noise)
     return params
 
 
@@ -107,6 +112,7 @@ def generate_synthetic_scenes(
     spurious_cue_val: float | None = None,
     object_colours: str = "class",
     cue_placement: str = "anywhere",
+    appearance_noise: float = 0.0,
     *,
     overwrite: bool = False,
     progress: bool = True,
@@ -132,6 +138,13 @@ def generate_synthetic_scenes(
             not where; ``"beside"``: it touches its own object's box (a few pixels off it),
             inside the receptive field of that object's features, so a detector can use
             it as a shortcut for the object's class.
+        appearance_noise: probability that a *training* object is drawn with the shape
+            and hue of another class while keeping its own label and cue (validation
+            objects always look like their class). With ``spurious_cue`` near 1 the cue
+            then tells the label more reliably than the object does — the setting in which
+            a detector has a reason to learn the shortcut (as in Colored MNIST, where
+            colour predicts the label better than the digit). Annotations of such objects
+            carry ``appearance_category_id``.
         overwrite: replace a dataset generated with different parameters. Without it, a
             mismatch is an error: a dataset is never silently reused or destroyed.
         progress: show a rich progress bar.
@@ -145,7 +158,8 @@ def generate_synthetic_scenes(
         ValueError: invalid parameters.
     """
     params = synthetic_params(
-        num_train, num_val, image_size, seed, spurious_cue, spurious_cue_val, object_colours, cue_placement
+        num_train, num_val, image_size, seed, spurious_cue, spurious_cue_val, object_colours, cue_placement,
+        appearance_noise,
     )
     root = Path(root)
     if manifest_matches(root, params):
@@ -298,7 +312,7 @@ def _write_dataset(folder: Path, params: dict[str, Any], *, progress: bool) -> N
     cue_p = {"train": params["spurious_cue"], "val": params["spurious_cue_val"]}
     jobs = [(split, index) for split in _SPLITS for index in range(counts[split])]
     coco: dict[str, dict[str, Any]] = {split: _empty_coco(params, split) for split in _SPLITS}
-    stats = {split: {"cues_drawn": 0, "cues_without_room": 0} for split in _SPLITS}
+    stats = {split: {"cues_drawn": 0, "cues_without_room": 0, "other_appearance": 0} for split in _SPLITS}
     for split in _SPLITS:
         (folder / split).mkdir()
     next_ann_id = 1
@@ -308,10 +322,13 @@ def _write_dataset(folder: Path, params: dict[str, Any], *, progress: bool) -> N
         split_key = _SPLITS.index(split)
         scene_rng = np.random.default_rng(np.random.SeedSequence(params["seed"], spawn_key=(split_key, index, 0)))
         cue_rng = np.random.default_rng(np.random.SeedSequence(params["seed"], spawn_key=(split_key, index, 1)))
+        look_rng = np.random.default_rng(np.random.SeedSequence(params["seed"], spawn_key=(split_key, index, 2)))
         image, objects = draw_scene(
             scene_rng, cue_rng, params["image_size"], cue_p[split],
             class_colours=params.get("object_colours", "class") == "class",
             cue_beside=params.get("cue_placement", "anywhere") == "beside",
+            appearance_rng=look_rng,
+            appearance_noise=params.get("appearance_noise", 0.0) if split == "train" else 0.0,
         )
         file_name = f"{image_id:06d}.png"
         if not cv2.imwrite(str(folder / split / file_name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
@@ -323,6 +340,7 @@ def _write_dataset(folder: Path, params: dict[str, Any], *, progress: bool) -> N
             next_ann_id += 1
             stats[split]["cues_drawn"] += obj.cue_box is not None
             stats[split]["cues_without_room"] += obj.cue_wanted and obj.cue_box is None
+            stats[split]["other_appearance"] += obj.look_index is not None
     for split, ann in (("train", TRAIN_ANN), ("val", VAL_ANN)):
         coco[split]["info"]["cue_stats"] = stats[split]
         (folder / ann).write_text(json.dumps(coco[split], separators=(",", ":")), encoding="utf-8")
@@ -343,6 +361,7 @@ def _empty_coco(params: dict[str, Any], split: str) -> dict[str, Any]:
 
 def _annotation(ann_id: int, image_id: int, obj: SceneObject) -> dict[str, Any]:
     x1, y1, x2, y2 = obj.box
+    extra = {} if obj.look_index is None else {"appearance_category_id": obj.look_index + 1}
     return {
         "id": ann_id,
         "image_id": image_id,
@@ -352,4 +371,5 @@ def _annotation(ann_id: int, image_id: int, obj: SceneObject) -> dict[str, Any]:
         "iscrowd": 0,
         "segmentation": [[round(float(v), 2) for v in obj.polygon.reshape(-1)]],
         "cue_bbox": list(obj.cue_box) if obj.cue_box is not None else None,
+        **extra,
     }
