@@ -34,19 +34,31 @@ from detlens.explainers.metrics import box_area_fraction, energy_in_box
 from detlens.focus.record import read_focus_record
 
 
-def cue_boxes(annotation_file: Path) -> dict[int, list[tuple[list[float], list[float]]]]:
-    """image id -> [(object box xyxy, cue box xyxy)] for every object whose mark was drawn."""
+def cue_boxes(annotation_file: Path) -> tuple[dict[int, list[tuple[list[float], list[float]]]], bool]:
+    """(image id -> [(object box xyxy, cue box xyxy)] for every object whose mark was
+    drawn, whether the marks are rings around their objects)."""
     data = json.loads(annotation_file.read_text())
+    rings = data.get("info", {}).get("detlens_synthetic", {}).get("cue_placement") == "ring"
     out: dict[int, list[tuple[list[float], list[float]]]] = defaultdict(list)
     for ann in data["annotations"]:
         if ann.get("cue_bbox"):
             x, y, w, h = ann["bbox"]
             cx, cy, cw, ch = ann["cue_bbox"]
             out[int(ann["image_id"])].append(([x, y, x + w, y + h], [cx, cy, cx + cw, cy + ch]))
-    return out
+    return out, rings
 
 
-def run_figures(run: str, cues: dict[int, list[tuple[list[float], list[float]]]], log_key: str) -> dict[str, float]:
+def ring_hole(objects: torch.Tensor) -> torch.Tensor:
+    """The inside of each object's ring (xyxy): its box widened by the gap, as drawn."""
+    from detlens.data.scenes import CUE_RING_GAP_PX
+
+    gap = float(CUE_RING_GAP_PX)
+    return torch.cat([objects[:, :2].floor() - gap, objects[:, 2:].ceil() + gap], dim=1)
+
+
+def run_figures(
+    run: str, cues: dict[int, list[tuple[list[float], list[float]]]], log_key: str, rings: bool = False
+) -> dict[str, float]:
     record = read_focus_record(run)
     points = record.map_points(log_key)
     if not points:
@@ -68,14 +80,21 @@ def run_figures(run: str, cues: dict[int, list[tuple[list[float], list[float]]]]
             continue
         objects = torch.tensor([m[0] for m in marks], dtype=torch.float32)
         mark_boxes = torch.tensor([m[1] for m in marks], dtype=torch.float32)
-        # Energy on all marks: the marks do not overlap (drawn in free squares), so shares add up.
+        # Energy on all marks: patches do not overlap (drawn in free squares), so shares add
+        # up; a ring is its outer box minus its hole (rings of close objects may overlap).
         per_mark = torch.stack([energy_in_box(maps, (b * scale).expand(len(maps), 4)) for b in mark_boxes], 1)
+        mark_area = box_area_fraction(mark_boxes, image.height, image.width)
+        if rings:
+            holes = ring_hole(objects)
+            per_mark = per_mark - torch.stack(
+                [energy_in_box(maps, (b * scale).expand(len(maps), 4)) for b in holes], 1)
+            mark_area = mark_area - box_area_fraction(holes, image.height, image.width)
         rows["energy_on_marks"] += per_mark.sum(1).tolist()
-        rows["energy_on_marks_chance"] += [float(box_area_fraction(mark_boxes, image.height, image.width).sum())] * len(maps)
+        rows["energy_on_marks_chance"] += [float(mark_area.sum())] * len(maps)
         # The detection's own mark: that of the object it overlaps most.
         own = box_iou(det_boxes, objects).argmax(1)
         rows["energy_on_own_mark"] += per_mark[torch.arange(len(maps)), own].tolist()
-        rows["energy_on_own_mark_chance"] += box_area_fraction(mark_boxes[own], image.height, image.width).tolist()
+        rows["energy_on_own_mark_chance"] += mark_area[own].tolist()
     figures = {name: float(np.mean(values)) for name, values in rows.items() if values}
     figures["true_positives"] = float(len(rows["energy_in_box"]))
     figures["step"] = float(point.step)
@@ -88,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="W&B run folders / focus records; NAME=PATH to label one")
     parser.add_argument("--log-key", default="gradcam")
     args = parser.parse_args(argv)
-    cues = cue_boxes(args.annotations)
+    cues, rings = cue_boxes(args.annotations)
     print(f"{'run':<14s} {'step':>5s} {'TPs':>4s}  {'energy in box':>16s}  {'energy on marks':>16s}  {'on own mark':>14s}")
     print(f"{'':<14s} {'':>5s} {'':>4s}  {'(chance)':>16s}  {'(chance)':>16s}  {'(chance)':>14s}")
     for item in args.runs:
         name, _, path = item.rpartition("=")
-        f = run_figures(path, cues, args.log_key)
+        f = run_figures(path, cues, args.log_key, rings)
 
         def pair(key: str) -> str:
             return f"{f.get(key, float('nan')):.3f} ({f.get(key + '_chance', float('nan')):.3f})"

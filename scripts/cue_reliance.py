@@ -36,7 +36,7 @@ def newest_checkpoint(folder: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="NAME=DIR (a run's default_root_dir)")
-    parser.add_argument("--placement", choices=("anywhere", "beside"), default="beside")
+    parser.add_argument("--placement", choices=("anywhere", "beside", "ring"), default="beside")
     parser.add_argument("--object-colours", choices=("class", "random"), default="class")
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--num-val", type=int, default=100)

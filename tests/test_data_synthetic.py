@@ -115,6 +115,36 @@ def test_cues_placed_beside_touch_their_own_object_and_no_other(tmp_path: Path) 
         synthetic_params(10, 4, cue_placement="inside")
 
 
+def test_ring_cues_surround_their_object_in_its_class_colour(tmp_path: Path) -> None:
+    import cv2
+
+    from detlens.data.scenes import CLASS_NAMES, CUE_RING_GAP_PX, CUE_STYLES
+
+    root = generate(tmp_path / "ring", spurious_cue=1.0, cue_placement="ring", image_size=128)
+    coco = annotations(root)
+    anywhere = annotations(generate(tmp_path / "anywhere", spurious_cue=1.0, image_size=128))
+    assert [a["bbox"] for a in anywhere["annotations"]] == [a["bbox"] for a in coco["annotations"]]
+    sampled = 0
+    for ann in coco["annotations"]:
+        x, y, w, h = ann["bbox"]
+        cx, cy, cw, ch = ann["cue_bbox"]
+        # The ring's outer box encloses the object's box with the gap (clipped to the image).
+        assert cx <= max(0, x - CUE_RING_GAP_PX) and cy <= max(0, y - CUE_RING_GAP_PX)
+        assert cx + cw >= min(128, x + w + CUE_RING_GAP_PX) and cy + ch >= min(128, y + h + CUE_RING_GAP_PX)
+        image = cv2.cvtColor(cv2.imread(str(root / "train" / f"{ann['image_id']:06d}.png")), cv2.COLOR_BGR2RGB)
+        others = [a["bbox"] for a in coco["annotations"] if a["image_id"] == ann["image_id"] and a is not ann]
+        # Sample the ring half-way through its top or bottom band, away from other objects.
+        row = cy + 1 if cy > 0 else cy + ch - 2
+        cols = [c for c in range(int(x), int(x + w)) if not any(o[0] - 1 <= c <= o[0] + o[2] + 1 and o[1] - 1 <= row <= o[1] + o[3] + 1 for o in others)]
+        if not cols:
+            continue
+        colour = image[row, cols].reshape(-1, 3).mean(axis=0)
+        want = np.array(CUE_STYLES[CLASS_NAMES[ann["category_id"] - 1]][0], float)
+        assert np.abs(colour - want).max() < 40, (colour, want)
+        sampled += 1
+    assert sampled >= len(coco["annotations"]) // 2
+
+
 def test_no_cue_with_p0(scenes_without_cues: Path) -> None:
     anns = annotations(scenes_without_cues)["annotations"]
 

@@ -240,8 +240,9 @@ class SyntheticDataModule(CocoDataModule):
         spurious_cue_val: the same for validation; ``None`` -> ``spurious_cue``.
         object_colours: ``"class"`` (a hue per class) or ``"random"`` (colour says nothing
             about the class; only the shape, or a spurious cue, does).
-        cue_placement: ``"anywhere"`` (a cue patch at a random free spot) or ``"beside"``
-            (touching its own object's box); see :func:`generate_synthetic_scenes`.
+        cue_placement: ``"anywhere"`` (a cue patch at a random free spot), ``"beside"``
+            (touching its own object's box) or ``"ring"`` (a ring around its box); see
+            :func:`generate_synthetic_scenes`.
         appearance_noise: probability that a training object has another class's shape and
             hue (label and cue unchanged); see :func:`generate_synthetic_scenes`.
         batch_size, num_workers, horizontal_flip: as for :class:`CocoDataModule`.
@@ -262,7 +263,7 @@ class SyntheticDataModule(CocoDataModule):
         spurious_cue: float = 0.0,
         spurious_cue_val: float | None = None,
         object_colours: Literal["class", "random"] = "class",
-        cue_placement: Literal["anywhere", "beside"] = "anywhere",
+        cue_placement: Literal["anywhere", "beside", "ring"] = "anywhere",
         appearance_noise: float = 0.0,
         batch_size: int = 8,
         num_workers: int = 0,

@@ -36,6 +36,8 @@ _MAX_PAIR_COVER = 0.25  # intersection over the smaller box: no object hides und
 _PLACEMENT_TRIES = 50
 _CUE_MARGIN_PX = 2
 CUE_BESIDE_GAP_PX = 6  # "beside": the patch's nearest edge is at most this far from its object's box
+CUE_RING_GAP_PX = 2  # "ring": pixels between the object's box and the inside of its ring
+CUE_RING_WIDTH = 0.025  # "ring": ring thickness as a fraction of the image side (at least 2 px)
 _SUBPIXEL_BITS = 4  # cv2 fixed-point drawing: coordinates in 1/16 px
 
 
@@ -64,7 +66,7 @@ def draw_scene(
     image_size: int,
     cue_probability: float,
     class_colours: bool = True,
-    cue_beside: bool = False,
+    cue_placement: str = "anywhere",
     appearance_rng: np.random.Generator | None = None,
     appearance_noise: float = 0.0,
 ) -> tuple[np.ndarray, list[SceneObject]]:
@@ -72,8 +74,12 @@ def draw_scene(
 
     ``class_colours=False`` gives every object a random hue (the same number of draws, so
     the scene is otherwise identical): then only the shape, or a cue, tells the class.
-    ``cue_beside=True`` puts each cue patch next to its own object's box (within
-    ``CUE_BESIDE_GAP_PX`` of it) instead of anywhere free.
+    ``cue_placement``: ``"anywhere"`` puts each cue patch at a random free spot;
+    ``"beside"`` next to its own object's box (within ``CUE_BESIDE_GAP_PX`` of it);
+    ``"ring"`` draws the cue as a ring in the class's cue colour around the object's box
+    (``CUE_RING_GAP_PX`` off it, ``CUE_RING_WIDTH`` thick), like the ink circles drawn
+    around lesions in dermatology photographs, a documented shortcut of skin-lesion
+    classifiers. Ring pixels inside another object's box are not drawn.
     ``appearance_noise=p`` (with ``appearance_rng``, a third stream): each object, with
     probability ``p``, is drawn with the shape and hue of another class (uniformly chosen)
     while keeping its own label and cue — the object's look then tells its label less
@@ -88,7 +94,9 @@ def draw_scene(
     # Drawn from the scene stream before cues so it is identical with and without cues.
     sigma = scene_rng.uniform(3.0, 10.0)
     noise = scene_rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(sigma)
-    objects = _draw_cues(canvas, objects, cue_rng, image_size, cue_probability, cue_beside)
+    if cue_placement not in ("anywhere", "beside", "ring"):
+        raise ValueError(f"unknown cue placement {cue_placement!r}")
+    objects = _draw_cues(canvas, objects, cue_rng, image_size, cue_probability, cue_placement)
     image = np.clip(canvas + noise, 0, 255).astype(np.uint8)
     return image, objects
 
@@ -230,10 +238,11 @@ def _draw_cues(
     rng: np.random.Generator,
     size: int,
     probability: float,
-    beside: bool = False,
+    placement: str = "anywhere",
 ) -> list[SceneObject]:
     """With ``probability`` per object, draws its class's cue patch where no object box lies
-    (``beside``: within ``CUE_BESIDE_GAP_PX`` of the object's own box)."""
+    (``"beside"``: within ``CUE_BESIDE_GAP_PX`` of the object's own box), or (``"ring"``) a
+    ring around its box; see :func:`draw_scene`."""
     occupied = np.zeros((size, size), np.uint8)
     for obj in objects:
         x1, y1, x2, y2 = obj.box
@@ -244,9 +253,13 @@ def _draw_cues(
         wants_cue = rng.uniform() < probability
         side = max(8, round(rng.uniform(*CUE_SIZE_RANGE) * size))
         cue_box = None
+        if wants_cue and placement == "ring":
+            result.append(SceneObject(obj.class_index, obj.box, obj.polygon, obj.area,
+                                      _draw_ring(canvas, obj, objects, size), True, obj.look_index))
+            continue
         if wants_cue:
             while cue_box is None and side >= 6:
-                cue_box = _free_square(occupied, side, rng, near=obj.box if beside else None)
+                cue_box = _free_square(occupied, side, rng, near=obj.box if placement == "beside" else None)
                 side = round(side * 0.75)
         if cue_box is not None:
             x, y, w, h = cue_box
@@ -255,6 +268,29 @@ def _draw_cues(
             occupied[max(0, y - m) : y + h + m, max(0, x - m) : x + w + m] = 1
         result.append(SceneObject(obj.class_index, obj.box, obj.polygon, obj.area, cue_box, wants_cue, obj.look_index))
     return result
+
+
+def _draw_ring(
+    canvas: np.ndarray, obj: SceneObject, objects: list[SceneObject], size: int
+) -> tuple[int, int, int, int]:
+    """Draws ``obj``'s class ring (its cue patch colour) around its box, skipping pixels
+    inside any other object's box; returns the ring's outer box ``(x, y, width, height)``
+    clipped to the image."""
+    width = max(2, round(CUE_RING_WIDTH * size))
+    x1, y1, x2, y2 = obj.box
+    inner = (math.floor(x1) - CUE_RING_GAP_PX, math.floor(y1) - CUE_RING_GAP_PX,
+             math.ceil(x2) + CUE_RING_GAP_PX, math.ceil(y2) + CUE_RING_GAP_PX)
+    ox1, oy1 = max(0, inner[0] - width), max(0, inner[1] - width)
+    ox2, oy2 = min(size, inner[2] + width), min(size, inner[3] + width)
+    mask = np.zeros((size, size), bool)
+    mask[oy1:oy2, ox1:ox2] = True
+    mask[max(0, inner[1]) : max(0, inner[3]), max(0, inner[0]) : max(0, inner[2])] = False
+    for other in objects:
+        if other is not obj:
+            a1, b1, a2, b2 = other.box
+            mask[max(0, math.floor(b1)) : math.ceil(b2), max(0, math.floor(a1)) : math.ceil(a2)] = False
+    canvas[mask] = CUE_STYLES[CLASS_NAMES[obj.class_index]][0]
+    return ox1, oy1, ox2 - ox1, oy2 - oy1
 
 
 def _free_square(

@@ -46,7 +46,7 @@ TRAIN_ANN = "annotations/instances_train.json"
 VAL_ANN = "annotations/instances_val.json"
 _SPLITS = ("train", "val")
 OBJECT_COLOURS = ("class", "random")
-CUE_PLACEMENTS = ("anywhere", "beside")
+CUE_PLACEMENTS = ("anywhere", "beside", "ring")
 _MIN_IMAGE_SIZE = 64
 
 
@@ -137,7 +137,10 @@ def generate_synthetic_scenes(
             image, so in a scene with several objects it says which classes are present but
             not where; ``"beside"``: it touches its own object's box (a few pixels off it),
             inside the receptive field of that object's features, so a detector can use
-            it as a shortcut for the object's class.
+            it as a shortcut for the object's class; ``"ring"``: a ring in the class's cue
+            colour around the object's box, a couple of pixels off it (its ``cue_bbox`` is
+            the ring's outer box), like ink circles around skin lesions in dermatology
+            photographs.
         appearance_noise: probability that a *training* object is drawn with the shape
             and hue of another class while keeping its own label and cue (validation
             objects always look like their class). With ``spurious_cue`` near 1 the cue
@@ -326,7 +329,7 @@ def _write_dataset(folder: Path, params: dict[str, Any], *, progress: bool) -> N
         image, objects = draw_scene(
             scene_rng, cue_rng, params["image_size"], cue_p[split],
             class_colours=params.get("object_colours", "class") == "class",
-            cue_beside=params.get("cue_placement", "anywhere") == "beside",
+            cue_placement=params.get("cue_placement", "anywhere"),
             appearance_rng=look_rng,
             appearance_noise=params.get("appearance_noise", 0.0) if split == "train" else 0.0,
         )
