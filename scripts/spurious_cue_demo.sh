@@ -4,11 +4,13 @@
 # Trains the demo detector (configs/fasterrcnn_synthetic.yaml, every detlens callback on,
 # W&B offline) twice on the synthetic scenes, with the same seed and the same objects:
 #   clean: training objects without cue (spurious_cue=0);
-#   cue:   every training object also carries a small class-specific mark placed off the
-#          object (CUE_TRAIN=1.0) -- a shortcut to the class. CUE_PLACEMENT=beside
-#          (default) puts each mark next to its own object, where the features a detector
-#          classifies a box from can see it; "anywhere" scatters marks over the image, which
-#          a detector cannot tie to an object (the previous demo: no model used them).
+#   cue:   every training object also carries a class-specific mark off the object
+#          (CUE_TRAIN=1.0) -- a shortcut to the class. CUE_PLACEMENT=ring (default) draws
+#          it as a ring in the class's cue colour around the object's box, a couple of
+#          pixels off it (like ink circles around skin lesions): this is the mark our
+#          detector learns to rely on (scripts/cue_reliance.py below). "beside" puts a
+#          small patch next to the object, "anywhere" scatters patches over the image:
+#          with those, our detectors did not use the marks (README).
 # Both runs validate and probe on the SAME validation images, in which objects carry their
 # mark with probability PROBE_CUE (default 0.9; the generator draws objects and marks from
 # separate streams, so both runs' images are identical bytes). The two focus records then
@@ -18,10 +20,9 @@
 # equally good models' maps differ by chance, which any drift threshold must clear.
 # APPEARANCE_NOISE (default 0.3): in BOTH training sets, that share of objects is drawn with
 # the shape and hue of another class while keeping its label (and, in the cue run, its
-# mark). The mark then tells the label better than the object does (100% vs 70%), which is
-# what makes a detector take the shortcut -- as colour in Colored MNIST. Without it (0.0)
-# the object itself is a perfect, easy class signal and our detectors ignored the marks
-# (earlier runs, README). Validation and probe objects always look like their class.
+# mark). The mark then tells the label better than the object does (100% vs 70%), as
+# colour does in Colored MNIST: a reason to take the shortcut. Validation and probe
+# objects always look like their class.
 # OBJECT_COLOURS=random gives objects random hues, so that colour does not give the class
 # away and the mark becomes the easiest class signal (with the default class hues the
 # object's own colour is a better shortcut than any mark); shapes alone take longer to
@@ -47,7 +48,7 @@ MIN_ENERGY_IN_BOX=${MIN_ENERGY_IN_BOX:-0.3}
 DETLENS=${DETLENS:-.venv/bin/detlens}
 PROBE_CUE=${PROBE_CUE:-0.9}
 OBJECT_COLOURS=${OBJECT_COLOURS:-class}
-CUE_PLACEMENT=${CUE_PLACEMENT:-beside}
+CUE_PLACEMENT=${CUE_PLACEMENT:-ring}
 MAX_EPOCHS=${MAX_EPOCHS:-2}  # the demo config's
 APPEARANCE_NOISE=${APPEARANCE_NOISE:-0.3}
 CUE_TRAIN=${CUE_TRAIN:-1.0}
