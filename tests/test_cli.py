@@ -148,4 +148,4 @@ def test_the_spurious_cue_overlay_composes_with_the_demo_config(tmp_path, monkey
     assert {"GradCAMCallback", "BoxEmbeddingCallback", "FocusRegressionCallback"} <= set(names)
     assert "AttentionMapCallback" not in names
     (gradcam,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradCAMCallback"]
-    assert gradcam.layer == "backbone.body.layer3"
+    assert gradcam.layer == "backbone.body.layer2"
