@@ -2,7 +2,7 @@
 # The spurious-cue demo: does `detlens compare` flag a detector that learnt a shortcut?
 #
 # Trains the demo detector (configs/fasterrcnn_synthetic.yaml, every detlens callback on,
-# W&B offline) twice on the synthetic scenes, with the same seed and the same objects:
+# W&B offline) three times on the synthetic scenes, with the same objects:
 #   clean: training objects without cue (spurious_cue=0);
 #   cue:   every training object also carries a class-specific mark off the object
 #          (CUE_TRAIN=1.0) -- a shortcut to the class. CUE_PLACEMENT=ring (default) draws
@@ -55,7 +55,7 @@ CUE_PLACEMENT=${CUE_PLACEMENT:-ring}
 MAX_EPOCHS=${MAX_EPOCHS:-2}  # the demo config's
 APPEARANCE_NOISE=${APPEARANCE_NOISE:-0.3}
 CUE_TRAIN=${CUE_TRAIN:-1.0}
-DATA=${DATA:-data}  # scenes are generated on first use under $DATA/synthetic_<colours>_<placement>_{clean,cue}_probe<PROBE_CUE>
+DATA=${DATA:-data}  # scenes are generated on first use under $DATA/synthetic_<colours>_<placement>_look<noise>_{clean,cue<p>}_probe<PROBE_CUE>
 PYTHON=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT/clean" "$OUT/cue" "$OUT/seed_control"
 SCENES="$DATA/synthetic_${OBJECT_COLOURS}_${CUE_PLACEMENT}_look${APPEARANCE_NOISE}_clean_probe$PROBE_CUE"

@@ -9,9 +9,10 @@ Layout under ``root`` (read back by :class:`detlens.data.CocoDetectionDataset`):
 Four classes (circle, square, triangle, cross), each with its own shape and hue (jittered),
 on textured backgrounds. With ``spurious_cue=p`` each object's class is, with probability
 ``p``, also signalled by a small class-specific patch placed off every object box,
-anywhere in the image or (``cue_placement="beside"``) next to its own object (its
-``cue_bbox`` is recorded on the annotation) — a shortcut a detector may learn instead of
-the object.
+anywhere in the image, next to its own object (``cue_placement="beside"``) or as a ring
+around its box (``"ring"``) (its ``cue_bbox`` is recorded on the annotation) — a shortcut a
+detector may learn instead of the object. ``appearance_noise`` makes some training objects
+look like another class, so that the cue can be the more reliable class signal.
 
 Generation is deterministic: image ``i`` of a split draws from its own
 ``numpy.random.Generator`` seeded by ``(seed, split, i)``, so the same seed gives the same
