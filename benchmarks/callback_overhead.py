@@ -105,7 +105,6 @@ def main() -> None:
     config = yaml.safe_load(Path(args.config).read_text())
     trainer = config["trainer"]
     trainer.update(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    # Both variants: per-hook timings (a few microseconds per hook), written to a file, not printed.
     if args.max_epochs is not None:
         trainer["max_epochs"] = args.max_epochs
     detlens_callbacks = [c["class_path"] for c in trainer.get("callbacks") or [] if c["class_path"].startswith("detlens.")]
@@ -115,6 +114,7 @@ def main() -> None:
         if data_root and not Path(data_root).is_absolute():  # share one generated dataset
             config["data"]["init_args"]["root"] = str((REPO / data_root).resolve())
         trainer["logger"]["init_args"]["save_dir"] = str(workdir)
+        # Both variants: per-hook timings (a few microseconds per hook), written to a file, not printed.
         trainer["profiler"] = {"class_path": "pytorch_lightning.profilers.SimpleProfiler",
                                "init_args": {"dirpath": str(workdir), "filename": "hooks"}}
         variants = {"without": _strip_detlens_callbacks(json.loads(json.dumps(config))), "with": config}

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from detlens.data.scenes import ring_hole
 from detlens.explainers.metrics import box_area_fraction, energy_in_box
 from detlens.focus.record import read_focus_record
 
@@ -46,14 +47,6 @@ def cue_boxes(annotation_file: Path) -> tuple[dict[int, list[tuple[list[float], 
             cx, cy, cw, ch = ann["cue_bbox"]
             out[int(ann["image_id"])].append(([x, y, x + w, y + h], [cx, cy, cx + cw, cy + ch]))
     return out, rings
-
-
-def ring_hole(objects: torch.Tensor) -> torch.Tensor:
-    """The inside of each object's ring (xyxy): its box widened by the gap, as drawn."""
-    from detlens.data.scenes import CUE_RING_GAP_PX
-
-    gap = float(CUE_RING_GAP_PX)
-    return torch.cat([objects[:, :2].floor() - gap, objects[:, 2:].ceil() + gap], dim=1)
 
 
 def run_figures(
@@ -85,7 +78,7 @@ def run_figures(
         per_mark = torch.stack([energy_in_box(maps, (b * scale).expand(len(maps), 4)) for b in mark_boxes], 1)
         mark_area = box_area_fraction(mark_boxes, image.height, image.width)
         if rings:
-            holes = ring_hole(objects)
+            holes = torch.tensor([ring_hole(tuple(box)) for box in objects.tolist()], dtype=torch.float32)
             per_mark = per_mark - torch.stack(
                 [energy_in_box(maps, (b * scale).expand(len(maps), 4)) for b in holes], 1)
             mark_area = mark_area - box_area_fraction(holes, image.height, image.width)

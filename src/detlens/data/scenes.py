@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -38,6 +38,7 @@ _CUE_MARGIN_PX = 2
 CUE_BESIDE_GAP_PX = 6  # "beside": the patch's nearest edge is at most this far from its object's box
 CUE_RING_GAP_PX = 2  # "ring": pixels between the object's box and the inside of its ring
 CUE_RING_WIDTH = 0.025  # "ring": ring thickness as a fraction of the image side (at least 2 px)
+CUE_PLACEMENTS: tuple[str, ...] = ("anywhere", "beside", "ring")
 _SUBPIXEL_BITS = 4  # cv2 fixed-point drawing: coordinates in 1/16 px
 
 
@@ -94,7 +95,7 @@ def draw_scene(
     # Drawn from the scene stream before cues so it is identical with and without cues.
     sigma = scene_rng.uniform(3.0, 10.0)
     noise = scene_rng.standard_normal(canvas.shape, dtype=np.float32) * np.float32(sigma)
-    if cue_placement not in ("anywhere", "beside", "ring"):
+    if cue_placement not in CUE_PLACEMENTS:
         raise ValueError(f"unknown cue placement {cue_placement!r}")
     objects = _draw_cues(canvas, objects, cue_rng, image_size, cue_probability, cue_placement)
     image = np.clip(canvas + noise, 0, 255).astype(np.uint8)
@@ -254,8 +255,7 @@ def _draw_cues(
         side = max(8, round(rng.uniform(*CUE_SIZE_RANGE) * size))
         cue_box = None
         if wants_cue and placement == "ring":
-            result.append(SceneObject(obj.class_index, obj.box, obj.polygon, obj.area,
-                                      _draw_ring(canvas, obj, objects, size), True, obj.look_index))
+            result.append(replace(obj, cue_box=_draw_ring(canvas, obj, objects, size), cue_wanted=True))
             continue
         if wants_cue:
             while cue_box is None and side >= 6:
@@ -266,8 +266,16 @@ def _draw_cues(
             _draw_cue_patch(canvas, CLASS_NAMES[obj.class_index], x, y, w)
             m = _CUE_MARGIN_PX
             occupied[max(0, y - m) : y + h + m, max(0, x - m) : x + w + m] = 1
-        result.append(SceneObject(obj.class_index, obj.box, obj.polygon, obj.area, cue_box, wants_cue, obj.look_index))
+        result.append(replace(obj, cue_box=cue_box, cue_wanted=wants_cue))
     return result
+
+
+def ring_hole(box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """The inside edge of the ring drawn around ``box`` (xyxy pixels): the box, outward
+    to whole pixels, widened by ``CUE_RING_GAP_PX`` (not clipped to the image)."""
+    x1, y1, x2, y2 = box
+    gap = CUE_RING_GAP_PX
+    return math.floor(x1) - gap, math.floor(y1) - gap, math.ceil(x2) + gap, math.ceil(y2) + gap
 
 
 def _draw_ring(
@@ -277,9 +285,7 @@ def _draw_ring(
     inside any other object's box; returns the ring's outer box ``(x, y, width, height)``
     clipped to the image."""
     width = max(2, round(CUE_RING_WIDTH * size))
-    x1, y1, x2, y2 = obj.box
-    inner = (math.floor(x1) - CUE_RING_GAP_PX, math.floor(y1) - CUE_RING_GAP_PX,
-             math.ceil(x2) + CUE_RING_GAP_PX, math.ceil(y2) + CUE_RING_GAP_PX)
+    inner = ring_hole(obj.box)
     ox1, oy1 = max(0, inner[0] - width), max(0, inner[1] - width)
     ox2, oy2 = min(size, inner[2] + width), min(size, inner[3] + width)
     mask = np.zeros((size, size), bool)

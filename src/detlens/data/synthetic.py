@@ -39,7 +39,7 @@ import numpy as np
 from rich.progress import track
 
 from detlens.data.errors import DatasetError
-from detlens.data.scenes import CLASS_NAMES, SceneObject, draw_scene
+from detlens.data.scenes import CLASS_NAMES, CUE_PLACEMENTS, SceneObject, draw_scene
 
 MANIFEST_NAME = "detlens_synthetic.json"
 GENERATOR_VERSION = 1  # bump when the drawing changes: old folders then stop matching
@@ -47,7 +47,6 @@ TRAIN_ANN = "annotations/instances_train.json"
 VAL_ANN = "annotations/instances_val.json"
 _SPLITS = ("train", "val")
 OBJECT_COLOURS = ("class", "random")
-CUE_PLACEMENTS = ("anywhere", "beside", "ring")
 _MIN_IMAGE_SIZE = 64
 
 
