@@ -7,6 +7,7 @@ peak RSS is measured per run, and prints the overhead as a percentage of wall ti
     python benchmarks/callback_overhead.py                      # the full demo config, 2 pairs
     python benchmarks/callback_overhead.py --repeats 3          # steadier on a noisy machine
     python benchmarks/callback_overhead.py --max-epochs 1       # quicker, same cadence rules
+    python benchmarks/callback_overhead.py --media-thread-niceness 0 10   # media thread priority, compared
 
 Both runs use the same seed and data; W&B runs offline into a temporary folder. The
 figure includes everything the callbacks cost: explaining, rendering and logging media.
@@ -44,11 +45,15 @@ def _strip_detlens_callbacks(config: dict) -> dict:
     return config
 
 
-def _child(config_path: str, out_path: str) -> None:
+def _child(config_path: str, out_path: str, niceness: str) -> None:
     """Runs one fit in this process and writes its wall time and peak RSS as JSON."""
     import wandb
 
     from detlens.cli import build_cli
+    from detlens.sinks import fanout
+
+    if niceness != "default":
+        fanout.MEDIA_THREAD_NICENESS = int(niceness)
 
     def cpu_s() -> float:  # this process and its reaped children (the DataLoader workers)
         return sum(
@@ -69,24 +74,30 @@ def _child(config_path: str, out_path: str) -> None:
     # Lightning's SimpleProfiler times every callback hook as "[Callback]<state_key>.<hook>";
     # detlens' state keys start with the class name.
     durations = cli.trainer.profiler.recorded_durations
-    hooks_s = sum(
-        sum(times) for action, times in durations.items()
-        if action.startswith("[Callback]") and action[len("[Callback]"):].startswith(DETLENS_CALLBACKS)
-    )
+    per_callback: dict[str, float] = {}
+    for action, times in durations.items():
+        name = action[len("[Callback]"):] if action.startswith("[Callback]") else ""
+        owner = next((c for c in DETLENS_CALLBACKS if name.startswith(c)), None)
+        if owner is not None:
+            per_callback[owner] = per_callback.get(owner, 0.0) + sum(times)
+    hooks_s = sum(per_callback.values())
     Path(out_path).write_text(
         json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak_kib / 1024, "metrics": metrics,
-                    "hooks_s": hooks_s, "media_thread_s": media_thread_seconds()})
+                    "hooks_s": hooks_s, "hooks_by_callback_s": per_callback,
+                    "media_thread_s": media_thread_seconds()})
     )
 
 
-def _run_variant(name: str, config: dict, workdir: Path) -> dict:
-    config_path = workdir / f"{name}.yaml"
+def _run_variant(name: str, config: dict, niceness: str, workdir: Path) -> dict:
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    config_path = workdir / f"{slug}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    out_path = workdir / f"{name}.json"
+    out_path = workdir / f"{slug}.json"
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
     print(f"[{name}] fitting {config_path.name} ...", flush=True)
     subprocess.run(
-        [sys.executable, __file__, "--child", str(config_path), str(out_path)], cwd=workdir, env=env, check=True
+        [sys.executable, __file__, "--child", str(config_path), str(out_path), niceness], cwd=workdir, env=env,
+        check=True,
     )
     return json.loads(out_path.read_text())
 
@@ -96,7 +107,12 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "fasterrcnn_synthetic.yaml"))
     parser.add_argument("--max-epochs", type=int, default=None, help="override trainer.max_epochs")
     parser.add_argument("--repeats", type=int, default=2, help="fits per variant (alternating order)")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--media-thread-niceness", type=int, nargs="+", default=None, metavar="N",
+        help="run the with-callbacks fit once per value of detlens.sinks.fanout.MEDIA_THREAD_NICENESS "
+             "(default: the library's own), alternating with the fit without callbacks",
+    )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(*args.child)
@@ -117,32 +133,46 @@ def main() -> None:
         # Both variants: per-hook timings (a few microseconds per hook), written to a file, not printed.
         trainer["profiler"] = {"class_path": "pytorch_lightning.profilers.SimpleProfiler",
                                "init_args": {"dirpath": str(workdir), "filename": "hooks"}}
-        variants = {"without": _strip_detlens_callbacks(json.loads(json.dumps(config))), "with": config}
-        runs: dict[str, list[dict]] = {"without": [], "with": []}
+        variants = {"without": (_strip_detlens_callbacks(json.loads(json.dumps(config))), "default")}
+        nicenesses = args.media_thread_niceness
+        if nicenesses is None:
+            variants["with"] = (config, "default")
+        else:
+            variants.update({f"with (media nice {n})": (config, str(n)) for n in nicenesses})
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
         for i in range(args.repeats):
-            order = ("without", "with") if i % 2 == 0 else ("with", "without")
+            order = list(variants) if i % 2 == 0 else list(reversed(variants))
             for name in order:
-                runs[name].append(_run_variant(name, variants[name], workdir))
+                runs[name].append(_run_variant(name, *variants[name], workdir))
 
     def median(name: str, field: str) -> float:
         return statistics.median(r[field] for r in runs[name])
 
-    base_wall, full_wall = median("without", "wall_s"), median("with", "wall_s")
-    base_cpu, full_cpu = median("without", "cpu_s"), median("with", "cpu_s")
-    base_rss, full_rss = max(r["peak_rss_mib"] for r in runs["without"]), max(r["peak_rss_mib"] for r in runs["with"])
+    base_wall, base_cpu = median("without", "wall_s"), median("without", "cpu_s")
+    base_rss = max(r["peak_rss_mib"] for r in runs["without"])
     print(f"config: {args.config} (max_epochs={trainer['max_epochs']}), {args.repeats} fits per variant, alternating")
     print(f"detlens callbacks: {', '.join(c.rsplit('.', 1)[1] for c in detlens_callbacks)}")
-    for name in ("without", "with"):
+    for name in runs:
         walls = ", ".join(f"{r['wall_s']:.1f}" for r in runs[name])
         print(f"wall time {name} callbacks: {walls} s (median {median(name, 'wall_s'):.1f} s); CPU median {median(name, 'cpu_s'):.1f} s")
-    print(f"callback overhead: {100.0 * (full_wall - base_wall) / base_wall:.1f}% of wall time "
-          f"({100.0 * (full_cpu - base_cpu) / base_cpu:.1f}% of CPU time)")
-    print(f"training thread inside detlens hooks: median {median('with', 'hooks_s'):.1f} s per fit "
-          f"({100.0 * median('with', 'hooks_s') / base_wall:.1f}% of the fit without callbacks); "
-          f"media thread building W&B media: {median('with', 'media_thread_s'):.1f} s per fit")
-    print(f"peak RSS without: {base_rss:.0f} MiB   with: {full_rss:.0f} MiB   overhead: {full_rss - base_rss:+.0f} MiB")
-    print(f"val/mAP_50 without: {runs['without'][0]['metrics'].get('val/mAP_50', float('nan')):.3f}   "
-          f"with: {runs['with'][0]['metrics'].get('val/mAP_50', float('nan')):.3f}")
+    for name in (n for n in runs if n != "without"):
+        label = "" if name == "with" else f" [{name}]"
+        full_wall, full_cpu = median(name, "wall_s"), median(name, "cpu_s")
+        full_rss = max(r["peak_rss_mib"] for r in runs[name])
+        print(f"callback overhead{label}: {100.0 * (full_wall - base_wall) / base_wall:.1f}% of wall time "
+              f"({100.0 * (full_cpu - base_cpu) / base_cpu:.1f}% of CPU time)")
+        print(f"training thread inside detlens hooks: median {median(name, 'hooks_s'):.1f} s per fit "
+              f"({100.0 * median(name, 'hooks_s') / base_wall:.1f}% of the fit without callbacks); "
+              f"media thread building W&B media: {median(name, 'media_thread_s'):.1f} s per fit")
+        by_callback = {
+            c: statistics.median(r["hooks_by_callback_s"].get(c, 0.0) for r in runs[name]) for c in DETLENS_CALLBACKS
+        }
+        print("  of which: " + ", ".join(
+            f"{c.removesuffix('Callback')} {t:.1f} s" for c, t in sorted(by_callback.items(), key=lambda kv: -kv[1]) if t
+        ))
+        print(f"peak RSS without: {base_rss:.0f} MiB   with: {full_rss:.0f} MiB   overhead: {full_rss - base_rss:+.0f} MiB")
+        print(f"val/mAP_50 without: {runs['without'][0]['metrics'].get('val/mAP_50', float('nan')):.3f}   "
+              f"with: {runs[name][0]['metrics'].get('val/mAP_50', float('nan')):.3f}")
 
 
 if __name__ == "__main__":

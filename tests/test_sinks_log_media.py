@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import sys
+import threading
 import warnings
 
 import numpy as np
@@ -115,8 +118,6 @@ def test_a_wandb_logger_failing_at_flush_time_costs_a_warning(tmp_path, finish_w
 
 
 def test_media_built_later_are_built_off_the_training_thread_and_followed_up_on_it(tmp_path, finish_wandb):
-    import threading
-
     csv_logger = CSVLogger(tmp_path / "csv", name="run")
     trainer = pl.Trainer(logger=[WandbLogger(offline=True, save_dir=tmp_path), csv_logger], accelerator="cpu",
                          enable_progress_bar=False)
@@ -146,6 +147,25 @@ def test_media_built_later_are_built_off_the_training_thread_and_followed_up_on_
     assert [(row["trainer/global_step"], row["score"]) for row in run.history if "score" in row] == [(3, 0.5)]
     with open(csv_logger.experiment.metrics_file_path) as f:  # the other loggers get it at flush time too
         assert [row["score"] for row in csv.DictReader(f)] == ["0.5"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+def test_the_media_thread_yields_the_cores_to_training_and_leaves_training_priority_alone(tmp_path, finish_wandb):
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def build() -> Media:
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return Media(scalars={"s": 1.0})
+
+    trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
+                         enable_progress_bar=False)
+    log_media_later(trainer, build, step=0)
+    flush_media()
+    wandb.finish()
+    assert fanout.MEDIA_THREAD_NICENESS > 0
+    assert seen["nice"] == min(19, main_nice + fanout.MEDIA_THREAD_NICENESS)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice  # training's own is unchanged
 
 
 def test_media_built_later_without_wandb_are_built_at_once():

@@ -20,11 +20,15 @@ follow-up that runs back on the training thread once they are logged.
 On a GPU the training thread is then free after the explaining forwards; on a CPU-only
 machine the media thread competes with training for the same cores, so the wall-clock
 saving there is smaller than the time moved (``benchmarks/callback_overhead.py`` reports
-both).
+both). On Linux the media thread runs at a lower scheduling priority than training
+(:data:`MEDIA_THREAD_NICENESS`): it is best-effort work, and a training thread it
+preempts holds up every other thread of the same parallel region.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -43,10 +47,20 @@ from detlens.sinks.media import MediaImage, MediaTable
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-__all__ = ["MAX_PENDING", "Media", "flush_media", "log_media", "log_media_later"]
+__all__ = ["MAX_PENDING", "MEDIA_THREAD_NICENESS", "Media", "flush_media", "log_media", "log_media_later"]
 
 MAX_PENDING = 4
 """Logging events whose W&B payload may be waiting to be logged before ``log_media`` blocks."""
+
+MEDIA_THREAD_NICENESS = 10
+"""How much lower than the training thread the media thread is scheduled: a ``nice``
+increment (0-19; 0 leaves it alone), applied to that thread only (Linux; elsewhere nothing
+is changed). The media thread then runs in the cores' idle time (data-loader waits,
+single-threaded stretches of the training step) rather than preempting training; on a
+2-core CPU run a preempted OpenMP thread stalls the whole parallel region it belongs to.
+When training waits for media (the queue is full, or a stage ends) the training threads
+sleep and the media thread gets the cores, so nothing waits longer than its build takes
+on an idle core. Set before the first logging event (the thread is created then)."""
 
 DRAIN_TIMEOUT_S = 120.0
 """How long the end of a stage waits for one payload before giving up on it with a warning."""
@@ -80,8 +94,27 @@ _build_seconds = 0.0
 def _worker() -> ThreadPoolExecutor:
     global _executor
     if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detlens-media")
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detlens-media", initializer=_lower_priority)
     return _executor
+
+
+def _lower_priority() -> None:
+    """Runs first on the media thread: its ``nice`` value goes up by :data:`MEDIA_THREAD_NICENESS`.
+
+    Linux only: there the nice value is a per-thread attribute and ``setpriority`` with a
+    thread id changes that thread alone (setpriority(2), NOTES); the threads it starts
+    later (OpenMP workers of the torch ops it runs) inherit it. Elsewhere a thread id is
+    not a process id, so nothing is done. Lowering one's own priority needs no privilege;
+    a failure leaves the priority as it was.
+    """
+    if MEDIA_THREAD_NICENESS <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + int(MEDIA_THREAD_NICENESS)))
+    except OSError:
+        pass
 
 
 def log_media(
