@@ -15,11 +15,19 @@ On a shared 2-core machine one fit's wall time varies by several percent from ru
 run, more than the overhead being measured, so the fits alternate (without, with, with,
 without, ...) and the medians are compared; CPU time (the fit process and its data
 workers) is printed too, as it depends less on what else the machine is doing.
+
+Where the time goes, per variant: the fit's phases (startup, the training loop, what
+follows it: the media drain at teardown and ``wandb.finish``), the training batches and
+validation steps inside the loop (the same work in both variants, so any difference is
+cores and GIL shared with detlens' media thread; see ``media_thread_contention.py``), and
+the training thread's time inside each detlens callback's hooks (Lightning's
+``SimpleProfiler``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import os
@@ -30,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytorch_lightning as pl
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +46,18 @@ DETLENS_CALLBACKS = (
     "PredictionOverlayCallback", "GradCAMCallback", "AttentionMapCallback", "AttentionEntropyCallback",
     "BoxEmbeddingCallback", "FocusRegressionCallback",
 )
+
+
+class PhaseTimer(pl.Callback):
+    """Added to both variants (``callback_overhead.PhaseTimer``): when the training loop starts and ends."""
+
+    marks: dict[str, float] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        PhaseTimer.marks["train_start"] = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        PhaseTimer.marks["train_end"] = time.perf_counter()
 
 
 def _strip_detlens_callbacks(config: dict) -> dict:
@@ -68,7 +89,14 @@ def _child(config_path: str, out_path: str, niceness: str) -> None:
     cli = build_cli(["fit", "--config", config_path])
     if wandb.run is not None:
         wandb.finish()
-    wall, cpu = time.perf_counter() - start, cpu_s() - cpu_start
+    end = time.perf_counter()
+    wall, cpu = end - start, cpu_s() - cpu_start
+    marks = importlib.import_module("callback_overhead").PhaseTimer.marks  # the instance jsonargparse made
+    phases = {
+        "startup": marks["train_start"] - start,  # imports, data, W&B run, probe sets
+        "training loop": marks["train_end"] - marks["train_start"],  # steps, validation, logging events
+        "after training": end - marks["train_end"],  # media drain at teardown, wandb.finish
+    }
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     # Lightning's SimpleProfiler times every callback hook as "[Callback]<state_key>.<hook>";
@@ -81,10 +109,14 @@ def _child(config_path: str, out_path: str, niceness: str) -> None:
         if owner is not None:
             per_callback[owner] = per_callback.get(owner, 0.0) + sum(times)
     hooks_s = sum(per_callback.values())
+    batches_s = {  # the same work in both variants: slower with callbacks = cores shared with their threads
+        "training batches": sum(durations.get("run_training_batch", [])),
+        "validation steps": sum(sum(t) for a, t in durations.items() if a.endswith(".validation_step")),
+    }
     Path(out_path).write_text(
         json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak_kib / 1024, "metrics": metrics,
                     "hooks_s": hooks_s, "hooks_by_callback_s": per_callback,
-                    "media_thread_s": media_thread_seconds()})
+                    "media_thread_s": media_thread_seconds(), "phases_s": phases, "batches_s": batches_s})
     )
 
 
@@ -133,6 +165,7 @@ def main() -> None:
         # Both variants: per-hook timings (a few microseconds per hook), written to a file, not printed.
         trainer["profiler"] = {"class_path": "pytorch_lightning.profilers.SimpleProfiler",
                                "init_args": {"dirpath": str(workdir), "filename": "hooks"}}
+        trainer["callbacks"] = [{"class_path": "callback_overhead.PhaseTimer"}] + (trainer.get("callbacks") or [])
         variants = {"without": (_strip_detlens_callbacks(json.loads(json.dumps(config))), "default")}
         nicenesses = args.media_thread_niceness
         if nicenesses is None:
@@ -155,6 +188,10 @@ def main() -> None:
     for name in runs:
         walls = ", ".join(f"{r['wall_s']:.1f}" for r in runs[name])
         print(f"wall time {name} callbacks: {walls} s (median {median(name, 'wall_s'):.1f} s); CPU median {median(name, 'cpu_s'):.1f} s")
+        phases = {p: statistics.median(r["phases_s"][p] for r in runs[name]) for p in runs[name][0]["phases_s"]}
+        print("  " + ", ".join(f"{p} {t:.1f} s" for p, t in phases.items()) + "; of the loop: " + ", ".join(
+            f"{p} {statistics.median(r['batches_s'][p] for r in runs[name]):.1f} s" for p in runs[name][0]["batches_s"]
+        ))
     for name in (n for n in runs if n != "without"):
         label = "" if name == "with" else f" [{name}]"
         full_wall, full_cpu = median(name, "wall_s"), median(name, "cpu_s")

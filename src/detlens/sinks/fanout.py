@@ -21,8 +21,8 @@ On a GPU the training thread is then free after the explaining forwards; on a CP
 machine the media thread competes with training for the same cores, so the wall-clock
 saving there is smaller than the time moved (``benchmarks/callback_overhead.py`` reports
 both). On Linux the media thread runs at a lower scheduling priority than training
-(:data:`MEDIA_THREAD_NICENESS`): it is best-effort work, and a training thread it
-preempts holds up every other thread of the same parallel region.
+(:data:`MEDIA_THREAD_NICENESS`): it is best-effort work, and while it holds the GIL or a
+core, training's steps wait.
 """
 
 from __future__ import annotations
@@ -55,12 +55,15 @@ MAX_PENDING = 4
 MEDIA_THREAD_NICENESS = 10
 """How much lower than the training thread the media thread is scheduled: a ``nice``
 increment (0-19; 0 leaves it alone), applied to that thread only (Linux; elsewhere nothing
-is changed). The media thread then runs in the cores' idle time (data-loader waits,
-single-threaded stretches of the training step) rather than preempting training; on a
-2-core CPU run a preempted OpenMP thread stalls the whole parallel region it belongs to.
-When training waits for media (the queue is full, or a stage ends) the training threads
-sleep and the media thread gets the cores, so nothing waits longer than its build takes
-on an idle core. Set before the first logging event (the thread is created then)."""
+is changed). Set before the first logging event (the thread is created then).
+
+Media work is mostly Python holding the GIL, and every op of a training step must take
+the GIL back when it returns: while the media thread was busy at the same priority, a
+training step of the demo model took about three times as long; at nice 10, 11-28% longer
+(``benchmarks/media_thread_contention.py``). When training waits for media (the queue is
+full, or a stage ends) its threads sleep and the media thread gets the cores. Not 19: on a
+node shared with other jobs a nice-19 thread gets ~1.5% of a core, which can push a
+payload past :data:`DRAIN_TIMEOUT_S`; nice 10 gets ~10%."""
 
 DRAIN_TIMEOUT_S = 120.0
 """How long the end of a stage waits for one payload before giving up on it with a warning."""

@@ -1,0 +1,140 @@
+"""How much detlens' media thread slows the training steps running next to it.
+
+The media thread (``detlens.sinks.fanout``) builds W&B media while training goes on:
+matplotlib figures, overlays, ``wandb.Image`` PNGs. Much of that is Python holding the
+GIL, and a training step is hundreds of short C++ ops, each of which has to take the GIL
+back when it returns; while another thread holds it, the training thread waits up to the
+interpreter's switch interval (5 ms) at every op boundary. On a CPU-only machine the
+media thread also takes cores from training's OpenMP threads, and one late thread holds
+up its whole parallel region.
+
+This times training steps of the demo model (``configs/fasterrcnn_synthetic.yaml``, one
+batch, AdamW) alone, then while a thread runs a logging event's media work in a loop
+(detlens' own renderers: a t-SNE scatter plot of 150 detections, an attention-entropy
+heatmap, and ``wandb.Image`` payloads for 27 attention overlays of 160 px) at each
+``--niceness`` value, through the library's own ``MEDIA_THREAD_NICENESS`` code path.
+Steps alone and steps with the media thread alternate in blocks (median per condition),
+so a machine whose speed drifts affects every condition alike. It is the worst case: in
+a fit the media thread is busy for seconds after each logging event, idle otherwise
+(``benchmarks/callback_overhead.py`` measures the fit).
+
+Run: ``.venv/bin/python benchmarks/media_thread_contention.py [--steps 8 --niceness 0 10 19]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def media_event(rng: np.random.Generator) -> None:
+    """One logging event's media work, as the media thread does it."""
+    from detlens.render.attention import entropy_heatmap
+    from detlens.render.scatter import render_scatter
+    from detlens.sinks.fanout import _wandb_payload
+    from detlens.sinks.media import MediaImage
+
+    labels = rng.integers(1, 5, size=150)
+    render_scatter(rng.normal(size=(150, 2)) * 10, labels, outcomes=["tp"] * 120 + ["fp"] * 30, method="tsne",
+                   class_names={1: "square", 2: "circle", 3: "triangle", 4: "cross"})
+    entropy_heatmap({"backbone.body.layer3_attention": rng.random(2)}, title="step 0")
+    overlays = [MediaImage(pixels=rng.integers(0, 255, size=(160, 160, 3), dtype=np.uint8), caption=f"point {i}")
+                for i in range(27)]
+    _wandb_payload({"attention_maps/probe": overlays}, None, None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "fasterrcnn_synthetic.yaml"))
+    parser.add_argument("--steps", type=int, default=8, help="training steps per block")
+    parser.add_argument("--blocks", type=int, default=2, help="blocks per condition, interleaved")
+    parser.add_argument("--niceness", type=int, nargs="+", default=[0, 10, 19],
+                        help="MEDIA_THREAD_NICENESS values to compare (the library's default is 10)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    args = parser.parse_args()
+
+    from detlens.data import SyntheticDataModule
+    from detlens.lightning_modules import TorchvisionDetector
+    from detlens.sinks import fanout
+
+    torch.set_num_threads(args.threads)
+    config = yaml.safe_load(Path(args.config).read_text())
+    data_args = dict(config["data"]["init_args"])
+    if not Path(data_args.get("root", ".")).is_absolute():
+        data_args["root"] = str(REPO / data_args["root"])
+    dm = SyntheticDataModule(**data_args)
+    dm.prepare_data()
+    dm.setup("fit")
+    model = TorchvisionDetector(**{**config["model"]["init_args"], "num_classes": dm.num_classes,
+                                   "class_names": dm.class_names})
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = [dm.train_dataset[i] for i in range(data_args.get("batch_size", 8))]
+    images, targets = [b[0] for b in batch], [b[1] for b in batch]
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss = sum(model.model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    rng = np.random.default_rng(0)
+    media_event(rng)  # imports and font caches, outside the timing
+    start = time.perf_counter()
+    for _ in range(3):
+        media_event(rng)
+    event_s = (time.perf_counter() - start) / 3
+    for _ in range(2):
+        step()
+
+    def with_media_thread(niceness: int) -> list[float]:
+        stop = threading.Event()
+
+        def work() -> None:
+            fanout.MEDIA_THREAD_NICENESS = niceness
+            fanout._lower_priority()  # what the media thread does first
+            local = np.random.default_rng(1)
+            while not stop.is_set():
+                media_event(local)
+
+        thread = threading.Thread(target=work, name="detlens-media-bench")
+        thread.start()
+        time.sleep(0.2)
+        try:
+            return [step() for _ in range(args.steps)]
+        finally:
+            stop.set()
+            thread.join()
+
+    conditions = ["alone"] + [f"nice {n}" for n in args.niceness]
+    times: dict[str, list[float]] = {c: [] for c in conditions}
+    for block in range(args.blocks):
+        for condition in conditions if block % 2 == 0 else reversed(conditions):
+            if condition == "alone":
+                times[condition] += [step() for _ in range(args.steps)]
+            else:
+                times[condition] += with_media_thread(int(condition.split()[1]))
+
+    print(f"demo model ({config['model']['init_args']['architecture']}), batch {len(images)}, "
+          f"{args.threads} torch threads; one logging event's media work alone: {1e3 * event_s:.0f} ms")
+    alone = statistics.median(times["alone"])
+    for condition in conditions:
+        median = statistics.median(times[condition])
+        change = "" if condition == "alone" else f"  ({100 * (median / alone - 1):+.0f}%)"
+        label = "training step alone" if condition == "alone" else f"with the media thread busy, {condition}"
+        print(f"{label:<42s} {1e3 * median:7.0f} ms (median of {len(times[condition])}){change}")
+
+
+if __name__ == "__main__":
+    main()
