@@ -91,7 +91,7 @@ def _child(config_path: str, out_path: str, niceness: str) -> None:
         wandb.finish()
     end = time.perf_counter()
     wall, cpu = end - start, cpu_s() - cpu_start
-    marks = importlib.import_module("callback_overhead").PhaseTimer.marks  # the instance jsonargparse made
+    marks = importlib.import_module("callback_overhead").PhaseTimer.marks  # the module jsonargparse imported, not __main__
     phases = {
         "startup": marks["train_start"] - start,  # imports, data, W&B run, probe sets
         "training loop": marks["train_end"] - marks["train_start"],  # steps, validation, logging events
@@ -109,7 +109,7 @@ def _child(config_path: str, out_path: str, niceness: str) -> None:
         if owner is not None:
             per_callback[owner] = per_callback.get(owner, 0.0) + sum(times)
     hooks_s = sum(per_callback.values())
-    batches_s = {  # the same work in both variants: slower with callbacks = cores shared with their threads
+    batches_s = {  # the same work in both variants: slower with callbacks = cores and GIL shared with the media thread
         "training batches": sum(durations.get("run_training_batch", [])),
         "validation steps": sum(sum(t) for a, t in durations.items() if a.endswith(".validation_step")),
     }
