@@ -7,19 +7,22 @@ peak RSS is measured per run, and prints the overhead as a percentage of wall ti
     python benchmarks/callback_overhead.py                      # the full demo config, 2 pairs
     python benchmarks/callback_overhead.py --repeats 3          # steadier on a noisy machine
     python benchmarks/callback_overhead.py --max-epochs 1       # quicker, same cadence rules
-    python benchmarks/callback_overhead.py --media-thread-niceness 0 10   # media thread priority, compared
+    python benchmarks/callback_overhead.py --media-thread-niceness 0 10   # media worker priority, compared
+    python benchmarks/callback_overhead.py --media-worker process thread  # media process vs media thread
 
 Both runs use the same seed and data; W&B runs offline into a temporary folder. The
 figure includes everything the callbacks cost: explaining, rendering and logging media.
 On a shared 2-core machine one fit's wall time varies by several percent from run to
 run, more than the overhead being measured, so the fits alternate (without, with, with,
-without, ...) and the medians are compared; CPU time (the fit process and its data
-workers) is printed too, as it depends less on what else the machine is doing.
+without, ...) and the medians are compared; CPU time (the fit process, its data workers
+and detlens' media process) is printed too, as it depends less on what else the machine
+is doing. Peak RSS is the fit process's; detlens' media process's is printed beside it.
 
 Where the time goes, per variant: the fit's phases (startup, the training loop, what
 follows it: the media drain at teardown and ``wandb.finish``), the training batches and
 validation steps inside the loop (the same work in both variants, so any difference is
-cores and GIL shared with detlens' media thread; see ``media_thread_contention.py``), and
+cores, or with ``--media-worker thread`` the GIL, shared with detlens' media worker; see
+``media_thread_contention.py``), and
 the training thread's time inside each detlens callback's hooks (Lightning's
 ``SimpleProfiler``).
 """
@@ -66,7 +69,7 @@ def _strip_detlens_callbacks(config: dict) -> dict:
     return config
 
 
-def _child(config_path: str, out_path: str, niceness: str) -> None:
+def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
     """Runs one fit in this process and writes its wall time and peak RSS as JSON."""
     import wandb
 
@@ -75,6 +78,7 @@ def _child(config_path: str, out_path: str, niceness: str) -> None:
 
     if niceness != "default":
         fanout.MEDIA_THREAD_NICENESS = int(niceness)
+    fanout.USE_MEDIA_PROCESS = worker == "process"
 
     def cpu_s() -> float:  # this process and its reaped children (the DataLoader workers)
         return sum(
@@ -89,6 +93,13 @@ def _child(config_path: str, out_path: str, niceness: str) -> None:
     cli = build_cli(["fit", "--config", config_path])
     if wandb.run is not None:
         wandb.finish()
+    media_process_peak_mib = 0.0
+    if fanout._process is not None and fanout._process.pid is not None:  # its peak memory, then reap it (CPU time)
+        status = Path(f"/proc/{fanout._process.pid}/status")
+        if status.exists():
+            line = next(l for l in status.read_text().splitlines() if l.startswith("VmHWM:"))
+            media_process_peak_mib = int(line.split()[1]) / 1024
+        fanout._process.close()
     end = time.perf_counter()
     wall, cpu = end - start, cpu_s() - cpu_start
     marks = importlib.import_module("callback_overhead").PhaseTimer.marks  # the module jsonargparse imported, not __main__
@@ -109,18 +120,19 @@ def _child(config_path: str, out_path: str, niceness: str) -> None:
         if owner is not None:
             per_callback[owner] = per_callback.get(owner, 0.0) + sum(times)
     hooks_s = sum(per_callback.values())
-    batches_s = {  # the same work in both variants: slower with callbacks = cores and GIL shared with the media thread
+    batches_s = {  # the same work in both variants: slower with callbacks = cores (and GIL) shared with the media worker
         "training batches": sum(durations.get("run_training_batch", [])),
         "validation steps": sum(sum(t) for a, t in durations.items() if a.endswith(".validation_step")),
     }
     Path(out_path).write_text(
-        json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak_kib / 1024, "metrics": metrics,
+        json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak_kib / 1024,
+                    "media_process_peak_rss_mib": media_process_peak_mib, "metrics": metrics,
                     "hooks_s": hooks_s, "hooks_by_callback_s": per_callback,
                     "media_thread_s": media_thread_seconds(), "phases_s": phases, "batches_s": batches_s})
     )
 
 
-def _run_variant(name: str, config: dict, niceness: str, workdir: Path) -> dict:
+def _run_variant(name: str, config: dict, niceness: str, worker: str, workdir: Path) -> dict:
     slug = "".join(c if c.isalnum() else "_" for c in name)
     config_path = workdir / f"{slug}.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -128,7 +140,7 @@ def _run_variant(name: str, config: dict, niceness: str, workdir: Path) -> dict:
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
     print(f"[{name}] fitting {config_path.name} ...", flush=True)
     subprocess.run(
-        [sys.executable, __file__, "--child", str(config_path), str(out_path), niceness], cwd=workdir, env=env,
+        [sys.executable, __file__, "--child", str(config_path), str(out_path), niceness, worker], cwd=workdir, env=env,
         check=True,
     )
     return json.loads(out_path.read_text())
@@ -144,7 +156,12 @@ def main() -> None:
         help="run the with-callbacks fit once per value of detlens.sinks.fanout.MEDIA_THREAD_NICENESS "
              "(default: the library's own), alternating with the fit without callbacks",
     )
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--media-worker", nargs="+", choices=("process", "thread"), default=["process"],
+        help="where detlens builds W&B media: its media process (the default) or a thread of the training "
+             "process (detlens.sinks.fanout.USE_MEDIA_PROCESS); several values: one with-callbacks variant each",
+    )
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(*args.child)
@@ -166,12 +183,13 @@ def main() -> None:
         trainer["profiler"] = {"class_path": "pytorch_lightning.profilers.SimpleProfiler",
                                "init_args": {"dirpath": str(workdir), "filename": "hooks"}}
         trainer["callbacks"] = [{"class_path": "callback_overhead.PhaseTimer"}] + (trainer.get("callbacks") or [])
-        variants = {"without": (_strip_detlens_callbacks(json.loads(json.dumps(config))), "default")}
-        nicenesses = args.media_thread_niceness
-        if nicenesses is None:
-            variants["with"] = (config, "default")
-        else:
-            variants.update({f"with (media nice {n})": (config, str(n)) for n in nicenesses})
+        variants = {"without": (_strip_detlens_callbacks(json.loads(json.dumps(config))), "default", "process")}
+        nicenesses = [str(n) for n in args.media_thread_niceness] if args.media_thread_niceness else ["default"]
+        for worker in args.media_worker:
+            for nice in nicenesses:
+                parts = ([] if len(args.media_worker) == 1 else [f"media {worker}"]) + (
+                    [] if nice == "default" else [f"media nice {nice}"])
+                variants["with" + (f" ({', '.join(parts)})" if parts else "")] = (config, nice, worker)
         runs: dict[str, list[dict]] = {name: [] for name in variants}
         for i in range(args.repeats):
             order = list(variants) if i % 2 == 0 else list(reversed(variants))
@@ -200,14 +218,16 @@ def main() -> None:
               f"({100.0 * (full_cpu - base_cpu) / base_cpu:.1f}% of CPU time)")
         print(f"training thread inside detlens hooks: median {median(name, 'hooks_s'):.1f} s per fit "
               f"({100.0 * median(name, 'hooks_s') / base_wall:.1f}% of the fit without callbacks); "
-              f"media thread building W&B media: {median(name, 'media_thread_s'):.1f} s per fit")
+              f"media worker building W&B media: {median(name, 'media_thread_s'):.1f} s per fit")
         by_callback = {
             c: statistics.median(r["hooks_by_callback_s"].get(c, 0.0) for r in runs[name]) for c in DETLENS_CALLBACKS
         }
         print("  of which: " + ", ".join(
             f"{c.removesuffix('Callback')} {t:.1f} s" for c, t in sorted(by_callback.items(), key=lambda kv: -kv[1]) if t
         ))
-        print(f"peak RSS without: {base_rss:.0f} MiB   with: {full_rss:.0f} MiB   overhead: {full_rss - base_rss:+.0f} MiB")
+        media_rss = max(r.get("media_process_peak_rss_mib", 0.0) for r in runs[name])
+        print(f"peak RSS without: {base_rss:.0f} MiB   with: {full_rss:.0f} MiB   overhead: {full_rss - base_rss:+.0f} MiB"
+              + (f"   (+ detlens' media process: peak {media_rss:.0f} MiB)" if media_rss else ""))
         print(f"val/mAP_50 without: {runs['without'][0]['metrics'].get('val/mAP_50', float('nan')):.3f}   "
               f"with: {runs[name][0]['metrics'].get('val/mAP_50', float('nan')):.3f}")
 

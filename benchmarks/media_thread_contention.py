@@ -1,4 +1,4 @@
-"""How much detlens' media thread slows the training steps running next to it.
+"""How much detlens' media worker (a thread, or its media process) slows the training steps next to it.
 
 The media thread (``detlens.sinks.fanout``) builds W&B media while training goes on:
 matplotlib figures, overlays, ``wandb.Image`` PNGs. Much of that is Python holding the
@@ -13,17 +13,20 @@ batch, AdamW) alone, then while a thread runs a logging event's media work in a 
 (detlens' own renderers: a t-SNE scatter plot of 150 detections, an attention-entropy
 heatmap, and ``wandb.Image`` payloads for 27 attention overlays of 160 px) at each
 ``--niceness`` value, through the library's own ``MEDIA_THREAD_NICENESS`` code path.
-Steps alone and steps with the media thread alternate in blocks (median per condition),
+``--worker process`` runs the same work in detlens' media process
+(``detlens.sinks.media_process``), which has its own GIL, at the same niceness values.
+Steps alone and steps with the media worker alternate in blocks (median per condition),
 so a machine whose speed drifts affects every condition alike. It is the worst case: in
 a fit the media thread is busy for seconds after each logging event, idle otherwise
 (``benchmarks/callback_overhead.py`` measures the fit).
 
-Run: ``.venv/bin/python benchmarks/media_thread_contention.py [--steps 8 --niceness 0 10 19]``
+Run: ``.venv/bin/python benchmarks/media_thread_contention.py [--steps 8 --niceness 0 10 19 --worker thread process]``
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import threading
 import time
@@ -40,7 +43,7 @@ def media_event(rng: np.random.Generator) -> None:
     """One logging event's media work, as the media thread does it."""
     from detlens.render.attention import entropy_heatmap
     from detlens.render.scatter import render_scatter
-    from detlens.sinks.fanout import _wandb_payload
+    from detlens.sinks.wandb_payload import wandb_payload
     from detlens.sinks.media import MediaImage
 
     labels = rng.integers(1, 5, size=150)
@@ -49,7 +52,12 @@ def media_event(rng: np.random.Generator) -> None:
     entropy_heatmap({"backbone.body.layer3_attention": rng.random(2)}, title="step 0")
     overlays = [MediaImage(pixels=rng.integers(0, 255, size=(160, 160, 3), dtype=np.uint8), caption=f"point {i}")
                 for i in range(27)]
-    _wandb_payload({"attention_maps/probe": overlays}, None, None)
+    wandb_payload({"attention_maps/probe": overlays}, None, None)
+
+
+def media_job(seed: int) -> None:
+    """:func:`media_event` as a job of detlens' media process (module level: it pickles by reference)."""
+    media_event(np.random.default_rng(seed))
 
 
 def main() -> None:
@@ -60,11 +68,14 @@ def main() -> None:
     parser.add_argument("--niceness", type=int, nargs="+", default=[0, 10, 19],
                         help="MEDIA_THREAD_NICENESS values to compare (the library's default is 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    parser.add_argument("--worker", nargs="+", choices=("thread", "process"), default=["thread", "process"],
+                        help="where the media work runs: a thread of this process, or detlens' media process")
     args = parser.parse_args()
 
     from detlens.data import SyntheticDataModule
     from detlens.lightning_modules import TorchvisionDetector
     from detlens.sinks import fanout
+    from detlens.sinks.media_process import MediaProcess
 
     torch.set_num_threads(args.threads)
     config = yaml.safe_load(Path(args.config).read_text())
@@ -117,14 +128,40 @@ def main() -> None:
             stop.set()
             thread.join()
 
-    conditions = ["alone"] + [f"nice {n}" for n in args.niceness]
+    # This file runs as __main__, which the media process cannot import: refer to the job by module name.
+    job = importlib.import_module("media_thread_contention").media_job
+
+    def with_media_process(niceness: int) -> list[float]:
+        worker = MediaProcess(niceness=niceness)
+        worker.submit(job, 0).result()  # started, imports done, outside the timing
+        stop = threading.Event()
+
+        def feed() -> None:  # keeps the process busy, one event after another
+            seed = 1
+            while not stop.is_set():
+                worker.submit(job, seed).result()
+                seed += 1
+
+        feeder = threading.Thread(target=feed, name="detlens-media-feeder")
+        feeder.start()
+        time.sleep(0.2)
+        try:
+            return [step() for _ in range(args.steps)]
+        finally:
+            stop.set()
+            feeder.join()
+            worker.close()
+
+    conditions = ["alone"] + [f"{w} nice {n}" for w in args.worker for n in args.niceness]
     times: dict[str, list[float]] = {c: [] for c in conditions}
     for block in range(args.blocks):
         for condition in conditions if block % 2 == 0 else reversed(conditions):
             if condition == "alone":
                 times[condition] += [step() for _ in range(args.steps)]
+            elif condition.startswith("thread"):
+                times[condition] += with_media_thread(int(condition.split()[-1]))
             else:
-                times[condition] += with_media_thread(int(condition.split()[1]))
+                times[condition] += with_media_process(int(condition.split()[-1]))
 
     print(f"demo model ({config['model']['init_args']['architecture']}), batch {len(images)}, "
           f"{args.threads} torch threads; one logging event's media work alone: {1e3 * event_s:.0f} ms")
@@ -132,7 +169,7 @@ def main() -> None:
     for condition in conditions:
         median = statistics.median(times[condition])
         change = "" if condition == "alone" else f"  ({100 * (median / alone - 1):+.0f}%)"
-        label = "training step alone" if condition == "alone" else f"with the media thread busy, {condition}"
+        label = "training step alone" if condition == "alone" else f"with the media {condition.split()[0]} busy, {condition.split(' ', 1)[1]}"
         print(f"{label:<42s} {1e3 * median:7.0f} ms (median of {len(times[condition])}){change}")
 
 

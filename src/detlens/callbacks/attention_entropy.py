@@ -31,6 +31,7 @@ callback's ``state_dict``, so a resumed run keeps watching the same window.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytorch_lightning as pl
@@ -46,8 +47,8 @@ from detlens.distributed import RankError, gather_to_rank_zero
 from detlens.explainers.attention import AttentionUnavailableWarning, EntropyMonitor, find_attention_modules
 from detlens.explainers.entropy import CollapseDetector, entropy_metrics
 from detlens.explainers.modules import named_modules
-from detlens.render.attention import entropy_heatmap
-from detlens.sinks import Media, MediaImage, log_media, log_media_later
+from detlens.render.media_jobs import entropy_heatmap_media
+from detlens.sinks import log_media, log_media_later
 
 __all__ = ["AttentionEntropyCallback"]
 
@@ -256,12 +257,11 @@ class AttentionEntropyCallback(ProbeCallback):
             scalars.update(self._watch_collapse(trainer, step, entropies))
         title = f"attention entropy · probe set ({len(results)} images) · step {step}"
         caption = f"probe set, {len(results)} images · step {step}"
-        key = self.key("entropy_heatmap")
-
-        def build() -> Media:  # on detlens' media thread: the matplotlib heatmap (~0.25 s)
-            return Media(images={key: [MediaImage(entropy_heatmap(entropies, title=title), caption=caption)]},
-                         scalars=scalars)
-
+        # The matplotlib heatmap (~0.25 s) is drawn in detlens' media process.
+        build = functools.partial(
+            entropy_heatmap_media, entropies, key=self.key("entropy_heatmap"), title=title, caption=caption,
+            scalars=scalars,
+        )
         log_media_later(trainer, build, step=step)
         record_entropy(self, trainer, entropies, origin="probe", step=step)  # detlens focus record
 

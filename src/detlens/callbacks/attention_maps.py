@@ -22,6 +22,7 @@ key and event, probe image by probe image, detection by detection.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -41,8 +42,8 @@ from detlens.explainers.rollout import (
     transformer_attention_names,
 )
 from detlens.explainers.modules import named_modules
-from detlens.render.attention import overlay_attention
-from detlens.sinks import Media, MediaImage, log_media_later
+from detlens.render.media_jobs import attention_map_media
+from detlens.sinks import log_media_later
 
 __all__ = ["AttentionMapCallback", "AttentionMapResult", "MapKind", "no_attention_error"]
 
@@ -344,33 +345,19 @@ class AttentionMapCallback(ProbeCallback):
             probes.append((result.value, image, head, step_text))
         if not any(value.detection_maps or value.point_maps for value, *_ in probes):
             return
-        key_of = self.key
-
-        def build() -> Media:  # on detlens' media thread: one overlay per map
-            panels: dict[str, list[MediaImage]] = {}
-            for value, image, head, step_text in probes:
-                for key, maps in value.detection_maps.items():
-                    for j in range(min(len(maps), len(value.boxes))):
-                        label, score = int(value.labels[j]), float(value.scores[j])
-                        name = (class_names or {}).get(label, f"class {label}")
-                        pixels = overlay_attention(image, maps[j], value.boxes[j].tolist(), label=label, score=score,
-                                                   class_names=class_names)
-                        detail = f"det {j} {name} {score:.2f}"
-                        if key.startswith(("encoder/", "spatial/")):
-                            detail += " (from its box centre)"
-                        panels.setdefault(key_of(key), []).append(
-                            MediaImage(pixels, caption=f"{head} · {detail} · {step_text}")
-                        )
-                for key, maps in value.point_maps.items():
-                    for j in range(min(len(maps), len(value.points))):
-                        x, y = (float(v) for v in value.points[j])
-                        pixels = overlay_attention(image, maps[j], _marker(x, y, image.shape[-2:]))
-                        detail = f"from point ({x:.0f}, {y:.0f})"
-                        panels.setdefault(key_of(key), []).append(
-                            MediaImage(pixels, caption=f"{head} · {detail} · {step_text}")
-                        )
-            return Media(images=panels)
-
+        jobs = [
+            {
+                "image": image, "head": head, "step_text": step_text, "boxes": value.boxes, "scores": value.scores,
+                "labels": value.labels, "points": value.points, "detection_maps": value.detection_maps,
+                "point_maps": value.point_maps,
+            }
+            for value, image, head, step_text in probes
+        ]
+        names = {k for value, *_ in probes for k in (*value.detection_maps, *value.point_maps)}
+        # One overlay per map, drawn in detlens' media process (detlens.render.media_jobs).
+        build = functools.partial(
+            attention_map_media, jobs, keys={k: self.key(k) for k in names}, class_names=class_names
+        )
         log_media_later(trainer, build, step=trainer.global_step)
 
 
@@ -417,12 +404,6 @@ def _feature_padding_mask(geometry: list[ImageGeometry], feature_size: tuple[int
         mask[:rows, :cols] = False
         masks.append(mask)
     return torch.stack(masks)
-
-
-def _marker(x: float, y: float, size: Any) -> list[float]:
-    """A small square box around a reference point, drawn by ``overlay_attention`` as its box."""
-    r = max(2.0, min(int(size[0]), int(size[1])) / 40)
-    return [x - r, y - r, x + r, y + r]
 
 
 def _class_names(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, str] | None:

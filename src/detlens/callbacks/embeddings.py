@@ -4,6 +4,7 @@ embedding table, a 2-D scatter plot and class-separation scalars."""
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -11,10 +12,10 @@ from torch import Tensor
 
 from detlens.callbacks.base import ProbeCallback, ProbeResult
 from detlens.callbacks.focus import record_embedding
-from detlens.explainers.box_features import BoxFeatureSet, ImageBoxFeatures, concat_box_features, extract_box_features
-from detlens.explainers.embeddings import METHODS, EmbeddingSummary, embed
-from detlens.render.scatter import box_thumbnail, render_scatter
-from detlens.sinks import Media, MediaImage, MediaTable, log_media, log_media_later
+from detlens.explainers.box_features import ImageBoxFeatures, concat_box_features, extract_box_features
+from detlens.explainers.embeddings import METHODS, EmbeddingSummary
+from detlens.render.media_jobs import embedding_media
+from detlens.sinks import Media, log_media, log_media_later
 
 __all__ = ["BoxEmbeddingCallback", "TABLE_COLUMNS", "WANDB_MAX_TABLE_ROWS"]
 
@@ -163,37 +164,20 @@ class BoxEmbeddingCallback(ProbeCallback):
             return
         class_names = _class_names(trainer, pl_module)
         # Probe images for the thumbnails are read here; the projection, the plot and the
-        # table are built on detlens' media thread (t-SNE: ~0.5 s for 100 points).
+        # table are built in detlens' media process (detlens.render.media_jobs; t-SNE:
+        # ~0.5 s for 100 points).
         images = (
             {s: self.probe_item(s)[0] for s in sorted({int(v) for v in detections.source.tolist()})}
             if self.thumbnail_size else {}
         )
 
-        def build() -> Media:
-            strata = [f"{int(label)}/{outcome}" for label, outcome in zip(detections.labels.tolist(), detections.outcome)]
-            summary = embed(
-                detections.features, detections.labels, method=self.method, seed=self.seed, max_rows=self.max_rows,
-                stratify_by=strata, perplexity=self.perplexity, n_jobs=self.n_jobs,
-            )
-            rows = summary.indices.tolist()
-            scatter = render_scatter(
-                summary.projection.coords,
-                detections.labels[rows],
-                outcomes=[detections.outcome[r] for r in rows],
-                class_names=class_names,
-                method=summary.projection.method,
-                trustworthiness=summary.projection.trustworthiness,
-                silhouette=summary.silhouette_2d,
-                subtitle=f"{summary.description} from {len(results)} probe images · step {step}"
-                + (f" · {summary.projection.note}" if summary.projection.note else ""),
-            )
-            caption = f"{summary.projection.method} of {len(rows):,} detections · step {step}"
-            return Media(
-                images={self.key("scatter"): [MediaImage(pixels=scatter, caption=caption)]},
-                tables={self.key("table"): self._table(detections, summary, class_names, images)},
-                scalars={**scalars, **summary.scalars(self.log_key)},
-                extra=summary,
-            )
+        columns = [c for c in TABLE_COLUMNS if (c != "thumbnail" or self.thumbnail_size) and (c != "embedding" or self.log_embedding)]
+        build = functools.partial(
+            embedding_media, detections, images=images, class_names=class_names, log_key=self.log_key,
+            columns=columns, method=self.method, seed=self.seed, max_rows=self.max_rows, perplexity=self.perplexity,
+            n_jobs=self.n_jobs, thumbnail_size=self.thumbnail_size, num_images=len(results), step=step,
+            scalars=scalars,
+        )
 
         def then(media: Media) -> None:
             # detlens focus record (detlens.callbacks.focus): the projection, for `detlens report|compare`.
@@ -207,42 +191,6 @@ class BoxEmbeddingCallback(ProbeCallback):
             )
 
         log_media_later(trainer, build, step=step, then=then)
-
-    def _table(
-        self,
-        detections: BoxFeatureSet,
-        summary: EmbeddingSummary,
-        class_names: dict[int, str] | None,
-        images: dict[int, Tensor],
-    ) -> MediaTable:
-        columns = [c for c in TABLE_COLUMNS if (c != "thumbnail" or self.thumbnail_size) and (c != "embedding" or self.log_embedding)]
-        rows = summary.indices.tolist()
-        coords = summary.projection.coords.tolist()
-        table = MediaTable(columns=columns)
-        for row, (x, y) in zip(rows, coords):
-            label, outcome, source = int(detections.labels[row]), detections.outcome[row], int(detections.source[row])
-            box = [round(v, 2) for v in detections.boxes[row].tolist()]
-            cells: dict[str, Any] = {
-                "class": (class_names or {}).get(label, f"class {label}"),
-                "label": label,
-                "score": round(float(detections.scores[row]), 4),
-                "status": {"tp": "TP", "unknown": "n/a"}.get(outcome, "FP"),
-                "fp_kind": "" if outcome in ("tp", "unknown") else outcome,
-                "image_id": int(detections.image_id[row]),
-                "probe_index": source,
-                "box": box,
-                "x": float(x),
-                "y": float(y),
-            }
-            if self.thumbnail_size:
-                cells["thumbnail"] = MediaImage(
-                    pixels=box_thumbnail(images[source], box, size=self.thumbnail_size),
-                    caption=f"{cells['class']} {cells['score']:.2f} {cells['status']}",
-                )
-            if self.log_embedding:
-                cells["embedding"] = detections.features[row].tolist()
-            table.rows.append([cells[c] for c in columns])
-        return table
 
 
 def _class_names(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, str] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -12,13 +13,13 @@ from torch import Tensor
 from detlens.adapters import adapter_for
 from detlens.callbacks.base import ProbeCallback, ProbeResult
 from detlens.callbacks.focus import publish_focus_record, record_map_point
-from detlens.callbacks.prediction_overlay import _class_names, _to_uint8_hwc
+from detlens.callbacks.prediction_overlay import _class_names
 from detlens.explainers.api import Method, box_focus, explain, focus_summary, peak_values
 from detlens.explainers.drise import MAX_MASKS
 from detlens.explainers.gradcam import Target
-from detlens.explainers.scale import FixedScale, display_maps
-from detlens.render.heatmap import merge_maps, overlay_heatmap
-from detlens.sinks import Media, MediaImage, log_media_later
+from detlens.explainers.scale import FixedScale
+from detlens.render.media_jobs import gradcam_media
+from detlens.sinks import log_media_later
 
 __all__ = ["GradCAMCallback", "ProbeMaps"]
 
@@ -195,25 +196,18 @@ class GradCAMCallback(ProbeCallback):
             image, target = self.probe_item(result.index)
             probes.append((result.value, image, target, self.caption(trainer, result.index, target)))
         scalars = self._scalars(results, class_names, step)
-        key, alpha, colormap = self.key("probe"), self.alpha, self.colormap
-
-        def build() -> Media:  # on detlens' media thread: the overlays
-            media = [
-                MediaImage(
-                    pixels=overlay_heatmap(_to_uint8_hwc(image), merge_maps(display_maps(maps.raw)), alpha=alpha,
-                                           colormap=colormap),
-                    caption=caption,
-                    gt_boxes=target["boxes"].numpy() if "boxes" in target else None,
-                    gt_labels=target["labels"].numpy() if "labels" in target else None,
-                    pred_boxes=maps.boxes.numpy(),
-                    pred_labels=maps.labels.numpy(),
-                    pred_scores=maps.scores.numpy(),
-                    class_names=class_names,
-                )
-                for maps, image, target, caption in probes
-            ]
-            return Media(images={key: media}, scalars=scalars)
-
+        probes = [
+            {
+                "image": image, "raw": maps.raw, "boxes": maps.boxes, "labels": maps.labels, "scores": maps.scores,
+                "gt_boxes": target.get("boxes"), "gt_labels": target.get("labels"), "caption": caption,
+            }
+            for maps, image, target, caption in probes
+        ]
+        # The overlays are drawn in detlens' media process (detlens.render.media_jobs).
+        build = functools.partial(
+            gradcam_media, probes, key=self.key("probe"), alpha=self.alpha, colormap=self.colormap,
+            class_names=class_names, scalars=scalars,
+        )
         log_media_later(trainer, build, step=step)
         # detlens focus record (detlens.callbacks.focus): this point's maps, detections and metrics.
         record_map_point(self, trainer, results, method=self.method, layer=self._layer_in_use, class_names=class_names)

@@ -3,31 +3,36 @@
 Rank 0 only (``log_results`` runs there); it runs no collectives. A logger that fails
 costs one warning and never an exception into training.
 
-W&B media are converted off the training thread (DESIGN.md rule 4): building a
-``wandb.Image`` encodes a PNG and a ``wandb.Table`` infers its column types, ~6 ms per
-image, seconds per logging event, time a GPU would otherwise sit idle. One worker thread
-per process builds the payloads in order; the ``log`` calls themselves stay on the
-training thread (``wandb.log`` is not thread-safe, wandb/wandb#1824): finished payloads
-are logged at the next ``log_media`` or :func:`flush_media` call, which every detlens
-callback makes after each training batch, and all of them at the end of a stage or on an
-exception. Rows keep the step they were made at (``trainer/global_step``), so a later
-``log`` call changes nothing on the dashboard. At most :data:`MAX_PENDING` events wait;
-one more blocks until the oldest is logged, so memory stays bounded.
-:func:`log_media_later` moves more onto that thread: a callback hands it a function that
-turns explanations into media (a t-SNE projection, matplotlib plots, overlays), and a
-follow-up that runs back on the training thread once they are logged.
+W&B media are built off the training thread (DESIGN.md rule 4): drawing overlays and
+plots, a t-SNE, encoding a PNG per ``wandb.Image``: seconds per logging event, time a GPU
+would otherwise sit idle. They are built in order by detlens' media process
+(:mod:`detlens.sinks.media_process`), a separate Python process with its own GIL, at a
+lower priority; a job that cannot be pickled (a closure) is built on a media thread in
+this process instead. The ``log`` calls themselves stay on the training thread
+(``wandb.log`` is not thread-safe, wandb/wandb#1824): finished payloads are logged at the
+next ``log_media`` or :func:`flush_media` call, which every detlens callback makes after
+each training batch, and all of them at the end of a stage or on an exception. Rows keep
+the step they were made at (``trainer/global_step``), so a later ``log`` call changes
+nothing on the dashboard. At most :data:`MAX_PENDING` events wait; one more blocks until
+the oldest is logged, so memory stays bounded. :func:`log_media_later` moves more off the
+training thread: a callback hands it a function that turns explanations into media (a
+t-SNE projection, matplotlib plots, overlays) -- picklable, ``functools.partial`` of a
+module-level function (:mod:`detlens.render.media_jobs`), to run in the media process --
+and a follow-up that runs back on the training thread once they are logged.
 
-On a GPU the training thread is then free after the explaining forwards; on a CPU-only
-machine the media thread competes with training for the same cores, so the wall-clock
-saving there is smaller than the time moved (``benchmarks/callback_overhead.py`` reports
-both). On Linux the media thread runs at a lower scheduling priority than training
-(:data:`MEDIA_THREAD_NICENESS`): it is best-effort work, and while it holds the GIL or a
-core, training's steps wait.
+Why a process: media work is mostly Python holding the GIL, and every op of a training
+step must take the GIL back when it returns. Next to a busy media thread at nice 10 a
+training step of the demo model took 11-28% longer; next to a busy media process at the
+same priority, about 3% (``benchmarks/media_thread_contention.py``). The process costs a
+start-up (importing torch, matplotlib and wandb: a few CPU seconds, once per training
+process, at low priority) and its memory.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import pickle
 import sys
 import threading
 import time
@@ -41,8 +46,10 @@ from typing import TYPE_CHECKING, Any
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
-from detlens.render.boxes import draw_boxes, wandb_boxes
-from detlens.sinks.media import MediaImage, MediaTable
+from detlens.render.boxes import draw_boxes
+from detlens.sinks.media import Media, MediaImage, MediaTable
+from detlens.sinks.media_process import MediaProcess
+from detlens.sinks.wandb_payload import build_payload, given
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -53,30 +60,26 @@ MAX_PENDING = 4
 """Logging events whose W&B payload may be waiting to be logged before ``log_media`` blocks."""
 
 MEDIA_THREAD_NICENESS = 10
-"""How much lower than the training thread the media thread is scheduled: a ``nice``
-increment (0-19; 0 leaves it alone), applied to that thread only (Linux; elsewhere nothing
-is changed). Set before the first logging event (the thread is created then).
+"""How much lower than the training thread detlens' media process (and media thread) is
+scheduled: a ``nice`` increment (0-19; 0 leaves it alone). The process lowers its own
+priority (Unix); the thread lowers that thread's alone (Linux; elsewhere nothing is
+changed). Set before the first logging event (the worker is started then).
 
-Media work is mostly Python holding the GIL, and every op of a training step must take
-the GIL back when it returns: while the media thread was busy at the same priority, a
-training step of the demo model took about three times as long; at nice 10, 11-28% longer
-(``benchmarks/media_thread_contention.py``). When training waits for media (the queue is
-full, or a stage ends) its threads sleep and the media thread gets the cores. Not 19: on a
-node shared with other jobs a nice-19 thread gets ~1.5% of a core, which can push a
-payload past :data:`DRAIN_TIMEOUT_S`; nice 10 gets ~10%."""
+Media work is best-effort: when training waits for media (the queue is full, or a stage
+ends) its threads sleep and the media worker gets the cores. Not 19: on a node shared
+with other jobs a nice-19 worker gets ~1.5% of a core, which can push a payload past
+:data:`DRAIN_TIMEOUT_S`; nice 10 gets ~10%. On a thread, priority alone does not stop the
+GIL contention (``benchmarks/media_thread_contention.py``: +11-28% per training step at
+nice 10), which is why picklable jobs go to the process."""
+
+USE_MEDIA_PROCESS = os.environ.get("DETLENS_MEDIA_PROCESS", "1").strip().lower() not in ("0", "false", "no", "off")
+"""Build picklable media jobs in detlens' media process (:mod:`detlens.sinks.media_process`)
+rather than on the media thread. A job that does not pickle (a closure) is built on the
+thread either way. The process costs about 0.5 GB of private memory on rank 0 (it imports
+torch); ``DETLENS_MEDIA_PROCESS=0`` in the environment turns it off."""
 
 DRAIN_TIMEOUT_S = 120.0
 """How long the end of a stage waits for one payload before giving up on it with a warning."""
-
-
-@dataclass
-class Media:
-    """What one logging event logs; ``extra`` is handed to the ``then`` of :func:`log_media_later`."""
-
-    images: Mapping[str, list[MediaImage]] | None = None
-    tables: Mapping[str, MediaTable] | None = None
-    scalars: Mapping[str, float] | None = None
-    extra: Any = None
 
 
 @dataclass
@@ -91,6 +94,8 @@ class _Pending:
 _pending: deque[_Pending] = deque()
 _lock = threading.Lock()  # guards _pending and _executor (callbacks of two Trainers may share a thread)
 _executor: ThreadPoolExecutor | None = None
+_process: MediaProcess | None = None
+_process_broken = False
 _build_seconds = 0.0
 
 
@@ -148,7 +153,7 @@ def log_media(
     wandb_loggers, others = _split(trainer)
     _fan_out(others, media, step)
     if wandb_loggers and (images or tables or scalars):
-        _enqueue(wandb_loggers, [], lambda: media, step, None)
+        _enqueue(wandb_loggers, [], functools.partial(given, media), step, None)
 
 
 def log_media_later(
@@ -201,15 +206,36 @@ def _build(build: Callable[[], Media]) -> tuple[Media, dict[str, Any]]:
     global _build_seconds
     start = time.perf_counter()
     try:
-        media = build()
-        return media, _wandb_payload(media.images, media.tables, media.scalars)
+        return build_payload(build)
     finally:
         _build_seconds += time.perf_counter() - start
 
 
 def media_thread_seconds() -> float:
-    """Wall time the media thread has spent building media in this process (for benchmarks)."""
-    return _build_seconds
+    """Wall time spent building media in this process's media thread and media process (for benchmarks)."""
+    return _build_seconds + (_process.seconds if _process is not None else 0.0)
+
+
+def _media_process() -> MediaProcess:
+    global _process
+    if _process is None:
+        _process = MediaProcess(niceness=MEDIA_THREAD_NICENESS)
+    return _process
+
+
+def _submit(build: Callable[[], Media]) -> Future:
+    """Starts building ``build``'s media: in the media process when it pickles, else on the media thread."""
+    global _process_broken
+    thread_build = lambda: _worker().submit(_build, build)  # noqa: E731
+    if USE_MEDIA_PROCESS and not _process_broken:
+        try:
+            return _media_process().submit(build_payload, build, fallback=thread_build)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            pass  # a closure or a lambda: built on the thread
+        except OSError as err:
+            _process_broken = True
+            rank_zero_warn(f"[detlens] cannot start the media process ({err}); media are built on a thread instead")
+    return thread_build()
 
 
 def _enqueue(
@@ -220,7 +246,7 @@ def _enqueue(
     then: Callable[[Media], None] | None,
 ) -> None:
     with _lock:
-        future = _worker().submit(_build, build)
+        future = _submit(build)
         _pending.append(_Pending(wandb_loggers, others, future, step, then))
     flush_media(wait=False)
     while len(_pending) > MAX_PENDING:
@@ -274,39 +300,6 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
 
 def _log_scalars(logger: Logger, scalars: Mapping[str, float], step: int) -> None:
     logger.log_metrics({k: float(v) for k, v in scalars.items()}, step=step)
-
-
-def _wandb_image(image: MediaImage) -> Any:
-    import wandb
-
-    boxes = wandb_boxes(
-        image.size,
-        gt_boxes=image.gt_boxes,
-        gt_labels=image.gt_labels,
-        pred_boxes=image.pred_boxes,
-        pred_labels=image.pred_labels,
-        pred_scores=image.pred_scores,
-        class_names=image.class_names,
-    )
-    return wandb.Image(image.pixels, caption=image.caption or None, boxes=boxes or None)
-
-
-def _wandb_payload(
-    images: Mapping[str, list[MediaImage]] | None,
-    tables: Mapping[str, MediaTable] | None,
-    scalars: Mapping[str, float] | None,
-) -> dict[str, Any]:
-    """Runs on the media thread: touches no run, only builds wandb media objects."""
-    import wandb
-
-    payload: dict[str, Any] = {}
-    for key, items in (images or {}).items():
-        payload[key] = [_wandb_image(item) for item in items]
-    for key, table in (tables or {}).items():
-        rows = [[_wandb_image(c) if isinstance(c, MediaImage) else c for c in row] for row in table.rows]
-        payload[key] = wandb.Table(columns=list(table.columns), data=rows)
-    payload.update({k: float(v) for k, v in (scalars or {}).items()})
-    return payload
 
 
 def _log_tensorboard(

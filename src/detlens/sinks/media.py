@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MediaImage", "MediaTable"]
+__all__ = ["Media", "MediaImage", "MediaTable"]
 
 
 def _optional_array(value: Any, dtype: type, shape_tail: tuple[int, ...], name: str) -> np.ndarray | None:
@@ -83,3 +84,17 @@ class MediaTable:
         for i, row in enumerate(self.rows):
             if len(row) != len(self.columns):
                 raise ValueError(f"MediaTable row {i} has {len(row)} cells for {len(self.columns)} columns")
+
+
+@dataclass
+class Media:
+    """What one logging event logs; ``extra`` is handed to the ``then`` of
+    :func:`detlens.sinks.log_media_later`.
+
+    Picklable (plain arrays, strings and numbers), so detlens' media process can build it.
+    """
+
+    images: Mapping[str, list[MediaImage]] | None = None
+    tables: Mapping[str, MediaTable] | None = None
+    scalars: Mapping[str, float] | None = None
+    extra: Any = None

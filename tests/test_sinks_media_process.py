@@ -1,0 +1,93 @@
+"""detlens' media process: W&B media built in a separate process, and what happens when that goes wrong."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import wandb
+from pytorch_lightning.loggers import WandbLogger
+from wandb_utils import image_events, newest_offline_run
+
+from detlens.sinks import Media, MediaImage, flush_media, log_media_later
+from detlens.sinks import fanout
+
+
+def where_built(step: int) -> Media:
+    """A media job that says where it ran (module level: it pickles by reference)."""
+    pixels = np.full((12, 16, 3), 200, np.uint8)
+    niceness = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None
+    return Media(
+        images={"where": [MediaImage(pixels, caption=f"step {step}")]},
+        scalars={"s": float(step)},
+        extra={"pid": os.getpid(), "nice": niceness, "thread": threading.current_thread().name},
+    )
+
+
+def diverges(_: int) -> Media:
+    raise ValueError("t-SNE diverged")
+
+
+def dies(_: int) -> Media:
+    os._exit(3)  # the media process killed mid-job (out of memory, a signal)
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    return pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu", enable_progress_bar=False)
+
+
+def test_picklable_jobs_are_built_in_a_lower_priority_process_and_logged_from_the_training_thread(tmp_path, trainer, finish_wandb):
+    seen: list[dict] = []
+    for step in (3, 5):
+        log_media_later(trainer, functools.partial(where_built, step), step=step, then=lambda m: seen.append(m.extra))
+    flush_media()
+    wandb.finish()
+
+    assert not fanout._pending and len(seen) == 2
+    assert {s["pid"] for s in seen} != {os.getpid()} and len({s["pid"] for s in seen}) == 1  # one worker, not us
+    if hasattr(os, "getpriority"):
+        assert seen[0]["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + fanout.MEDIA_THREAD_NICENESS)
+    run = newest_offline_run(tmp_path)
+    assert [e.global_step for e in image_events(run, "where")] == [3, 5]
+    assert [(row["trainer/global_step"], row["s"]) for row in run.history if "s" in row] == [(3, 3.0), (5, 5.0)]
+
+
+def test_a_job_the_process_cannot_import_is_built_on_the_media_thread_instead(tmp_path, trainer, finish_wandb):
+    # A function of a module that exists only in this process (as a user's __main__ would be).
+    ghost = types.ModuleType("detlens_test_ghost_module")
+    exec("from test_sinks_media_process import where_built as build", ghost.__dict__)  # noqa: S102
+    exec("def ghost_build(step):\n    return build(step)\n", ghost.__dict__)  # noqa: S102
+    sys.modules[ghost.__name__] = ghost
+    seen: list[dict] = []
+    try:
+        log_media_later(trainer, functools.partial(ghost.ghost_build, 7), step=7, then=lambda m: seen.append(m.extra))
+        flush_media()
+    finally:
+        del sys.modules[ghost.__name__]
+    wandb.finish()
+    assert seen[0]["pid"] == os.getpid() and seen[0]["thread"].startswith("detlens-media")
+    assert [e.global_step for e in image_events(newest_offline_run(tmp_path), "where")] == [7]
+
+
+def test_a_failing_job_and_a_dying_process_cost_a_warning_and_the_next_event_is_logged(tmp_path, trainer, finish_wandb):
+    with pytest.warns(UserWarning) as record:
+        log_media_later(trainer, functools.partial(diverges, 0), step=1)
+        log_media_later(trainer, functools.partial(dies, 0), step=2)
+        flush_media()
+    messages = [str(w.message) for w in record]
+    assert any("step 1 failed" in m and "ValueError: t-SNE diverged" in m for m in messages)
+    assert any("step 2 failed" in m and "media process exited (code 3)" in m for m in messages)
+    starts = fanout._process.starts
+
+    log_media_later(trainer, functools.partial(where_built, 4), step=4)  # a new worker takes over
+    flush_media()
+    wandb.finish()
+    assert fanout._process.starts == starts + 1 and not fanout._pending
+    assert [e.global_step for e in image_events(newest_offline_run(tmp_path), "where")] == [4]
