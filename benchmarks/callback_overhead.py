@@ -9,6 +9,7 @@ peak RSS is measured per run, and prints the overhead as a percentage of wall ti
     python benchmarks/callback_overhead.py --max-epochs 1       # quicker, same cadence rules
     python benchmarks/callback_overhead.py --media-thread-niceness 0 10   # media worker priority, compared
     python benchmarks/callback_overhead.py --media-worker process thread  # media process vs media thread
+    python benchmarks/callback_overhead.py --media-worker process thread --torch-threads 1  # cores to spare
 
 Both runs use the same seed and data; W&B runs offline into a temporary folder. The
 figure includes everything the callbacks cost: explaining, rendering and logging media.
@@ -78,7 +79,7 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
 
     if niceness != "default":
         fanout.MEDIA_THREAD_NICENESS = int(niceness)
-    fanout.USE_MEDIA_PROCESS = worker == "process"
+    fanout.MEDIA_PROCESS = {"process": "on", "thread": "off"}.get(worker, "auto")
 
     def cpu_s() -> float:  # this process and its reaped children (the DataLoader workers)
         return sum(
@@ -132,12 +133,14 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
     )
 
 
-def _run_variant(name: str, config: dict, niceness: str, worker: str, workdir: Path) -> dict:
+def _run_variant(name: str, config: dict, niceness: str, worker: str, workdir: Path, torch_threads: int | None) -> dict:
     slug = "".join(c if c.isalnum() else "_" for c in name)
     config_path = workdir / f"{slug}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     out_path = workdir / f"{slug}.json"
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    if torch_threads:  # training's intra-op threads; the cores left over are what an accelerator node has spare
+        env["OMP_NUM_THREADS"] = str(torch_threads)
     print(f"[{name}] fitting {config_path.name} ...", flush=True)
     subprocess.run(
         [sys.executable, __file__, "--child", str(config_path), str(out_path), niceness, worker], cwd=workdir, env=env,
@@ -157,9 +160,15 @@ def main() -> None:
              "(default: the library's own), alternating with the fit without callbacks",
     )
     parser.add_argument(
-        "--media-worker", nargs="+", choices=("process", "thread"), default=["process"],
-        help="where detlens builds W&B media: its media process (the default) or a thread of the training "
-             "process (detlens.sinks.fanout.USE_MEDIA_PROCESS); several values: one with-callbacks variant each",
+        "--media-worker", nargs="+", choices=("auto", "process", "thread"), default=["auto"],
+        help="where detlens builds W&B media: its media process, a thread of the training process, or the "
+             "library's default (auto: the thread for CPU training; detlens.sinks.fanout.MEDIA_PROCESS); "
+             "several values: one with-callbacks variant each",
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, metavar="N",
+        help="intra-op threads of the training (OMP_NUM_THREADS; default: torch's own, every core): with fewer "
+             "than the cores, the fits look like accelerator training, where detlens' media worker has cores spare",
     )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,7 +192,7 @@ def main() -> None:
         trainer["profiler"] = {"class_path": "pytorch_lightning.profilers.SimpleProfiler",
                                "init_args": {"dirpath": str(workdir), "filename": "hooks"}}
         trainer["callbacks"] = [{"class_path": "callback_overhead.PhaseTimer"}] + (trainer.get("callbacks") or [])
-        variants = {"without": (_strip_detlens_callbacks(json.loads(json.dumps(config))), "default", "process")}
+        variants = {"without": (_strip_detlens_callbacks(json.loads(json.dumps(config))), "default", "auto")}
         nicenesses = [str(n) for n in args.media_thread_niceness] if args.media_thread_niceness else ["default"]
         for worker in args.media_worker:
             for nice in nicenesses:
@@ -194,14 +203,15 @@ def main() -> None:
         for i in range(args.repeats):
             order = list(variants) if i % 2 == 0 else list(reversed(variants))
             for name in order:
-                runs[name].append(_run_variant(name, *variants[name], workdir))
+                runs[name].append(_run_variant(name, *variants[name], workdir, args.torch_threads))
 
     def median(name: str, field: str) -> float:
         return statistics.median(r[field] for r in runs[name])
 
     base_wall, base_cpu = median("without", "wall_s"), median("without", "cpu_s")
     base_rss = max(r["peak_rss_mib"] for r in runs["without"])
-    print(f"config: {args.config} (max_epochs={trainer['max_epochs']}), {args.repeats} fits per variant, alternating")
+    threads = f", training on {args.torch_threads} torch thread(s)" if args.torch_threads else ""
+    print(f"config: {args.config} (max_epochs={trainer['max_epochs']}), {args.repeats} fits per variant, alternating{threads}")
     print(f"detlens callbacks: {', '.join(c.rsplit('.', 1)[1] for c in detlens_callbacks)}")
     for name in runs:
         walls = ", ".join(f"{r['wall_s']:.1f}" for r in runs[name])

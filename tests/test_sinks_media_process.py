@@ -8,15 +8,18 @@ import sys
 import threading
 import types
 
+from concurrent.futures import Future
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import torch
 import wandb
 from pytorch_lightning.loggers import WandbLogger
 from wandb_utils import image_events, newest_offline_run
 
 from detlens.sinks import Media, MediaImage, flush_media, log_media_later
-from detlens.sinks import fanout
+from detlens.sinks import fanout, media_process
 
 
 def where_built(step: int) -> Media:
@@ -39,8 +42,25 @@ def dies(_: int) -> Media:
 
 
 @pytest.fixture
-def trainer(tmp_path):
+def trainer(tmp_path, monkeypatch):
+    monkeypatch.setattr(fanout, "MEDIA_PROCESS", "on")  # "auto" would pick the thread for a CPU trainer
     return pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu", enable_progress_bar=False)
+
+
+def test_auto_builds_in_the_process_next_to_accelerator_training_and_on_the_thread_next_to_cpu_training(
+    tmp_path, monkeypatch, finish_wandb
+):
+    monkeypatch.setattr(fanout, "MEDIA_PROCESS", "auto")
+    gpu_trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cuda", 0)))
+    assert fanout._use_process(gpu_trainer)  # its cores are free: no GIL shared with the training thread
+    cpu_trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
+                             enable_progress_bar=False)
+    seen: list[dict] = []
+    log_media_later(cpu_trainer, functools.partial(where_built, 1), step=1, then=lambda m: seen.append(m.extra))
+    flush_media()
+    assert seen[0]["pid"] == os.getpid() and seen[0]["thread"].startswith("detlens-media")
+    monkeypatch.setattr(fanout, "MEDIA_PROCESS", "off")
+    assert not fanout._use_process(gpu_trainer)
 
 
 def test_picklable_jobs_are_built_in_a_lower_priority_process_and_logged_from_the_training_thread(tmp_path, trainer, finish_wandb):
@@ -91,3 +111,17 @@ def test_a_failing_job_and_a_dying_process_cost_a_warning_and_the_next_event_is_
     wandb.finish()
     assert fanout._process.starts == starts + 1 and not fanout._pending
     assert [e.global_step for e in image_events(newest_offline_run(tmp_path), "where")] == [4]
+
+
+def test_a_worker_that_cannot_start_hands_its_jobs_back_and_is_not_restarted(monkeypatch):
+    monkeypatch.setattr(media_process, "_WORKER_CODE", "import sys; sys.exit(4)")  # cannot import detlens, say
+    worker = media_process.MediaProcess()
+    done: Future = Future()
+    done.set_result("built here instead")
+    try:
+        assert worker.submit(where_built, 0, fallback=lambda: done).result(timeout=60) == "built here instead"
+        with pytest.raises(OSError, match="exited with code 4 before answering any job"):
+            worker.submit(where_built, 0)
+        assert worker.starts == 1
+    finally:
+        worker.close()

@@ -5,27 +5,22 @@ costs one warning and never an exception into training.
 
 W&B media are built off the training thread (DESIGN.md rule 4): drawing overlays and
 plots, a t-SNE, encoding a PNG per ``wandb.Image``: seconds per logging event, time a GPU
-would otherwise sit idle. They are built in order by detlens' media process
-(:mod:`detlens.sinks.media_process`), a separate Python process with its own GIL, at a
-lower priority; a job that cannot be pickled (a closure) is built on a media thread in
-this process instead. The ``log`` calls themselves stay on the training thread
-(``wandb.log`` is not thread-safe, wandb/wandb#1824): finished payloads are logged at the
-next ``log_media`` or :func:`flush_media` call, which every detlens callback makes after
-each training batch, and all of them at the end of a stage or on an exception. Rows keep
-the step they were made at (``trainer/global_step``), so a later ``log`` call changes
-nothing on the dashboard. At most :data:`MAX_PENDING` events wait; one more blocks until
-the oldest is logged, so memory stays bounded. :func:`log_media_later` moves more off the
-training thread: a callback hands it a function that turns explanations into media (a
-t-SNE projection, matplotlib plots, overlays) -- picklable, ``functools.partial`` of a
-module-level function (:mod:`detlens.render.media_jobs`), to run in the media process --
+would otherwise sit idle. They are built in order, either by detlens' media process
+(:mod:`detlens.sinks.media_process`: a separate Python process with its own GIL) or by a
+media thread of this process, both at a lower priority; :data:`MEDIA_PROCESS` says which
+(by default the process next to accelerator training, the thread next to CPU training; a
+job that cannot be pickled, a closure, always goes to the thread). The ``log`` calls
+themselves stay on the training thread (``wandb.log`` is not thread-safe,
+wandb/wandb#1824): finished payloads are logged at the next ``log_media`` or
+:func:`flush_media` call, which every detlens callback makes after each training batch,
+and all of them at the end of a stage or on an exception. Rows keep the step they were
+made at (``trainer/global_step``), so a later ``log`` call changes nothing on the
+dashboard. At most :data:`MAX_PENDING` events wait; one more blocks until the oldest is
+logged, so memory stays bounded. :func:`log_media_later` moves more off the training
+thread: a callback hands it a function that turns explanations into media (a t-SNE
+projection, matplotlib plots, overlays) -- picklable, a ``functools.partial`` of a
+module-level function (:mod:`detlens.render.media_jobs`), so that the process can run it --
 and a follow-up that runs back on the training thread once they are logged.
-
-Why a process: media work is mostly Python holding the GIL, and every op of a training
-step must take the GIL back when it returns. Next to a busy media thread at nice 10 a
-training step of the demo model took 11-28% longer; next to a busy media process at the
-same priority, about 3% (``benchmarks/media_thread_contention.py``). The process costs a
-start-up (importing torch, matplotlib and wandb: a few CPU seconds, once per training
-process, at low priority) and its memory.
 """
 
 from __future__ import annotations
@@ -69,14 +64,23 @@ Media work is best-effort: when training waits for media (the queue is full, or 
 ends) its threads sleep and the media worker gets the cores. Not 19: on a node shared
 with other jobs a nice-19 worker gets ~1.5% of a core, which can push a payload past
 :data:`DRAIN_TIMEOUT_S`; nice 10 gets ~10%. On a thread, priority alone does not stop the
-GIL contention (``benchmarks/media_thread_contention.py``: +11-28% per training step at
-nice 10), which is why picklable jobs go to the process."""
+GIL contention (``benchmarks/media_thread_contention.py``: +11-38% per training step at
+nice 10); see :data:`MEDIA_PROCESS`."""
 
-USE_MEDIA_PROCESS = os.environ.get("DETLENS_MEDIA_PROCESS", "1").strip().lower() not in ("0", "false", "no", "off")
-"""Build picklable media jobs in detlens' media process (:mod:`detlens.sinks.media_process`)
-rather than on the media thread. A job that does not pickle (a closure) is built on the
-thread either way. The process costs about 0.5 GB of private memory on rank 0 (it imports
-torch); ``DETLENS_MEDIA_PROCESS=0`` in the environment turns it off."""
+MEDIA_PROCESS: str = os.environ.get("DETLENS_MEDIA_PROCESS", "auto").strip().lower()
+"""Where picklable media jobs are built: ``"on"`` in detlens' media process
+(:mod:`detlens.sinks.media_process`), ``"off"`` on the media thread, ``"auto"`` (the
+default) in the process when the model trains on an accelerator and on the thread when it
+trains on the CPU. Read from ``DETLENS_MEDIA_PROCESS`` (also ``1``/``0``).
+
+Why: the process has its own GIL, so it does not slow the training steps next to it, but
+it costs a start-up (importing torch, matplotlib, OpenCV and wandb: ~6 CPU seconds, once)
+and about 0.5 GB of private memory. Next to training that leaves a core free (a GPU node),
+a busy media thread slowed the demo's steps by 26% and the process by 1%; when training
+already uses every core (CPU training) the process competes for the cores instead and its
+start-up is paid out of training's time, and whole demo fits were not faster with it
+(``benchmarks/media_thread_contention.py``, ``benchmarks/callback_overhead.py``). A job
+that does not pickle (a closure) is built on the thread either way."""
 
 DRAIN_TIMEOUT_S = 120.0
 """How long the end of a stage waits for one payload before giving up on it with a warning."""
@@ -153,7 +157,7 @@ def log_media(
     wandb_loggers, others = _split(trainer)
     _fan_out(others, media, step)
     if wandb_loggers and (images or tables or scalars):
-        _enqueue(wandb_loggers, [], functools.partial(given, media), step, None)
+        _enqueue(trainer, wandb_loggers, [], functools.partial(given, media), step, None)
 
 
 def log_media_later(
@@ -173,7 +177,7 @@ def log_media_later(
     """
     wandb_loggers, others = _split(trainer)
     if wandb_loggers:
-        _enqueue(wandb_loggers, others, build, step, then)
+        _enqueue(trainer, wandb_loggers, others, build, step, then)
         return
     try:
         media = build()
@@ -223,11 +227,24 @@ def _media_process() -> MediaProcess:
     return _process
 
 
-def _submit(build: Callable[[], Media]) -> Future:
-    """Starts building ``build``'s media: in the media process when it pickles, else on the media thread."""
+def _use_process(trainer: pl.Trainer) -> bool:
+    """:data:`MEDIA_PROCESS` decided for this trainer."""
+    setting = MEDIA_PROCESS.strip().lower()
+    if setting in ("on", "1", "true", "yes"):
+        return True
+    if setting in ("off", "0", "false", "no"):
+        return False
+    try:
+        return trainer.strategy.root_device.type != "cpu"
+    except Exception:  # noqa: BLE001 - no strategy yet: the thread, which needs nothing
+        return False
+
+
+def _submit(build: Callable[[], Media], use_process: bool) -> Future:
+    """Starts building ``build``'s media: in the media process when asked and it pickles, else on the media thread."""
     global _process_broken
     thread_build = lambda: _worker().submit(_build, build)  # noqa: E731
-    if USE_MEDIA_PROCESS and not _process_broken:
+    if use_process and not _process_broken:
         try:
             return _media_process().submit(build_payload, build, fallback=thread_build)
         except (pickle.PicklingError, TypeError, AttributeError):
@@ -239,6 +256,7 @@ def _submit(build: Callable[[], Media]) -> Future:
 
 
 def _enqueue(
+    trainer: pl.Trainer,
     wandb_loggers: list[WandbLogger],
     others: list[Logger],
     build: Callable[[], Media],
@@ -246,7 +264,7 @@ def _enqueue(
     then: Callable[[Media], None] | None,
 ) -> None:
     with _lock:
-        future = _submit(build)
+        future = _submit(build, _use_process(trainer))
         _pending.append(_Pending(wandb_loggers, others, future, step, then))
     flush_media(wait=False)
     while len(_pending) > MAX_PENDING:

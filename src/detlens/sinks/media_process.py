@@ -24,7 +24,10 @@ What can go wrong, and what happens:
   user's ``__main__``): the job's ``fallback`` runs it in the parent;
 * the job raises: its future raises :class:`MediaJobError` with the worker's message;
 * the worker dies (killed, out of memory): every unfinished job's future raises
-  :class:`MediaProcessDied`; the next :meth:`~MediaProcess.submit` starts a new worker.
+  :class:`MediaProcessDied`; the next :meth:`~MediaProcess.submit` starts a new worker;
+* a worker dies before answering its first job (it cannot import detlens, say): its
+  jobs run through their ``fallback`` and :meth:`~MediaProcess.submit` raises ``OSError``
+  from then on (the caller builds on a thread).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class MediaProcess:
         self.threads = int(threads)
         self.seconds = 0.0  # time the worker spent running jobs (for benchmarks)
         self.starts = 0
+        self.broken: str | None = None  # why no worker can be started (then submit raises OSError)
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._proc: subprocess.Popen | None = None
@@ -92,8 +96,11 @@ class MediaProcess:
 
         Raises:
             pickle.PicklingError, TypeError, AttributeError: ``fn`` or ``arg`` cannot be pickled.
-            OSError: the worker cannot be started.
+            OSError: the worker cannot be started, or a worker exited before answering
+                any job (its jobs went to their ``fallback``).
         """
+        if self.broken:
+            raise OSError(f"detlens' media process does not work here: {self.broken}")
         blob = pickle.dumps((fn, arg), protocol=pickle.HIGHEST_PROTOCOL)
         future: Future = Future()
         with self._lock:
@@ -157,11 +164,13 @@ class MediaProcess:
 
     def _read(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
+        answered = 0
         while True:
             try:
                 job_id, status, value, seconds = pickle.load(proc.stdout)
             except Exception:  # noqa: BLE001 - EOF, or a truncated answer: the worker is gone
                 break
+            answered += 1
             with self._lock:
                 future, fallback = self._jobs.pop(job_id, (None, None))
             if future is None:
@@ -178,9 +187,14 @@ class MediaProcess:
             if self._proc is proc:
                 self._proc = None
                 self._outbox = None
-            orphans = [self._jobs.pop(k)[0] for k in list(self._jobs)]
-        for future in orphans:
-            _settle(future, error=MediaProcessDied(f"detlens' media process exited (code {code}) before finishing"))
+            orphans = [self._jobs.pop(k) for k in list(self._jobs)]
+            if not answered:  # it never worked (cannot import detlens, say): no more workers
+                self.broken = f"it exited with code {code} before answering any job"
+        for future, fallback in orphans:
+            if self.broken and fallback is not None:
+                _chain(fallback, future)
+            else:
+                _settle(future, error=MediaProcessDied(f"detlens' media process exited (code {code}) before finishing"))
 
 
 def _settle(future: Future, value: Any = None, error: BaseException | None = None) -> None:
