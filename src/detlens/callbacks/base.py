@@ -210,7 +210,7 @@ class ProbeCallback(pl.Callback):
             self._choose_indices()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
-        flush_media(wait=False)  # W&B media finished on the media thread are logged from here
+        flush_media(wait=False)  # W&B media the media worker finished are logged from here
         step = trainer.global_step
         if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._run(trainer, pl_module, "train")
@@ -232,7 +232,7 @@ class ProbeCallback(pl.Callback):
             self._run(trainer, pl_module, "train")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        flush_media(wait=True)  # nothing built on the media thread is left unlogged
+        flush_media(wait=True)  # nothing the media worker built is left unlogged
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         flush_media(wait=True)  # an interrupted run keeps the media of every finished event

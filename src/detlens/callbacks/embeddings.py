@@ -62,8 +62,9 @@ class BoxEmbeddingCallback(ProbeCallback):
     Features per detector family: see :mod:`detlens.explainers.box_features`. Under DDP
     each rank extracts its shard; the variable-length per-image sets are gathered to
     rank 0 by the base class (count, pad, gather, trim); rank 0 projects, renders and logs.
-    The projection runs on rank 0 on the training thread (t-SNE of a few hundred points
-    takes about a second with ``n_jobs=1``, 10,000 points about a minute).
+    The projection runs on rank 0, off the training thread, in detlens' media worker
+    (:mod:`detlens.render.media_jobs`; t-SNE of a few hundred points takes about a second
+    with ``n_jobs=1``, 10,000 points about a minute).
 
     Args:
         method: ``"tsne"`` (openTSNE after PCA-50) or ``"pca"``.

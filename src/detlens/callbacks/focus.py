@@ -375,7 +375,7 @@ class FocusRegressionCallback(pl.Callback):
             listeners.append(self)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        flush_media(wait=True)  # the focus/* rows built on detlens' media thread
+        flush_media(wait=True)  # the focus/* rows built by detlens' media worker
         listeners = _LISTENERS.get(id(trainer), [])
         if self in listeners:
             listeners.remove(self)
