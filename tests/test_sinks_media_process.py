@@ -6,6 +6,7 @@ import functools
 import os
 import sys
 import threading
+import time
 import types
 
 from concurrent.futures import Future
@@ -35,6 +36,11 @@ def where_built(step: int) -> Media:
 
 def diverges(_: int) -> Media:
     raise ValueError("t-SNE diverged")
+
+
+def sleeps(seconds: float) -> Media:
+    time.sleep(seconds)  # a stuck job
+    return Media(scalars={"s": 1.0})
 
 
 def dies(_: int) -> Media:
@@ -125,3 +131,20 @@ def test_a_worker_that_cannot_start_hands_its_jobs_back_and_is_not_restarted(mon
         assert worker.starts == 1
     finally:
         worker.close()
+
+
+def test_a_job_past_the_drain_timeout_is_dropped_and_the_stuck_worker_replaced(tmp_path, trainer, monkeypatch, finish_wandb):
+    monkeypatch.setattr(fanout, "DRAIN_TIMEOUT_S", 1.0)
+    with pytest.warns(UserWarning) as record:
+        log_media_later(trainer, functools.partial(sleeps, 600.0), step=1)
+        log_media_later(trainer, functools.partial(where_built, 2), step=2)  # queued behind it
+        flush_media()
+    messages = [str(w.message) for w in record]
+    assert any("media of step 1 took over 1 s to build; dropped" in m for m in messages)
+    assert any("step 2 failed" in m and "media process exited" in m for m in messages)  # at once, not after 1 s more
+
+    monkeypatch.setattr(fanout, "DRAIN_TIMEOUT_S", 120.0)  # a new worker's start-up takes seconds
+    log_media_later(trainer, functools.partial(where_built, 3), step=3)
+    flush_media()
+    wandb.finish()
+    assert [e.global_step for e in image_events(newest_offline_run(tmp_path), "where")] == [3]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 import sys
 import threading
 import time
@@ -96,8 +95,9 @@ class _Pending:
 
 
 _pending: deque[_Pending] = deque()
-_lock = threading.Lock()  # guards _pending and _executor (callbacks of two Trainers may share a thread)
+_lock = threading.Lock()  # guards _pending (callbacks of two Trainers may share a thread)
 _executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
 _process: MediaProcess | None = None
 _process_broken = False
 _build_seconds = 0.0
@@ -105,9 +105,10 @@ _build_seconds = 0.0
 
 def _worker() -> ThreadPoolExecutor:
     global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detlens-media", initializer=_lower_priority)
-    return _executor
+    with _executor_lock:  # also called from the media process's reader thread (a job sent back)
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detlens-media", initializer=_lower_priority)
+        return _executor
 
 
 def _lower_priority() -> None:
@@ -247,11 +248,11 @@ def _submit(build: Callable[[], Media], use_process: bool) -> Future:
     if use_process and not _process_broken:
         try:
             return _media_process().submit(build_payload, build, fallback=thread_build)
-        except (pickle.PicklingError, TypeError, AttributeError):
-            pass  # a closure or a lambda: built on the thread
         except OSError as err:
             _process_broken = True
             rank_zero_warn(f"[detlens] cannot start the media process ({err}); media are built on a thread instead")
+        except Exception:  # noqa: BLE001 - it does not pickle (a closure, a lambda): built on the thread
+            pass
     return thread_build()
 
 
@@ -293,6 +294,8 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
             media, payload = item.result.result(timeout=DRAIN_TIMEOUT_S if wait else 0)
         except FutureTimeout:
             item.result.cancel()
+            if _process is not None and _process.owns(item.result):
+                _process.kill()  # a stuck worker: the jobs queued behind it fail now instead of timing out one by one
             rank_zero_warn(f"[detlens] the media of step {item.step} took over {DRAIN_TIMEOUT_S:.0f} s to build; dropped")
             continue
         except Exception as err:  # noqa: BLE001 - logging must never stop training

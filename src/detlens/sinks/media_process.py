@@ -74,6 +74,7 @@ class MediaProcess:
         self.seconds = 0.0  # time the worker spent running jobs (for benchmarks)
         self.starts = 0
         self.broken: str | None = None  # why no worker can be started (then submit raises OSError)
+        self._killed: set[int] = set()  # ids of the workers kill() stopped
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._proc: subprocess.Popen | None = None
@@ -110,6 +111,19 @@ class MediaProcess:
             assert self._outbox is not None
             self._outbox.put((job_id, blob))
         return future
+
+    def owns(self, future: Future) -> bool:
+        """Whether ``future`` is a job of this worker that it has not answered yet."""
+        with self._lock:
+            return any(f is future for f, _ in self._jobs.values())
+
+    def kill(self) -> None:
+        """Kills the worker now; its unfinished jobs fail with :class:`MediaProcessDied`, the next job starts a new one."""
+        with self._lock:
+            proc = self._proc
+            self._killed.add(id(proc))
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stops the worker after the jobs already sent (waits at most ``timeout`` s, then kills it)."""
@@ -188,7 +202,7 @@ class MediaProcess:
                 self._proc = None
                 self._outbox = None
             orphans = [self._jobs.pop(k) for k in list(self._jobs)]
-            if not answered:  # it never worked (cannot import detlens, say): no more workers
+            if not answered and id(proc) not in self._killed:  # it never worked (cannot import detlens, say)
                 self.broken = f"it exited with code {code} before answering any job"
         for future, fallback in orphans:
             if self.broken and fallback is not None:
