@@ -257,7 +257,7 @@ class AttentionEntropyCallback(ProbeCallback):
             scalars.update(self._watch_collapse(trainer, step, entropies))
         title = f"attention entropy · probe set ({len(results)} images) · step {step}"
         caption = f"probe set, {len(results)} images · step {step}"
-        # The matplotlib heatmap (~0.25 s) is drawn in detlens' media process.
+        # The matplotlib heatmap (~0.25 s) is drawn by detlens' media worker (process or thread).
         build = functools.partial(
             entropy_heatmap_media, entropies, key=self.key("entropy_heatmap"), title=title, caption=caption,
             scalars=scalars,

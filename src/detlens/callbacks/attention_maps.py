@@ -354,7 +354,7 @@ class AttentionMapCallback(ProbeCallback):
             for value, image, head, step_text in probes
         ]
         names = {k for value, *_ in probes for k in (*value.detection_maps, *value.point_maps)}
-        # One overlay per map, drawn in detlens' media process (detlens.render.media_jobs).
+        # One overlay per map, drawn by detlens' media worker (detlens.render.media_jobs).
         build = functools.partial(
             attention_map_media, jobs, keys={k: self.key(k) for k in names}, class_names=class_names
         )

@@ -165,7 +165,7 @@ class BoxEmbeddingCallback(ProbeCallback):
             return
         class_names = _class_names(trainer, pl_module)
         # Probe images for the thumbnails are read here; the projection, the plot and the
-        # table are built in detlens' media process (detlens.render.media_jobs; t-SNE:
+        # table are built by detlens' media worker (detlens.render.media_jobs; t-SNE:
         # ~0.5 s for 100 points).
         images = (
             {s: self.probe_item(s)[0] for s in sorted({int(v) for v in detections.source.tolist()})}

@@ -203,7 +203,7 @@ class GradCAMCallback(ProbeCallback):
             }
             for maps, image, target, caption in probes
         ]
-        # The overlays are drawn in detlens' media process (detlens.render.media_jobs).
+        # The overlays are drawn by detlens' media worker (detlens.render.media_jobs).
         build = functools.partial(
             gradcam_media, probes, key=self.key("probe"), alpha=self.alpha, colormap=self.colormap,
             class_names=class_names, scalars=scalars,

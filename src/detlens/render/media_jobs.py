@@ -2,9 +2,11 @@
 
 Each callback's ``log_results`` gathers plain data (CPU tensors, arrays, strings) and hands
 ``functools.partial(<job>, ...)`` to :func:`detlens.sinks.log_media_later`, which runs it
-in detlens' media process (:mod:`detlens.sinks.media_process`). So the jobs live here, at
-module level (picklable by reference), take no callback, trainer or model, and import
-nothing from Lightning or ``detlens.callbacks`` (the media process starts faster).
+off the training thread: in detlens' media process (:mod:`detlens.sinks.media_process`),
+or on its media thread (``detlens.sinks.fanout.MEDIA_PROCESS`` decides). So that the
+process can run them, the jobs live here, at module level (picklable by reference), take
+no callback, trainer or model, and import nothing from Lightning or ``detlens.callbacks``
+(the process starts faster).
 """
 
 from __future__ import annotations
