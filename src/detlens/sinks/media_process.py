@@ -74,11 +74,12 @@ class MediaProcess:
         self.seconds = 0.0  # time the worker spent running jobs (for benchmarks)
         self.starts = 0
         self.broken: str | None = None  # why no worker can be started (then submit raises OSError)
-        self._killed: set[int] = set()  # ids of the workers kill() stopped
+        self._killed: set[subprocess.Popen] = set()  # the workers kill() stopped
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._proc: subprocess.Popen | None = None
-        self._jobs: dict[int, tuple[Future, Callable[[], Future] | None]] = {}
+        # job id -> (future, fallback, the worker it was sent to)
+        self._jobs: dict[int, tuple[Future, Callable[[], Future] | None, subprocess.Popen]] = {}
         self._outbox: queue.Queue[tuple[int, bytes] | None] | None = None
         atexit.register(self.close)
 
@@ -105,9 +106,9 @@ class MediaProcess:
         blob = pickle.dumps((fn, arg), protocol=pickle.HIGHEST_PROTOCOL)
         future: Future = Future()
         with self._lock:
-            self._ensure_started()
+            proc = self._ensure_started()
             job_id = next(self._ids)
-            self._jobs[job_id] = (future, fallback)
+            self._jobs[job_id] = (future, fallback, proc)
             assert self._outbox is not None
             self._outbox.put((job_id, blob))
         return future
@@ -115,13 +116,14 @@ class MediaProcess:
     def owns(self, future: Future) -> bool:
         """Whether ``future`` is a job of this worker that it has not answered yet."""
         with self._lock:
-            return any(f is future for f, _ in self._jobs.values())
+            return any(f is future for f, _, _ in self._jobs.values())
 
     def kill(self) -> None:
         """Kills the worker now; its unfinished jobs fail with :class:`MediaProcessDied`, the next job starts a new one."""
         with self._lock:
             proc = self._proc
-            self._killed.add(id(proc))
+            if proc is not None:
+                self._killed.add(proc)
         if proc is not None and proc.poll() is None:
             proc.kill()
 
@@ -141,9 +143,9 @@ class MediaProcess:
             proc.wait()
 
     # ------------------------------------------------------------------ parent internals
-    def _ensure_started(self) -> None:
+    def _ensure_started(self) -> subprocess.Popen:
         if self._proc is not None and self._proc.poll() is None:
-            return
+            return self._proc
         env = dict(os.environ)
         # The worker imports what the parent imports from where the parent imports it.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -161,6 +163,7 @@ class MediaProcess:
         self.starts += 1
         threading.Thread(target=self._write, args=(proc, outbox), name="detlens-media-writer", daemon=True).start()
         threading.Thread(target=self._read, args=(proc,), name="detlens-media-reader", daemon=True).start()
+        return proc
 
     def _write(self, proc: subprocess.Popen, outbox: queue.Queue) -> None:
         assert proc.stdin is not None
@@ -186,7 +189,7 @@ class MediaProcess:
                 break
             answered += 1
             with self._lock:
-                future, fallback = self._jobs.pop(job_id, (None, None))
+                future, fallback, _ = self._jobs.pop(job_id, (None, None, None))
             if future is None:
                 continue
             self.seconds += seconds
@@ -201,8 +204,10 @@ class MediaProcess:
             if self._proc is proc:
                 self._proc = None
                 self._outbox = None
-            orphans = [self._jobs.pop(k) for k in list(self._jobs)]
-            if not answered and id(proc) not in self._killed:  # it never worked (cannot import detlens, say)
+            orphans = [self._jobs.pop(k)[:2] for k, job in list(self._jobs.items()) if job[2] is proc]
+            killed = proc in self._killed
+            self._killed.discard(proc)
+            if not answered and not killed:  # it never worked (cannot import detlens, say)
                 self.broken = f"it exited with code {code} before answering any job"
         for future, fallback in orphans:
             if self.broken and fallback is not None:
