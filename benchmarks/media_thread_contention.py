@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,17 +111,16 @@ def main() -> None:
     for _ in range(2):
         step()
 
-    def with_media_thread(niceness: int) -> list[float]:
+    def steps_while_busy(first: Callable[[], None], again: Callable[[], None]) -> list[float]:
+        """Training steps while a thread runs ``first()`` once, then ``again()`` until the steps are done."""
         stop = threading.Event()
 
-        def work() -> None:
-            fanout.MEDIA_THREAD_NICENESS = niceness
-            fanout._lower_priority()  # what the media thread does first
-            local = np.random.default_rng(1)
+        def busy() -> None:
+            first()
             while not stop.is_set():
-                media_event(local)
+                again()
 
-        thread = threading.Thread(target=work, name="detlens-media-bench")
+        thread = threading.Thread(target=busy, name="detlens-media-bench")
         thread.start()
         time.sleep(0.2)
         try:
@@ -128,28 +129,24 @@ def main() -> None:
             stop.set()
             thread.join()
 
+    def with_media_thread(niceness: int) -> list[float]:
+        def lower_priority() -> None:  # what the media thread does first
+            fanout.MEDIA_THREAD_NICENESS = niceness
+            fanout._lower_priority()
+
+        local = np.random.default_rng(1)
+        return steps_while_busy(lower_priority, lambda: media_event(local))
+
     # This file runs as __main__, which the media process cannot import: refer to the job by module name.
     job = importlib.import_module("media_thread_contention").media_job
 
     def with_media_process(niceness: int) -> list[float]:
         worker = MediaProcess(niceness=niceness)
         worker.submit(job, 0).result()  # started, imports done, outside the timing
-        stop = threading.Event()
-
-        def feed() -> None:  # keeps the process busy, one event after another
-            seed = 1
-            while not stop.is_set():
-                worker.submit(job, seed).result()
-                seed += 1
-
-        feeder = threading.Thread(target=feed, name="detlens-media-feeder")
-        feeder.start()
-        time.sleep(0.2)
-        try:
-            return [step() for _ in range(args.steps)]
+        seeds = itertools.count(1)
+        try:  # keeps the process busy, one event after another
+            return steps_while_busy(lambda: None, lambda: worker.submit(job, next(seeds)).result())
         finally:
-            stop.set()
-            feeder.join()
             worker.close()
 
     conditions = ["alone"] + [f"{w} nice {n}" for w in args.worker for n in args.niceness]

@@ -338,25 +338,22 @@ class AttentionMapCallback(ProbeCallback):
     # ------------------------------------------------------------------ log (rank 0)
     def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
         class_names = _class_names(trainer, pl_module)
+        values: list[AttentionMapResult] = [r.value for r in results]
+        names = {k for value in values for k in (*value.detection_maps, *value.point_maps)}
+        if not names:
+            return
         probes = []
-        for result in results:
+        for result, value in zip(results, values):
             image, target = self.probe_item(result.index)
             head, _, step_text = self.caption(trainer, result.index, target).rpartition(" · ")
-            probes.append((result.value, image, head, step_text))
-        if not any(value.detection_maps or value.point_maps for value, *_ in probes):
-            return
-        jobs = [
-            {
+            probes.append({
                 "image": image, "head": head, "step_text": step_text, "boxes": value.boxes, "scores": value.scores,
                 "labels": value.labels, "points": value.points, "detection_maps": value.detection_maps,
                 "point_maps": value.point_maps,
-            }
-            for value, image, head, step_text in probes
-        ]
-        names = {k for value, *_ in probes for k in (*value.detection_maps, *value.point_maps)}
+            })
         # One overlay per map, drawn by detlens' media worker (detlens.render.media_jobs).
         build = functools.partial(
-            attention_map_media, jobs, keys={k: self.key(k) for k in names}, class_names=class_names
+            attention_map_media, probes, keys={k: self.key(k) for k in names}, class_names=class_names
         )
         log_media_later(trainer, build, step=trainer.global_step)
 

@@ -194,15 +194,13 @@ class GradCAMCallback(ProbeCallback):
         probes = []
         for result in results:
             image, target = self.probe_item(result.index)
-            probes.append((result.value, image, target, self.caption(trainer, result.index, target)))
-        scalars = self._scalars(results, class_names, step)
-        probes = [
-            {
+            maps: ProbeMaps = result.value
+            probes.append({
                 "image": image, "raw": maps.raw, "boxes": maps.boxes, "labels": maps.labels, "scores": maps.scores,
-                "gt_boxes": target.get("boxes"), "gt_labels": target.get("labels"), "caption": caption,
-            }
-            for maps, image, target, caption in probes
-        ]
+                "gt_boxes": target.get("boxes"), "gt_labels": target.get("labels"),
+                "caption": self.caption(trainer, result.index, target),
+            })
+        scalars = self._scalars(results, class_names, step)
         # The overlays are drawn by detlens' media worker (detlens.render.media_jobs).
         build = functools.partial(
             gradcam_media, probes, key=self.key("probe"), alpha=self.alpha, colormap=self.colormap,
