@@ -32,6 +32,7 @@ SCRIPT = textwrap.dedent(
 
     class RankOneFails(PredictionOverlayCallback):
         # rank 1 raises in its first event: rank 0 must warn, not wait forever in the gather
+        reads_validation_forward = False  # every probe image through explain_shard
         def explain_shard(self, pl_module, images, targets, indices):
             if pl_module.global_rank == 1 and self.num_logging_events == 0:
                 raise RuntimeError("rank one exploded")
@@ -48,7 +49,7 @@ SCRIPT = textwrap.dedent(
             score_thresh=0.0, warmup_steps=1,
         )
         callbacks = [
-            # 3 probe images: rank 0 explains 2, rank 1 explains 1 (unequal detection counts)
+            # 3 probe images: rank 0 validates (and reads) 0 and 2, rank 1 reads 3 (unequal detection counts)
             PredictionOverlayCallback(score_threshold=0.0, max_detections=7, num_probe_images=3),
             # 1 probe image: rank 1's shard is empty
             PredictionOverlayCallback(score_threshold=0.0, probe_indices=[2], log_key="single"),

@@ -197,7 +197,8 @@ DDP_SCRIPT = textwrap.dedent(
             rpn_proposals_test=20, box_batch_size_per_image=16, anchor_sizes=[8, 16, 32, 64, 128],
             score_thresh=0.0, warmup_steps=1,
         )
-        # 3 probe images over 2 ranks: rank 0 explains 2 images, rank 1 one (unequal detection counts).
+        # 3 probe images over 2 ranks: rank 0 validates (and reads) images 0 and 2, rank 1 image 3
+        # (unequal detection counts).
         callback = BoxEmbeddingCallback(score_threshold=0.0, max_detections=7, num_probe_images=3, thumbnail_size=16)
         trainer = pl.Trainer(
             accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=WandbLogger(offline=True, save_dir=save_dir),
@@ -226,7 +227,7 @@ def test_two_rank_cpu_ddp_table_holds_the_detections_of_both_ranks(tmp_path):
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "probe indices [0, 2, 3]" in done.stdout  # rank 0: images 0 and 3, rank 1: image 2
+    assert "probe indices [0, 2, 3]" in done.stdout
     runs = find_offline_runs(tmp_path / "logs")
     assert len(runs) == 1, f"one W&B run expected, found {[p.name for p in runs]}"
     run = finished_run(runs[0])

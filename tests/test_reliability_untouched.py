@@ -103,6 +103,21 @@ def test_every_callback_at_every_step_leaves_weights_optimizer_and_rng_bit_ident
 
 
 @pytest.mark.slow
+def test_events_at_validation_that_read_its_forward_leave_training_bit_identical(scenes_root):
+    """At the epoch cadence the overlay and embedding callbacks hook the validation forward."""
+    callbacks = every_callback(every_n_steps=None)  # every_n_epochs=1: events after each validation
+    with_callbacks = fit_and_snapshot(scenes_root, faster_rcnn, callbacks, 1)
+    without = fit_and_snapshot(scenes_root, faster_rcnn, [], 1)
+
+    assert [c.num_logging_events for c in callbacks] == [2] * len(callbacks)
+    assert with_callbacks["detlens_warnings"] == []
+    differing = [k for k in without["weights"] if not torch.equal(with_callbacks["weights"][k], without["weights"][k])]
+    assert not differing, f"weights/buffers differ: {differing[:5]}"
+    assert not differing_leaves(with_callbacks["optimizer"], without["optimizer"])
+    assert not same_rng_state(with_callbacks["rng"], without["rng"])
+
+
+@pytest.mark.slow
 def test_logging_to_wandb_leaves_training_bit_identical(scenes_root, tmp_path):
     """Rendering, t-SNE and ``wandb.Image`` run outside the explain guard (rank 0): they must not draw global RNG."""
     callbacks = every_callback(every_n_steps=1)

@@ -408,6 +408,12 @@ class DetectorAdapter:
         """Per-detection-level virtual layer -> prefix of its per-level layers."""
         return {}
 
+    def feature_recorder(self) -> Any:
+        """A :class:`detlens.adapters.observe.FeatureRecorder` that rebuilds this adapter's
+        :class:`Detections` (with ``features``) from the model's own eval forward, or
+        ``None`` when the family cannot (the default; then detlens runs its own forward)."""
+        return None
+
     # -- provided -----------------------------------------------------------------
     def resolve_layers(self, target_layers: Sequence[str]) -> tuple[list[str], list[str]]:
         """Split requested names into (module names, virtual names); raise on unknown."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,6 +13,7 @@ from torchvision.ops import boxes as box_ops
 
 from ._torchvision import TorchvisionAdapterMixin
 from .base import Detections, ImageGeometry, LayerCapture, RoIScoring
+from .observe import FeatureRecorder
 
 __all__ = ["TwoStageAdapter"]
 
@@ -34,6 +37,9 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
             raise TypeError(f"{type(model).__name__} is not a torchvision two-stage detector (no rpn/roi_heads)")
         super().__init__(model)
 
+    def feature_recorder(self) -> FeatureRecorder:
+        return _RoIHeadsRecorder(self.model)
+
     def _forward(
         self, images: list[Tensor], capture: LayerCapture, top_k: int | None, score_threshold: float
     ) -> tuple[list[Detections], list[ImageGeometry], RoIScoring | None]:
@@ -48,18 +54,13 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
         representation = rh.box_head(pooled)  # [N, D]
         class_logits, box_regression = rh.box_predictor(representation)  # [N, C+1], [N, (C+1)*4]
 
-        pooled_names = [k for k in features.keys() if k in pooler.featmap_names]
-        if len(pooled_names) > 1:
-            levels = pooler.map_levels(proposals)  # [N], index into pooled_names
-        else:
-            levels = torch.zeros(sum(len(p) for p in proposals), dtype=torch.int64, device=pooled.device)
+        pooled_names, levels = _roi_levels(pooler, features, proposals)
         scales = [float(s) for s in (pooler.scales or [])]
         if not scales:  # single level: scale inferred the way MultiScaleRoIAlign does
             scales = [features[pooled_names[0]].shape[-1] / image_list.tensors.shape[-1]]
 
         pred_boxes = _decode_per_class(rh.box_coder, box_regression, proposals)  # [N, C+1, 4], input pixels
         pred_scores = F.softmax(class_logits, -1)
-        num_classes = pred_scores.shape[-1]
         offsets = [0]
         for p in proposals:
             offsets.append(offsets[-1] + len(p))
@@ -68,22 +69,7 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
         roi_pooled, roi_boxes, roi_levels = [], [], []
         for i, (shape, geom) in enumerate(zip(image_shapes, geometry)):
             lo, hi = offsets[i], offsets[i + 1]
-            n = hi - lo
-            # Mirrors RoIHeads.postprocess_detections on detached values, tracking the
-            # (proposal, class) pair behind every surviving candidate.
-            with torch.no_grad():
-                boxes = box_ops.clip_boxes_to_image(pred_boxes[lo:hi].detach(), shape)
-                scores = pred_scores[lo:hi].detach()
-                labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand_as(scores)
-                prop = torch.arange(n, device=scores.device).view(-1, 1).expand_as(scores)
-                boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)
-                labels, prop = labels[:, 1:].reshape(-1), prop[:, 1:].reshape(-1)
-                inds = torch.where(scores > rh.score_thresh)[0]
-                boxes, scores, labels, prop = boxes[inds], scores[inds], labels[inds], prop[inds]
-                keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-                boxes, scores, labels, prop = boxes[keep], scores[keep], labels[keep], prop[keep]
-                keep = box_ops.batched_nms(boxes, scores, labels, rh.nms_thresh)[: rh.detections_per_img]
-                boxes, scores, labels, prop = boxes[keep], scores[keep], labels[keep], prop[keep]
+            boxes, scores, labels, prop = _postprocess_tracked(rh, pred_boxes[lo:hi], pred_scores[lo:hi], shape)
             gidx = prop + lo
             score_graph = pred_scores[gidx, labels]
             box_graph = box_ops.clip_boxes_to_image(pred_boxes[gidx, labels], shape)
@@ -131,6 +117,101 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
             score_fn=score_fn,
         )
         return dets, geometry, roi
+
+
+class _RoIHeadsRecorder(FeatureRecorder):
+    """Rebuilds :meth:`TwoStageAdapter.run`'s detections from the model's own eval forward.
+
+    Records what ``RoIHeads.forward`` computes anyway — its inputs (feature dict,
+    proposals, image sizes), the box head's representation of every proposal and the
+    predictor's logits and regression — and replays ``postprocess_detections`` on them
+    with the proposal index tracked (:func:`_postprocess_tracked`, the same code as the
+    adapter's own forward).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._seen: dict[str, Any] = {}
+
+    def install(self) -> list[Any]:
+        rh = self.model.roi_heads
+        seen = self._seen
+
+        def inputs(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if len(args) >= 3:
+                seen["features"], seen["proposals"], seen["image_shapes"] = args[0], args[1], args[2]
+
+        return [
+            rh.register_forward_pre_hook(inputs),
+            rh.box_head.register_forward_hook(lambda m, a, out: seen.__setitem__("representation", out)),
+            rh.box_predictor.register_forward_hook(lambda m, a, out: seen.__setitem__("predicted", out)),
+        ]
+
+    def reset(self) -> None:
+        self._seen.clear()
+
+    def detections(self, original_sizes: list[tuple[int, int]]) -> list[Detections] | None:
+        seen, rh = self._seen, self.model.roi_heads
+        if not {"features", "proposals", "image_shapes", "representation", "predicted"} <= seen.keys():
+            return None
+        proposals, shapes, representation = seen["proposals"], seen["image_shapes"], seen["representation"]
+        class_logits, box_regression = seen["predicted"]
+        if len(proposals) != len(original_sizes) or representation.shape[0] != sum(len(p) for p in proposals):
+            return None
+        pooled_names, levels = _roi_levels(rh.box_roi_pool, seen["features"], proposals)
+        pred_boxes = _decode_per_class(rh.box_coder, box_regression, proposals)
+        pred_scores = F.softmax(class_logits, -1)
+        dets, lo = [], 0
+        for props, shape, size in zip(proposals, shapes, original_sizes):
+            hi = lo + len(props)
+            boxes, scores, labels, prop = _postprocess_tracked(rh, pred_boxes[lo:hi], pred_scores[lo:hi], shape)
+            gidx = prop + lo
+            dets.append(Detections(
+                boxes=resize_boxes(boxes, list(shape), list(size)), scores=scores, labels=labels,
+                score_graph=scores, box_graph=None, origin=prop,
+                level=[pooled_names[int(v)] for v in levels[gidx].tolist()],
+                features=representation[gidx], class_probs=pred_scores[gidx],
+            ))
+            lo = hi
+        return dets
+
+
+def _roi_levels(pooler: nn.Module, features: dict[str, Tensor], proposals: list[Tensor]) -> tuple[list[str], Tensor]:
+    """The feature levels RoIAlign pools from, and each proposal's index into them (``[N]``)."""
+    pooled_names = [k for k in features.keys() if k in pooler.featmap_names]
+    if len(pooled_names) > 1:
+        return pooled_names, pooler.map_levels(proposals)
+    device = proposals[0].device if proposals else None
+    return pooled_names, torch.zeros(sum(len(p) for p in proposals), dtype=torch.int64, device=device)
+
+
+@torch.no_grad()
+def _postprocess_tracked(
+    rh: nn.Module, pred_boxes: Tensor, pred_scores: Tensor, shape: tuple[int, int]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``RoIHeads.postprocess_detections`` for one image, tracking the proposal behind each box.
+
+    Args:
+        pred_boxes: ``[n, C+1, 4]`` per-class boxes of the image's ``n`` proposals (input pixels).
+        pred_scores: ``[n, C+1]`` softmax scores (background column 0).
+        shape: the image's ``(h, w)`` after the model's resize.
+
+    Returns:
+        ``boxes [K, 4]`` (input pixels), ``scores [K]``, ``labels [K]``, ``proposal [K]``,
+        by decreasing score, detached: exactly the boxes torchvision keeps.
+    """
+    boxes = box_ops.clip_boxes_to_image(pred_boxes.detach(), shape)
+    scores = pred_scores.detach()
+    labels = torch.arange(scores.shape[-1], device=scores.device).view(1, -1).expand_as(scores)
+    prop = torch.arange(scores.shape[0], device=scores.device).view(-1, 1).expand_as(scores)
+    boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)
+    labels, prop = labels[:, 1:].reshape(-1), prop[:, 1:].reshape(-1)
+    inds = torch.where(scores > rh.score_thresh)[0]
+    boxes, scores, labels, prop = boxes[inds], scores[inds], labels[inds], prop[inds]
+    keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+    boxes, scores, labels, prop = boxes[keep], scores[keep], labels[keep], prop[keep]
+    keep = box_ops.batched_nms(boxes, scores, labels, rh.nms_thresh)[: rh.detections_per_img]
+    return boxes[keep], scores[keep], labels[keep], prop[keep]
 
 
 def _decode_per_class(box_coder: det_utils.BoxCoder, regression: Tensor, proposals: list[Tensor]) -> Tensor:

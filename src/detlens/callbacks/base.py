@@ -15,6 +15,14 @@ When it runs (every rank takes the same decision from the same counters):
 * ``validate`` / ``test``: once, at the end of the epoch;
 * never during the sanity check or under ``fast_dev_run``.
 
+Reading the validation forward: a subclass that can take its per-image result from the
+detector's own eval forward (``validation_observer`` / ``from_validation``: the
+prediction overlays; the box embeddings on two-stage detectors) gets it for each probe
+image the validation loop runs in the epoch of a logging event — recognised by its
+``image_id`` and checked pixel for pixel — and explains only the rest of the probe set
+with a forward of its own. Under DDP the ranks first agree (one all-reduce of a flag
+per probe image) on which images some rank has already read.
+
 An exception while explaining (on any rank) or logging costs one warning naming the
 callback; training continues. The collectives stay matched: a failing rank sends an
 error marker to the gather instead of skipping it.
@@ -35,6 +43,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.probe_set import evenly_spaced_indices, probe_folder_dataset
 from detlens.distributed import RankError, gather_to_rank_zero, shard_indices
 from detlens.guard import explaining
@@ -117,6 +126,9 @@ class ProbeCallback(pl.Callback):
         self._num_events = 0
         self._last_epoch = -1
         self._last_step = -1
+        self._probe_ids: dict[int, int] | None = None  # image_id -> probe index (reading the validation forward)
+        self._observing: tuple[ForwardObserver, list[Tensor], list[Any], dict[int, int]] | None = None
+        self._from_validation: dict[int, Any] = {}  # probe index -> result read from the validation forward
 
     # ------------------------------------------------------------------ subclass API
     def explain_shard(
@@ -147,6 +159,28 @@ class ProbeCallback(pl.Callback):
         :meth:`key`.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement log_results")
+
+    def validation_observer(self, pl_module: pl.LightningModule) -> ForwardObserver | None:
+        """Optional: an observer that reads this callback's results from the validation forward.
+
+        Return a :class:`~detlens.adapters.observe.ForwardObserver` on the module whose calls
+        :meth:`from_validation` reads, or ``None`` (the default: every probe image is
+        explained by :meth:`explain_shard`). Set ``reads_validation_forward = True`` on
+        the subclass too: it decides, the same way on every rank, whether the ranks
+        exchange what they have read.
+        """
+        return None
+
+    def from_validation(self, call: ObservedForward, position: int, target: dict[str, Any]) -> Any:
+        """The result :meth:`explain_shard` would return for image ``position`` of ``call``.
+
+        Runs on the rank that validated the image, inside the validation loop (inference
+        mode). ``target`` is the image's target from the validation batch.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement from_validation")
+
+    reads_validation_forward: bool = False
+    """Whether :meth:`validation_observer` is implemented (a class attribute)."""
 
     # ------------------------------------------------------------------ helpers for subclasses
     def key(self, name: str) -> str:
@@ -206,8 +240,47 @@ class ProbeCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._dataset = self._find_dataset(trainer, stage, required=trainer.datamodule is not None)
+        self._probe_ids = None
         if self._dataset is not None:
             self._choose_indices()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_observing()
+        self._from_validation = {}
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._stop_observing()
+        if not self.reads_validation_forward or dataloader_idx != 0 or not self._validation_event_due(trainer):
+            return
+        try:
+            images, targets, positions = self._probe_positions(batch)
+            if not positions:
+                return
+            observer = self.validation_observer(pl_module)
+            if observer is not None:
+                observer.__enter__()
+                self._observing = (observer, images, targets, positions)
+        except Exception:  # noqa: BLE001 - these images are then explained by the probe forward
+            self._stop_observing()
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._observing is None:
+            return
+        observer, images, targets, positions = self._observing
+        self._stop_observing()
+        try:
+            call = observer.find(images)
+            if call is None:  # the validation step did not call the observed module on this batch
+                return
+            read = {i: self.from_validation(call, pos, targets[pos]) for pos, i in positions.items()}
+            self._from_validation.update({i: _map_tensors(v, lambda x: x.detach().cpu()) for i, v in read.items()})
+        except Exception:  # noqa: BLE001 - these images are then explained by the probe forward
+            return
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         flush_media(wait=False)  # W&B media the media worker finished are logged from here
@@ -232,9 +305,11 @@ class ProbeCallback(pl.Callback):
             self._run(trainer, pl_module, "train")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_observing()
         flush_media(wait=True)  # nothing the media worker built is left unlogged
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_observing()
         flush_media(wait=True)  # an interrupted run keeps the media of every finished event
 
     # ------------------------------------------------------------------ internals
@@ -246,6 +321,54 @@ class ProbeCallback(pl.Callback):
             and epoch != self._last_epoch
             and trainer.global_step != self._last_step
         )
+
+    def _validation_event_due(self, trainer: pl.Trainer) -> bool:
+        """Whether this validation epoch ends in a logging event (so its forward is worth reading)."""
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return False
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            return True
+        return trainer.state.fn == TrainerFn.FITTING and self._epoch_due(trainer)
+
+    def _stop_observing(self) -> None:
+        if self._observing is not None:
+            self._observing[0].close()
+            self._observing = None
+
+    def _probe_positions(self, batch: Any) -> tuple[list[Tensor], list[Any], dict[int, int]]:
+        """``(images, targets, {position in the batch: probe index})`` for the probe images of
+        a validation batch ``(list[image], list[target])``, found by ``image_id`` and checked
+        pixel for pixel against the probe dataset (other batch layouts: none found)."""
+        if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
+            return [], [], {}
+        images, targets = batch
+        if isinstance(images, Tensor) and images.dim() == 4:
+            images = list(images.unbind(0))
+        if not isinstance(images, (list, tuple)) or not isinstance(targets, (list, tuple)) or len(images) != len(targets):
+            return [], [], {}
+        ids = self._probe_image_ids()
+        positions: dict[int, int] = {}
+        for pos, (image, target) in enumerate(zip(images, targets)):
+            index = ids.get(_image_id(target)) if isinstance(target, dict) else None
+            if index is None or index in self._from_validation or not isinstance(image, Tensor):
+                continue
+            probe_image, _ = self.probe_item(index)
+            if probe_image.shape == image.shape and torch.equal(probe_image.to(image.device, image.dtype), image):
+                positions[pos] = index
+        return list(images), list(targets), positions
+
+    def _probe_image_ids(self) -> dict[int, int]:
+        """``{image_id: probe index}`` of the probe images (read once; ids that repeat are left out)."""
+        if self._probe_ids is None:
+            ids: dict[int, int] = {}
+            if self._dataset is not None and self._probe_indices is not None and self.probe_dir is None:
+                found = [(_image_id(self.probe_item(i)[1]), i) for i in self._probe_indices]
+                counts: dict[int | None, int] = {}
+                for image_id, _ in found:
+                    counts[image_id] = counts.get(image_id, 0) + 1
+                ids = {image_id: i for image_id, i in found if image_id is not None and counts[image_id] == 1}
+            self._probe_ids = ids
+        return self._probe_ids
 
     def _find_dataset(self, trainer: pl.Trainer, stage: str, *, required: bool) -> Dataset | None:
         name = type(self).__name__
@@ -296,8 +419,12 @@ class ProbeCallback(pl.Callback):
             self._choose_indices()
         assert self._probe_indices is not None
         rank, world = trainer.global_rank, trainer.world_size
-        shard = shard_indices(self._probe_indices, rank, world)
-        payload = self._explain_safely(trainer, pl_module, shard)
+        self._stop_observing()
+        read, self._from_validation = (self._from_validation if trigger == "validation" else {}), {}
+        remaining = self._not_read_anywhere(trainer, pl_module, read)
+        payload = self._explain_safely(trainer, pl_module, shard_indices(remaining, rank, world))
+        if not isinstance(payload, RankError):
+            payload = [ProbeResult(i, v) for i, v in read.items()] + payload
         gathered = gather_to_rank_zero(payload, trainer.strategy)  # every rank, never rank-zero-only
         self._num_events += 1
         self._last_step = trainer.global_step
@@ -310,7 +437,9 @@ class ProbeCallback(pl.Callback):
             detail = "; ".join(f"rank {e.rank}: {e.message}" for e in errors)
             rank_zero_warn(f"[detlens] {type(self).__name__} skipped step {trainer.global_step} ({trigger}): {detail}")
             return
-        results = sorted((r for shard_results in gathered for r in shard_results), key=lambda r: r.index)
+        # An image two ranks validated (DistributedSampler pads with repeats) is kept once.
+        unique = {r.index: r for shard_results in reversed(gathered) for r in reversed(shard_results)}
+        results = sorted(unique.values(), key=lambda r: r.index)
         try:
             self.log_results(trainer, pl_module, results)
         except Exception as err:  # noqa: BLE001 - logging must never stop training
@@ -318,6 +447,16 @@ class ProbeCallback(pl.Callback):
                 f"[detlens] {type(self).__name__} failed to log at step {trainer.global_step} ({trigger}): "
                 f"{type(err).__name__}: {err}"
             )
+
+    def _not_read_anywhere(self, trainer: pl.Trainer, pl_module: pl.LightningModule, read: dict[int, Any]) -> list[int]:
+        """The probe indices no rank read from the validation forward (to explain with a forward)."""
+        assert self._probe_indices is not None
+        if not self.reads_validation_forward or trainer.world_size == 1:
+            return [i for i in self._probe_indices if i not in read]
+        # Every rank, every event (the same decision everywhere): one flag per probe image.
+        flags = torch.tensor([float(i in read) for i in self._probe_indices], device=pl_module.device)
+        flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        return [i for i, f in zip(self._probe_indices, flags.tolist()) if f == 0]
 
     def _explain_safely(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, shard: list[int]
@@ -341,6 +480,13 @@ class ProbeCallback(pl.Callback):
             return RankError(
                 trainer.global_rank, f"{type(err).__name__}: {err} (at {where.filename}:{where.lineno})"
             )
+
+
+def _image_id(target: Any) -> int | None:
+    value = target.get("image_id") if isinstance(target, dict) else None
+    if isinstance(value, Tensor):
+        value = value.item() if value.numel() == 1 else None
+    return None if value is None else int(value)
 
 
 def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:

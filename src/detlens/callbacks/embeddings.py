@@ -12,7 +12,11 @@ from torch import Tensor
 
 from detlens.callbacks.base import ProbeCallback, ProbeResult
 from detlens.callbacks.focus import record_embedding
-from detlens.explainers.box_features import ImageBoxFeatures, concat_box_features, extract_box_features
+from detlens.adapters import adapter_for
+from detlens.adapters.observe import ForwardObserver, ObservedForward
+from detlens.explainers.box_features import (
+    ImageBoxFeatures, concat_box_features, extract_box_features, image_box_features,
+)
 from detlens.explainers.embeddings import METHODS, EmbeddingSummary
 from detlens.render.media_jobs import embedding_media
 from detlens.sinks import Media, log_media, log_media_later
@@ -59,7 +63,11 @@ class BoxEmbeddingCallback(ProbeCallback):
     sample is described in the scatter plot's subtitle; counts and silhouettes of the
     raw features refer to the sample, the TP/FP/FN counts to all detections.
 
-    Features per detector family: see :mod:`detlens.explainers.box_features`. Under DDP
+    Features per detector family: see :mod:`detlens.explainers.box_features`. On
+    two-stage detectors, the probe images the validation loop runs in the epoch of an
+    event are read from its own forward (:mod:`detlens.adapters.observe`: the box-head
+    features behind the detections it made), and only the others get a forward of the
+    callback's own. Under DDP
     each rank extracts its shard; the variable-length per-image sets are gathered to
     rank 0 by the base class (count, pad, gather, trim); rank 0 projects, renders and logs.
     The projection runs on rank 0, off the training thread, in detlens' media worker
@@ -152,6 +160,24 @@ class BoxEmbeddingCallback(ProbeCallback):
             score_threshold=self.score_threshold,
             max_detections=self.max_detections,
             iou_threshold=self.iou_threshold,
+        )
+
+    reads_validation_forward = True
+
+    def validation_observer(self, pl_module: pl.LightningModule) -> ForwardObserver | None:
+        # Two-stage detectors: the box-head features behind the validation forward's own
+        # detections (detlens.adapters.observe); other families run the probe forward.
+        adapter = adapter_for(pl_module)
+        if adapter.feature_recorder() is None:
+            return None
+        return ForwardObserver(adapter.model, adapter=adapter)
+
+    def from_validation(self, call: ObservedForward, position: int, target: dict[str, Any]) -> ImageBoxFeatures:
+        assert call.detections is not None
+        has_truth = "boxes" in target and "labels" in target
+        return image_box_features(
+            call.detections[position], target if has_truth else None, call.family,
+            score_threshold=self.score_threshold, max_detections=self.max_detections, iou_threshold=self.iou_threshold,
         )
 
     # ------------------------------------------------------------------ rank 0

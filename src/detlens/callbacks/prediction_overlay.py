@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.base import ProbeCallback, ProbeResult
 from detlens.sinks import MediaImage, log_media
 
@@ -42,6 +43,10 @@ class PredictionOverlayCallback(ProbeCallback):
 
     The detector is called as ``pl_module(images)`` in eval mode and must return
     torchvision's ``list[dict(boxes[K, 4], scores[K], labels[K])]`` in input pixels.
+    When the event follows a validation epoch whose ``validation_step`` makes that call
+    on the probe images (as detlens' detectors do), their predictions are read from it
+    and no forward of the callback's own runs for them (see
+    :class:`~detlens.callbacks.base.ProbeCallback`).
 
     Args:
         score_threshold: keep detections with ``score >= score_threshold``.
@@ -82,6 +87,15 @@ class PredictionOverlayCallback(ProbeCallback):
         with torch.no_grad():  # predictions only: no graph needed
             detections = pl_module(images)
         return [self._keep(d) for d in detections]
+
+    reads_validation_forward = True
+
+    def validation_observer(self, pl_module: pl.LightningModule) -> ForwardObserver:
+        # The probe images the validation loop runs are read from its own pl_module(images) call.
+        return ForwardObserver(pl_module)
+
+    def from_validation(self, call: ObservedForward, position: int, target: dict[str, Any]) -> ProbePrediction:
+        return self._keep(call.outputs[position])
 
     def _keep(self, detection: dict[str, Tensor]) -> ProbePrediction:
         scores = detection["scores"].detach().float()

@@ -26,10 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from detlens.adapters import DetectorAdapter, adapter_for
+from detlens.adapters import Detections, DetectorAdapter, adapter_for
+from detlens.adapters.base import filter_detections
 from detlens.explainers.matching import FP_REASONS, match_detections
 
-__all__ = ["BoxFeatureSet", "ImageBoxFeatures", "concat_box_features", "extract_box_features"]
+__all__ = [
+    "BoxFeatureSet", "ImageBoxFeatures", "concat_box_features", "extract_box_features", "image_box_features",
+]
 
 
 @dataclass(frozen=True)
@@ -157,40 +160,69 @@ def extract_box_features(
     if targets is not None and len(targets) != len(batch):
         raise ValueError(f"got {len(targets)} targets for {len(batch)} images")
     output = adapter.run(batch, top_k=max_detections, score_threshold=score_threshold, with_grad=False)
-    results = []
-    for i, det in enumerate(output.detections):
-        target = None if targets is None else targets[i]
-        boxes, scores = det.boxes.detach().float().cpu(), det.scores.detach().float().cpu()
-        labels = det.labels.detach().long().cpu()
-        outcome = matched = None
-        missed_boxes, missed_labels = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
-        if target is not None and "boxes" in target:
-            gt_boxes = target["boxes"].detach().float().cpu().reshape(-1, 4)
-            gt_labels = target["labels"].detach().long().cpu().reshape(-1)
-            match = match_detections(
-                boxes, labels, scores, gt_boxes, gt_labels,
-                iou_threshold=iou_threshold, background_threshold=background_threshold,
-            )
-            outcome, matched = match.outcome, match.matched_gt
-            missed_boxes, missed_labels = gt_boxes[match.missed_gt], gt_labels[match.missed_gt]
-        results.append(
-            ImageBoxFeatures(
-                image_id=_image_id(target),
-                boxes=boxes,
-                scores=scores,
-                labels=labels,
-                # bf16/fp16 under mixed precision: float32 for the projection maths
-                features=det.features.detach().float().cpu(),
-                origin=det.origin.detach().long().cpu(),
-                level=tuple(det.level),
-                outcome=outcome,
-                matched_gt=matched,
-                missed_boxes=missed_boxes,
-                missed_labels=missed_labels,
-                family=output.family,
-            )
+    return [
+        image_box_features(
+            det, None if targets is None else targets[i], output.family,
+            iou_threshold=iou_threshold, background_threshold=background_threshold,
         )
-    return results
+        for i, det in enumerate(output.detections)
+    ]
+
+
+@torch.no_grad()
+def image_box_features(
+    det: Detections,
+    target: Mapping[str, Any] | None,
+    family: str,
+    *,
+    score_threshold: float | None = None,
+    max_detections: int | None = None,
+    iou_threshold: float = 0.5,
+    background_threshold: float = 0.1,
+) -> ImageBoxFeatures:
+    """One image's :class:`ImageBoxFeatures` from an adapter's :class:`~detlens.adapters.Detections`.
+
+    For detections that come from elsewhere than :func:`extract_box_features` — e.g. read
+    from the validation loop's own forward (:class:`detlens.adapters.observe.ForwardObserver`).
+
+    Args:
+        det: the image's detections with ``features`` (boxes in the image's pixels).
+        target: its ground truth (``boxes``, ``labels``, optional ``image_id``), or ``None``.
+        family: the adapter family.
+        score_threshold, max_detections: keep the detections scoring above the threshold,
+            at most this many (highest scores); ``None``: as given.
+        iou_threshold, background_threshold: see :func:`~detlens.explainers.matching.match_detections`.
+    """
+    if score_threshold is not None or max_detections is not None:
+        det = filter_detections(det, max_detections, -float("inf") if score_threshold is None else score_threshold)
+    boxes, scores = det.boxes.detach().float().cpu(), det.scores.detach().float().cpu()
+    labels = det.labels.detach().long().cpu()
+    outcome = matched = None
+    missed_boxes, missed_labels = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    if target is not None and "boxes" in target:
+        gt_boxes = target["boxes"].detach().float().cpu().reshape(-1, 4)
+        gt_labels = target["labels"].detach().long().cpu().reshape(-1)
+        match = match_detections(
+            boxes, labels, scores, gt_boxes, gt_labels,
+            iou_threshold=iou_threshold, background_threshold=background_threshold,
+        )
+        outcome, matched = match.outcome, match.matched_gt
+        missed_boxes, missed_labels = gt_boxes[match.missed_gt], gt_labels[match.missed_gt]
+    return ImageBoxFeatures(
+        image_id=_image_id(target),
+        boxes=boxes,
+        scores=scores,
+        labels=labels,
+        # bf16/fp16 under mixed precision: float32 for the projection maths
+        features=det.features.detach().float().cpu(),
+        origin=det.origin.detach().long().cpu(),
+        level=tuple(det.level),
+        outcome=outcome,
+        matched_gt=matched,
+        missed_boxes=missed_boxes,
+        missed_labels=missed_labels,
+        family=family,
+    )
 
 
 def concat_box_features(

@@ -1,0 +1,234 @@
+"""Callbacks that read the probe images from the validation loop's own forward.
+
+The prediction overlays and (on two-stage detectors) the box embeddings take the probe
+images the validation loop ran from its forward instead of running the detector again:
+the results must be those the callback's own forward gives, the images the validation
+loop did not run must still be explained, and the observer must leave the model as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from detlens.adapters import adapter_for
+from detlens.adapters.observe import ForwardObserver
+from detlens.callbacks import BoxEmbeddingCallback, PredictionOverlayCallback
+from detlens.data import SyntheticDataModule, collate_detection
+from detlens.lightning_modules import TorchvisionDetector
+
+SIZE = 64
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def scenes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes") / "synthetic"
+    SyntheticDataModule(root=str(root), num_train=8, num_val=4, image_size=SIZE, batch_size=4)
+    return str(root)
+
+
+def scenes(root: str, batch_size: int = 4) -> SyntheticDataModule:
+    return SyntheticDataModule(
+        root=root, num_train=8, num_val=4, image_size=SIZE, batch_size=batch_size, horizontal_flip=False
+    )
+
+
+def detector(dm: SyntheticDataModule) -> TorchvisionDetector:
+    return TorchvisionDetector(
+        "fasterrcnn_resnet18_fpn", num_classes=dm.num_classes, class_names=dm.class_names, min_size=SIZE,
+        max_size=SIZE, fpn_channels=16, representation_size=32, rpn_proposals_train=50, rpn_proposals_test=20,
+        box_batch_size_per_image=16, anchor_sizes=[8, 16, 32, 64, 128], score_thresh=0.0, warmup_steps=1,
+    )
+
+
+def fit(dm: SyntheticDataModule, callbacks: list[pl.Callback], **overrides: Any) -> TorchvisionDetector:
+    pl.seed_everything(0)
+    model = detector(dm)
+    kwargs = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0)
+    kwargs.update(overrides)
+    pl.Trainer(callbacks=callbacks, **kwargs).fit(model, dm)
+    return model
+
+
+def recording(cls: type) -> type:
+    """``cls`` that keeps what it hands to ``log_results`` and the shards it explains itself."""
+
+    class Recording(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.explained: list[list[int]] = []
+            self.logged: list[Any] = []
+
+        def explain_shard(self, pl_module, images, targets, indices):  # noqa: ANN001, ANN201
+            self.explained.append(list(indices))
+            return super().explain_shard(pl_module, images, targets, indices)
+
+        def log_results(self, trainer, pl_module, results):  # noqa: ANN001, ANN201
+            self.logged.append(results)
+            super().log_results(trainer, pl_module, results)
+
+    return Recording
+
+
+def own_forward(callback: Any, model: TorchvisionDetector, dm: SyntheticDataModule, indices: list[int]) -> list[Any]:
+    """What the callback's own forward gives for ``indices`` with the model's present weights."""
+    items = [dm.val_dataset[i] for i in indices]
+    model.eval()
+    return callback.explain_shard(model, [im for im, _ in items], [t for _, t in items], indices)
+
+
+def test_embeddings_read_from_the_validation_forward_equal_the_callbacks_own_forward(scenes_root):
+    dm = scenes(scenes_root)
+    callback = recording(BoxEmbeddingCallback)(score_threshold=0.0, max_detections=6, num_probe_images=3, thumbnail_size=0)
+
+    model = fit(dm, [callback])
+
+    assert callback.explained == []  # every probe image was in the validation batch: no forward of its own
+    (results,) = callback.logged
+    assert [r.index for r in results] == callback.probe_indices
+    again = own_forward(callback, model, dm, callback.probe_indices)  # the event was after the last step
+    for read, ref in zip((r.value for r in results), again):
+        assert len(read) == len(ref) > 0
+        torch.testing.assert_close(read.features, ref.features, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(read.boxes, ref.boxes)
+        assert torch.equal(read.labels, ref.labels) and torch.equal(read.origin, ref.origin)
+        assert read.outcome == ref.outcome and read.level == ref.level and read.image_id == ref.image_id
+
+
+def test_overlays_read_from_the_validation_forward_equal_the_callbacks_own_forward(scenes_root):
+    dm = scenes(scenes_root)
+    callback = recording(PredictionOverlayCallback)(score_threshold=0.0, max_detections=5, num_probe_images=4)
+
+    model = fit(dm, [callback])
+
+    assert callback.explained == []
+    (results,) = callback.logged
+    again = own_forward(callback, model, dm, callback.probe_indices)
+    for read, ref in zip((r.value for r in results), again):
+        assert len(read.scores) == 5
+        np_close = torch.testing.assert_close
+        np_close(torch.from_numpy(read.boxes), torch.from_numpy(ref.boxes))
+        np_close(torch.from_numpy(read.scores), torch.from_numpy(ref.scores))
+        assert (read.labels == ref.labels).all()
+
+
+def test_probe_images_the_validation_loop_did_not_run_get_the_callbacks_own_forward(scenes_root):
+    dm = scenes(scenes_root, batch_size=2)
+    callback = recording(BoxEmbeddingCallback)(score_threshold=0.0, max_detections=4, num_probe_images=4, thumbnail_size=0)
+
+    fit(dm, [callback], limit_val_batches=1)  # validation runs images 0 and 1 only
+
+    assert callback.explained == [[2, 3]]
+    (results,) = callback.logged
+    assert [r.index for r in results] == [0, 1, 2, 3]
+
+
+def test_nothing_is_read_when_the_event_is_not_due_or_images_differ(scenes_root):
+    dm = scenes(scenes_root)
+    not_due = recording(PredictionOverlayCallback)(every_n_epochs=2, num_probe_images=2)
+    fit(dm, [not_due], max_epochs=3)  # events after epochs 2 (validation of epoch index 1) only
+    assert not_due.explained == [] and len(not_due.logged) == 1
+
+    # Validation images that differ from the probe dataset's (e.g. a random validation
+    # transform) are not taken for the probe images, even with the same image_id.
+    class Jittered(SyntheticDataModule):
+        def val_dataloader(self):  # noqa: ANN201
+            def darker(items):  # noqa: ANN001, ANN202
+                images, targets = collate_detection(items)
+                return [im * 0.5 for im in images], targets
+
+            return DataLoader(self.val_dataset, batch_size=4, collate_fn=darker)
+
+    dm = Jittered(root=scenes_root, num_train=8, num_val=4, image_size=SIZE, batch_size=4, horizontal_flip=False)
+    differs = recording(PredictionOverlayCallback)(num_probe_images=2)
+    fit(dm, [differs])
+    assert differs.explained == [differs.probe_indices]
+
+
+def test_the_observer_reads_only_eval_calls_and_leaves_no_hook_behind(scenes_root):
+    dm = scenes(scenes_root)
+    model = detector(dm)
+    images = [dm.val_dataset[i][0] for i in range(2)]
+    targets = [dm.val_dataset[i][1] for i in range(2)]
+    adapter = adapter_for(model)
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    with ForwardObserver(adapter.model, adapter=adapter) as observer:
+        model.model.train()
+        model.model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])  # losses: ignored
+        model.eval()
+        with torch.no_grad():
+            outputs = model(images)
+    call = observer.find(images)
+
+    assert len(observer.observed) == 1 and call is not None and call.family == "two_stage"
+    for out, det in zip(outputs, call.detections):
+        torch.testing.assert_close(out["boxes"], det.boxes)  # the detections are the model's own
+        torch.testing.assert_close(out["scores"], det.scores)
+        assert torch.equal(out["labels"], det.labels) and det.features.shape == (len(det), 32)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import pytorch_lightning as pl
+
+    from detlens.callbacks import PredictionOverlayCallback
+    from detlens.data import SyntheticDataModule
+    from detlens.lightning_modules import TorchvisionDetector
+
+
+    class Recording(PredictionOverlayCallback):
+        def explain_shard(self, pl_module, images, targets, indices):
+            print(f"rank {pl_module.global_rank} explained {list(indices)}", flush=True)
+            return super().explain_shard(pl_module, images, targets, indices)
+
+        def log_results(self, trainer, pl_module, results):
+            print(f"logged {[r.index for r in results]} {[len(r.value.scores) for r in results]}", flush=True)
+
+
+    if __name__ == "__main__":
+        dm = SyntheticDataModule(root=sys.argv[1], num_train=8, num_val=4, image_size=64, batch_size=1,
+                                 horizontal_flip=False)
+        model = TorchvisionDetector(
+            "fasterrcnn_resnet18_fpn", num_classes=dm.num_classes, class_names=dm.class_names,
+            min_size=64, max_size=64, fpn_channels=16, representation_size=32, rpn_proposals_train=50,
+            rpn_proposals_test=20, box_batch_size_per_image=16, anchor_sizes=[8, 16, 32, 64, 128],
+            score_thresh=0.0, warmup_steps=1,
+        )
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, limit_val_batches=1,
+            callbacks=[Recording(score_threshold=0.0, max_detections=3, num_probe_images=4)],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        )
+        trainer.fit(model, dm)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_ranks_explain_only_the_probe_images_no_rank_validated(tmp_path, scenes_root):
+    script = tmp_path / "fit_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+
+    # One validation batch of one image per rank: rank 0 runs image 0, rank 1 image 1.
+    done = subprocess.run([sys.executable, str(script), scenes_root], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    explained = sorted(line for line in done.stdout.splitlines() if " explained " in line)
+    assert explained == ["rank 0 explained [2]", "rank 1 explained [3]"], done.stdout
+    assert "logged [0, 1, 2, 3] [3, 3, 3, 3]" in done.stdout
