@@ -115,11 +115,14 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
     # detlens' state keys start with the class name.
     durations = cli.trainer.profiler.recorded_durations
     per_callback: dict[str, float] = {}
+    per_hook: dict[str, float] = {}  # e.g. "teardown": the media drain at the end of the fit
     for action, times in durations.items():
         name = action[len("[Callback]"):] if action.startswith("[Callback]") else ""
         owner = next((c for c in DETLENS_CALLBACKS if name.startswith(c)), None)
         if owner is not None:
             per_callback[owner] = per_callback.get(owner, 0.0) + sum(times)
+            hook = name.rsplit(".", 1)[-1]
+            per_hook[hook] = per_hook.get(hook, 0.0) + sum(times)
     hooks_s = sum(per_callback.values())
     batches_s = {  # the same work in both variants: slower with callbacks = cores (and GIL) shared with the media worker
         "training batches": sum(durations.get("run_training_batch", [])),
@@ -128,7 +131,7 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
     Path(out_path).write_text(
         json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak_kib / 1024,
                     "media_process_peak_rss_mib": media_process_peak_mib, "metrics": metrics,
-                    "hooks_s": hooks_s, "hooks_by_callback_s": per_callback,
+                    "hooks_s": hooks_s, "hooks_by_callback_s": per_callback, "hooks_by_hook_s": per_hook,
                     "media_thread_s": media_thread_seconds(), "phases_s": phases, "batches_s": batches_s})
     )
 
@@ -234,6 +237,11 @@ def main() -> None:
         }
         print("  of which: " + ", ".join(
             f"{c.removesuffix('Callback')} {t:.1f} s" for c, t in sorted(by_callback.items(), key=lambda kv: -kv[1]) if t
+        ))
+        hooks = {h for r in runs[name] for h in r["hooks_by_hook_s"]}
+        by_hook = {h: statistics.median(r["hooks_by_hook_s"].get(h, 0.0) for r in runs[name]) for h in hooks}
+        print("  by hook: " + ", ".join(
+            f"{h} {t:.1f} s" for h, t in sorted(by_hook.items(), key=lambda kv: -kv[1]) if t >= 0.05
         ))
         media_rss = max(r.get("media_process_peak_rss_mib", 0.0) for r in runs[name])
         print(f"peak RSS without: {base_rss:.0f} MiB   with: {full_rss:.0f} MiB   overhead: {full_rss - base_rss:+.0f} MiB"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import sys
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -97,7 +99,7 @@ def test_wandb_media_are_logged_in_order_with_their_steps_and_the_queue_stays_bo
                          enable_progress_bar=False)
     for step in range(3 * fanout.MAX_PENDING):
         log_media(trainer, images={"predictions/probe": [probe_image(step)]}, scalars={"s": float(step)}, step=step)
-        assert len(fanout._pending) <= fanout.MAX_PENDING  # training waits rather than piling up media
+        assert len({p.step for p in fanout._pending}) <= fanout.MAX_PENDING  # training waits rather than piling up media
     flush_media()
     assert not fanout._pending
     wandb.finish()
@@ -106,6 +108,30 @@ def test_wandb_media_are_logged_in_order_with_their_steps_and_the_queue_stays_bo
     steps = list(range(3 * fanout.MAX_PENDING))
     assert [e.global_step for e in image_events(run, "predictions/probe")] == steps
     assert [(row["trainer/global_step"], row["s"]) for row in run.history if "s" in row] == [(s, float(s)) for s in steps]
+
+
+def test_the_entries_of_one_logging_event_never_make_training_wait(tmp_path, finish_wandb):
+    """Every callback logs at the same epoch end: the bound is on events, not on entries."""
+    trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
+                         enable_progress_bar=False)
+    release = threading.Event()
+
+    def slow_build(i: int) -> Media:
+        release.wait(timeout=60)
+        return Media(None, None, {f"cb{i}/value": float(i)})
+
+    start = time.perf_counter()
+    for i in range(3 * fanout.MAX_PENDING):  # more entries than MAX_PENDING, all at step 9
+        log_media_later(trainer, functools.partial(slow_build, i), step=9)
+    waited = time.perf_counter() - start
+    release.set()
+    flush_media()
+    wandb.finish()
+
+    assert waited < 10  # nothing waited for the blocked builds (each would wait up to 60 s)
+    run = newest_offline_run(tmp_path)
+    logged = {k: (row["trainer/global_step"], v) for row in run.history for k, v in row.items() if k.startswith("cb")}
+    assert logged == {f"cb{i}/value": (9, float(i)) for i in range(3 * fanout.MAX_PENDING)}
 
 
 def test_a_wandb_logger_failing_at_flush_time_costs_a_warning(tmp_path, finish_wandb):

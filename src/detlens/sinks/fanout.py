@@ -15,8 +15,9 @@ wandb/wandb#1824): finished payloads are logged at the next ``log_media`` or
 :func:`flush_media` call, which every detlens callback makes after each training batch,
 and all of them at the end of a stage or on an exception. Rows keep the step they were
 made at (``trainer/global_step``), so a later ``log`` call changes nothing on the
-dashboard. At most :data:`MAX_PENDING` events wait; one more blocks until the oldest is
-logged, so memory stays bounded. :func:`log_media_later` moves more off the training
+dashboard. The queued media of at most :data:`MAX_PENDING` logging events (distinct
+steps) wait; a queued entry of one more event blocks until the oldest entry is logged, so
+memory stays bounded. :func:`log_media_later` moves more off the training
 thread: a callback hands it a function that turns explanations into media (a t-SNE
 projection, matplotlib plots, overlays) -- picklable, a ``functools.partial`` of a
 module-level function (:mod:`detlens.render.media_jobs`), so that the process can run it --
@@ -51,7 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["MAX_PENDING", "MEDIA_THREAD_NICENESS", "Media", "flush_media", "log_media", "log_media_later"]
 
 MAX_PENDING = 4
-"""Logging events whose W&B payload may be waiting to be logged before ``log_media`` blocks."""
+"""Logging events (distinct steps) whose W&B payloads may be waiting to be logged before
+``log_media`` blocks; one event holds one entry per callback that logged at that step."""
 
 MEDIA_THREAD_NICENESS = 10
 """How much lower than the training thread detlens' media process (and media thread) is
@@ -268,8 +270,15 @@ def _enqueue(
         future = _submit(build, _use_process(trainer))
         _pending.append(_Pending(wandb_loggers, others, future, step, then))
     flush_media(wait=False)
-    while len(_pending) > MAX_PENDING:
+    # Bounded in logging events, not entries: one epoch end queues an entry per callback
+    # (and scalar-only ones behind them), which must not make training wait.
+    while _pending_events() > MAX_PENDING:
         flush_media(wait=True, limit=1)
+
+
+def _pending_events() -> int:
+    with _lock:
+        return len({item.step for item in _pending})
 
 
 def flush_media(wait: bool = True, limit: int | None = None) -> int:
