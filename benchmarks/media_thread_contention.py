@@ -45,7 +45,7 @@ def media_event(rng: np.random.Generator) -> None:
     """One logging event's media work, as the media thread does it."""
     from detlens.render.attention import entropy_heatmap
     from detlens.render.scatter import render_scatter
-    from detlens.sinks.wandb_payload import wandb_payload
+    from detlens.sinks.wandb_payload import remove_files, wandb_payload
     from detlens.sinks.media import MediaImage
 
     labels = rng.integers(1, 5, size=150)
@@ -54,7 +54,9 @@ def media_event(rng: np.random.Generator) -> None:
     entropy_heatmap({"backbone.body.layer3_attention": rng.random(2)}, title="step 0")
     overlays = [MediaImage(pixels=rng.integers(0, 255, size=(160, 160, 3), dtype=np.uint8), caption=f"point {i}")
                 for i in range(27)]
-    wandb_payload({"attention_maps/probe": overlays}, None, None)
+    files: list[str] = []
+    wandb_payload({"attention_maps/probe": overlays}, None, None, files)
+    remove_files(files)
 
 
 def media_job(seed: int) -> None:

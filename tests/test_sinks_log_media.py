@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import os
 import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import wandb
+from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from wandb_utils import image_events, newest_offline_run
 
 from detlens.render.boxes import draw_boxes, wandb_boxes
 from detlens.sinks import Media, MediaImage, MediaTable, flush_media, log_media, log_media_later
 from detlens.sinks import fanout
+from detlens.sinks.wandb_payload import media_dir
 
 
 def probe_image(step: int) -> MediaImage:
@@ -108,6 +112,23 @@ def test_wandb_media_are_logged_in_order_with_their_steps_and_the_queue_stays_bo
     steps = list(range(3 * fanout.MAX_PENDING))
     assert [e.global_step for e in image_events(run, "predictions/probe")] == steps
     assert [(row["trainer/global_step"], row["s"]) for row in run.history if "s" in row] == [(s, float(s)) for s in steps]
+
+
+def test_logged_pngs_hold_the_exact_pixels_and_the_staged_files_are_removed(tmp_path, finish_wandb):
+    trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
+                         enable_progress_bar=False)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    image = dataclasses.replace(probe_image(4), pixels=pixels)
+    table = MediaTable(columns=("thumb", "n"), rows=[[image, 1], [image, 2]])
+    log_media(trainer, images={"p/probe": [image, image]}, tables={"p/table": table}, step=4)
+    flush_media()
+    wandb.finish()
+
+    assert not list(Path(media_dir()).glob("*.png"))  # copied into the run by wandb.log, then removed
+    run = newest_offline_run(tmp_path)
+    (event,) = image_events(run, "p/probe")
+    for path in event.image_files(run):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), pixels)  # lossless, RGB order kept
 
 
 def test_the_entries_of_one_logging_event_never_make_training_wait(tmp_path, finish_wandb):

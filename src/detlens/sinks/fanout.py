@@ -44,7 +44,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from detlens.render.boxes import draw_boxes
 from detlens.sinks.media import Media, MediaImage, MediaTable
 from detlens.sinks.media_process import MediaProcess
-from detlens.sinks.wandb_payload import build_payload, given
+from detlens.sinks.wandb_payload import build_payload, given, media_dir, remove_files
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -226,6 +226,7 @@ def media_thread_seconds() -> float:
 def _media_process() -> MediaProcess:
     global _process
     if _process is None:
+        media_dir()  # created (and removed at exit) by this process; the worker inherits it
         _process = MediaProcess(niceness=MEDIA_THREAD_NICENESS)
     return _process
 
@@ -300,7 +301,7 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
             item = _pending.popleft()
         done += 1
         try:
-            media, payload = item.result.result(timeout=DRAIN_TIMEOUT_S if wait else 0)
+            media, payload, files = item.result.result(timeout=DRAIN_TIMEOUT_S if wait else 0)
         except FutureTimeout:
             item.result.cancel()
             if _process is not None and _process.owns(item.result):
@@ -319,6 +320,7 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
                 rank_zero_warn(
                     f"[detlens] {type(logger).__name__} failed to log media at step {item.step}: {type(err).__name__}: {err}"
                 )
+        remove_files(files)  # wandb.log copied them into the run
         _fan_out(item.other_loggers, media, item.step)
         if item.then is not None:
             try:
