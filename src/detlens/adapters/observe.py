@@ -32,8 +32,8 @@ class FeatureRecorder:
     """What an adapter installs to rebuild its :class:`Detections` from the model's own forward.
 
     An adapter returns one from :meth:`DetectorAdapter.feature_recorder`. The observer calls
-    :meth:`install` on entry, :meth:`reset` before each forward of the observed module,
-    :meth:`detections` after it and :meth:`remove` on exit.
+    :meth:`install` on entry, :meth:`reset` before each forward of the observed module and
+    :meth:`detections` after it, and removes the installed hooks on exit.
     """
 
     def install(self) -> list[Any]:

@@ -207,8 +207,7 @@ class ProbeCallback(pl.Callback):
     @staticmethod
     def caption(trainer: pl.Trainer, index: int, target: dict[str, Any] | None = None) -> str:
         """``"img 17 (id 42) · step 300"``: probe index, dataset image id, global step."""
-        image_id = None if target is None else target.get("image_id")
-        image_id = image_id.item() if isinstance(image_id, Tensor) else image_id
+        image_id = _image_id(target)
         id_part = f" (id {image_id})" if image_id is not None else ""
         return f"img {index}{id_part} · step {trainer.global_step}"
 

@@ -168,9 +168,8 @@ class BoxEmbeddingCallback(ProbeCallback):
         # Two-stage detectors: the box-head features behind the validation forward's own
         # detections (detlens.adapters.observe); other families run the probe forward.
         adapter = adapter_for(pl_module)
-        if adapter.feature_recorder() is None:
-            return None
-        return ForwardObserver(adapter.model, adapter=adapter)
+        observer = ForwardObserver(adapter.model, adapter=adapter)
+        return observer if observer.records_features else None
 
     def from_validation(self, call: ObservedForward, position: int, target: dict[str, Any]) -> ImageBoxFeatures:
         assert call.detections is not None
