@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import PIL.ImageFile
 import pytest
 import pytorch_lightning as pl
 import wandb
@@ -114,15 +115,29 @@ def test_wandb_media_are_logged_in_order_with_their_steps_and_the_queue_stays_bo
     assert [(row["trainer/global_step"], row["s"]) for row in run.history if "s" in row] == [(s, float(s)) for s in steps]
 
 
-def test_logged_pngs_hold_the_exact_pixels_and_the_staged_files_are_removed(tmp_path, finish_wandb):
+def test_logged_pngs_hold_the_exact_pixels_and_the_staged_files_are_removed(tmp_path, finish_wandb, monkeypatch):
     trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
                          enable_progress_bar=False)
     pixels = np.random.default_rng(0).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
     image = dataclasses.replace(probe_image(4), pixels=pixels)
     table = MediaTable(columns=("thumb", "n"), rows=[[image, 1], [image, 2]])
+    decoded_on_training_thread = []
+    load = PIL.ImageFile.ImageFile.load
+
+    def counting_load(self):
+        if threading.current_thread() is threading.main_thread():
+            decoded_on_training_thread.append(self)
+        return load(self)
+
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", counting_load)
     log_media(trainer, images={"p/probe": [image, image]}, tables={"p/table": table}, step=4)
     flush_media()
+    monkeypatch.undo()
     wandb.finish()
+
+    # wandb.log of an image list checks the sizes from the pixels detlens holds, not by
+    # decoding every PNG again on the training thread
+    assert decoded_on_training_thread == []
 
     assert not list(Path(media_dir()).glob("*.png"))  # copied into the run by wandb.log, then removed
     run = newest_offline_run(tmp_path)

@@ -6,6 +6,7 @@ DataLoader, so no training or validation iterator (and no sampler's RNG) ever ad
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFolderProbeDataset", "evenly_spaced_indices", "probe_folder_dataset"]
+__all__ = ["IMAGE_SUFFIXES", "ImageFolderProbeDataset", "evenly_spaced_indices", "pixel_digest", "probe_folder_dataset"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -64,6 +65,14 @@ class ImageFolderProbeDataset(Dataset[tuple[torch.Tensor, dict[str, Any]]]):
             "file_name": path.name,
         }
         return image, target
+
+
+def pixel_digest(image: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bytes]:
+    """``(shape, dtype, BLAKE2b of the bytes)`` of ``image`` (any device): equal for two
+    images exactly when their pixels are bit-identical (``-0.0`` and ``0.0`` differ), so a
+    probe image is read from disk once and a validation batch is checked against its digest."""
+    data = image.detach().to("cpu").contiguous()
+    return tuple(data.shape), data.dtype, hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
 
 
 def probe_folder_dataset(folder: str | Path) -> Dataset:

@@ -61,16 +61,15 @@ def write_png(pixels: np.ndarray) -> str:
 
 
 def wandb_image(image: MediaImage, files: list[str] | None = None) -> Any:
-    """One ``wandb.Image`` with ground-truth / prediction box groups, decoded and ready to log.
+    """One ``wandb.Image`` with ground-truth / prediction box groups, ready to log.
 
-    Its PNG is written by :func:`write_png` (its path is appended to ``files``).
-    ``wandb.Image`` drops the pixels of an image it encoded itself; logging a list of
-    images then re-reads every PNG to check that their sizes match (``Image.seq_to_json``),
-    on the thread that calls ``wandb.log`` -- the training thread. An image made from a
-    file keeps them decoded (read back here, on the media side), so that check is free.
+    Its PNG is written by :func:`write_png` (its path is appended to ``files``). The image
+    is a :class:`_HeldImage`: ``wandb.Image`` of a path decodes the PNG, keeps only its size
+    and drops the pixels; logging a list of images then decodes every PNG again to check
+    their sizes match (``Image.seq_to_json``) on the thread that calls ``wandb.log``, the
+    training thread (0.8 s per demo fit in a profile). ``_HeldImage`` answers that check
+    from the pixels detlens already holds.
     """
-    import wandb
-
     path = write_png(image.pixels)
     if files is not None:
         files.append(path)
@@ -83,7 +82,42 @@ def wandb_image(image: MediaImage, files: list[str] | None = None) -> Any:
         pred_scores=image.pred_scores,
         class_names=image.class_names,
     )
-    return wandb.Image(path, caption=image.caption or None, boxes=boxes or None)
+    return _held_image_class()(path, image.pixels, caption=image.caption or None, boxes=boxes or None)
+
+
+_HELD_IMAGE: type | None = None
+
+
+def _held_image_class() -> type:
+    """``_HeldImage``, a ``wandb.Image`` whose ``image`` is the PIL view of pixels it was
+    given instead of a decode of its file. Made on first use: wandb is imported lazily, and
+    the class is reachable as ``detlens.sinks.wandb_payload._HeldImage`` (module
+    ``__getattr__``), which is what pickle looks up when the media process sends one back."""
+    global _HELD_IMAGE
+    if _HELD_IMAGE is None:
+        import wandb
+        from PIL import Image as PILImage
+
+        class _HeldImage(wandb.Image):  # type: ignore[misc, name-defined]
+            def __init__(self, path: str, pixels: np.ndarray, **kwargs: Any) -> None:
+                super().__init__(path, **kwargs)
+                self._held = PILImage.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+
+            @property
+            def image(self) -> Any:
+                held = getattr(self, "_held", None)
+                return held if held is not None else super().image
+
+        _HeldImage.__module__ = __name__
+        _HeldImage.__qualname__ = "_HeldImage"
+        _HELD_IMAGE = _HeldImage
+    return _HELD_IMAGE
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_HeldImage":
+        return _held_image_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def wandb_payload(
