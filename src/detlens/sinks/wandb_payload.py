@@ -67,8 +67,8 @@ def wandb_image(image: MediaImage, files: list[str] | None = None) -> Any:
     is a :class:`_HeldImage`: ``wandb.Image`` of a path decodes the PNG, keeps only its size
     and drops the pixels; logging a list of images then decodes every PNG again to check
     their sizes match (``Image.seq_to_json``) on the thread that calls ``wandb.log``, the
-    training thread (0.8 s per demo fit in a profile). ``_HeldImage`` answers that check
-    from the pixels detlens already holds.
+    training thread (0.8 s per demo fit in a profile). ``_HeldImage`` answers that check,
+    and wandb's own read of the file's size, from the pixels detlens already holds.
     """
     path = write_png(image.pixels)
     if files is not None:
@@ -100,8 +100,19 @@ def _held_image_class() -> type:
 
         class _HeldImage(wandb.Image):  # type: ignore[misc, name-defined]
             def __init__(self, path: str, pixels: np.ndarray, **kwargs: Any) -> None:
-                super().__init__(path, **kwargs)
                 self._held = PILImage.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+                super().__init__(path, **kwargs)
+
+            def _initialize_from_path(self, path: str) -> None:
+                # wandb's own (unchanged for years) opens the file again only to learn its
+                # size and then drops the pixels; the same steps with the pixels at hand.
+                # Should a wandb release change these internals, its own method runs.
+                try:
+                    self._set_file(path, is_tmp=False)
+                    self._image = self._held
+                    self.format = os.path.splitext(path)[1][1:]
+                except Exception:
+                    super()._initialize_from_path(path)
 
             @property
             def image(self) -> Any:
