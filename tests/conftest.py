@@ -11,6 +11,16 @@ os.environ.setdefault("WANDB_CONSOLE", "off")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 os.environ.setdefault("WANDB_DISABLE_CODE", "true")
 os.environ.setdefault("WANDB_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "detlens-tests-wandb"))
+# W&B stages a copy of every table image for the run's artifact in its data folder (in the
+# home directory by default) and keeps it until `wandb sync`; a suite run left ~280 MB there.
+if "WANDB_DATA_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["WANDB_DATA_DIR"] = tempfile.mkdtemp(prefix="detlens-tests-wandb-data-")
+    os.environ.setdefault("WANDB_CACHE_DIR", os.path.join(os.environ["WANDB_DATA_DIR"], "cache"))
+    atexit.register(shutil.rmtree, os.environ["WANDB_DATA_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402 - after the environment above, before anything imports wandb
 import torch  # noqa: E402

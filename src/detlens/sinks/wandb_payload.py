@@ -106,9 +106,11 @@ def _held_image_class() -> type:
             def _initialize_from_path(self, path: str) -> None:
                 # wandb's own (unchanged for years) opens the file again only to learn its
                 # size and then drops the pixels; the same steps with the pixels at hand.
+                # is_tmp: the file is detlens' own staging copy, so wandb.log moves it into
+                # the run instead of copying it (as for a wandb.Image of an array).
                 # Should a wandb release change these internals, its own method runs.
                 try:
-                    self._set_file(path, is_tmp=False)
+                    self._set_file(path, is_tmp=True)
                     self._image = self._held
                     self.format = os.path.splitext(path)[1][1:]
                 except Exception:
