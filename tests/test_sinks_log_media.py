@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import json
 import os
 import sys
 import threading
@@ -129,20 +130,50 @@ def test_logged_pngs_hold_the_exact_pixels_and_the_staged_files_are_removed(tmp_
         return load(self)
 
     monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", counting_load)
+    staged_before = set(Path(media_dir()).glob("*.png"))
     log_media(trainer, images={"p/probe": [image, image]}, tables={"p/table": table}, step=4)
     flush_media()
     monkeypatch.undo()
     wandb.finish()
 
     # wandb.Image and wandb.log of an image list learn the sizes from the pixels detlens
-    # holds: no PNG is decoded again, on the training thread or the media worker
-    assert decoded == []
+    # holds: no PNG is decoded again on the training thread, and on the media worker only
+    # the table's two cells (plain wandb.Image, so W&B types the column as images)
+    assert threading.main_thread().name not in decoded and len(decoded) == 2
 
-    assert not list(Path(media_dir()).glob("*.png"))  # copied into the run by wandb.log, then removed
+    assert set(Path(media_dir()).glob("*.png")) <= staged_before  # moved into the run by wandb.log, or removed
     run = newest_offline_run(tmp_path)
     (event,) = image_events(run, "p/probe")
     for path in event.image_files(run):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), pixels)  # lossless, RGB order kept
+    (table_copy,) = [f for f in run.files if f.name.endswith(".table.json")]
+    assert json.loads(table_copy.read_text())["data"] == [["Image", 1], ["Image", 2]]
+
+
+def test_a_build_dropped_past_the_drain_timeout_leaves_no_staged_pngs_once_it_finishes(tmp_path, finish_wandb,
+                                                                                       monkeypatch):
+    trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
+                         enable_progress_bar=False)
+    monkeypatch.setattr(fanout, "DRAIN_TIMEOUT_S", 0.5)
+    started, release = threading.Event(), threading.Event()
+    staged_before = set(Path(media_dir()).glob("*.png"))
+
+    def slow_build() -> Media:
+        started.set()
+        release.wait(timeout=60)
+        return Media({"slow": [probe_image(0), probe_image(1)]}, None, None)
+
+    log_media_later(trainer, slow_build, step=3)
+    assert started.wait(timeout=30)
+    with pytest.warns(UserWarning, match="the media of step 3 took over"):
+        flush_media()
+    release.set()
+    log_media(trainer, scalars={"after": 1.0}, step=4)  # queued behind the slow build on the media thread
+    flush_media()
+    wandb.finish()
+
+    assert set(Path(media_dir()).glob("*.png")) <= staged_before
+    assert not image_events(newest_offline_run(tmp_path), "slow")
 
 
 def test_the_entries_of_one_logging_event_never_make_training_wait(tmp_path, finish_wandb):

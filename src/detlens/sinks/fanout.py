@@ -303,7 +303,8 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
         try:
             media, payload, files = item.result.result(timeout=DRAIN_TIMEOUT_S if wait else 0)
         except FutureTimeout:
-            item.result.cancel()
+            if not item.result.cancel():  # already running on the media thread: its PNGs come later
+                item.result.add_done_callback(_remove_files_of)
             if _process is not None and _process.owns(item.result):
                 _process.kill()  # a stuck worker: the jobs queued behind it fail now instead of timing out one by one
             rank_zero_warn(f"[detlens] the media of step {item.step} took over {DRAIN_TIMEOUT_S:.0f} s to build; dropped")
@@ -328,6 +329,12 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
             except Exception as err:  # noqa: BLE001 - logging must never stop training
                 rank_zero_warn(f"[detlens] after logging the media of step {item.step}: {type(err).__name__}: {err}")
     return done
+
+
+def _remove_files_of(future: Future) -> None:
+    """Removes the PNGs of a dropped build once it has finished anyway."""
+    if not future.cancelled() and future.exception() is None:
+        remove_files(future.result()[2])
 
 
 def _log_scalars(logger: Logger, scalars: Mapping[str, float], step: int) -> None:

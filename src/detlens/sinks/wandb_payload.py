@@ -60,7 +60,7 @@ def write_png(pixels: np.ndarray) -> str:
     return path
 
 
-def wandb_image(image: MediaImage, files: list[str] | None = None) -> Any:
+def wandb_image(image: MediaImage, files: list[str] | None = None, held: bool = True) -> Any:
     """One ``wandb.Image`` with ground-truth / prediction box groups, ready to log.
 
     Its PNG is written by :func:`write_png` (its path is appended to ``files``). The image
@@ -69,6 +69,10 @@ def wandb_image(image: MediaImage, files: list[str] | None = None) -> Any:
     their sizes match (``Image.seq_to_json``) on the thread that calls ``wandb.log``, the
     training thread (0.8 s per demo fit in a profile). ``_HeldImage`` answers that check,
     and wandb's own read of the file's size, from the pixels detlens already holds.
+
+    ``held=False`` makes a plain ``wandb.Image`` (wandb reads the file back once, for its size):
+    for table cells, whose column type W&B infers from the exact class (a subclass would be
+    typed as a Python object, and named by its class in the run's copy of the table).
     """
     path = write_png(image.pixels)
     if files is not None:
@@ -82,6 +86,10 @@ def wandb_image(image: MediaImage, files: list[str] | None = None) -> Any:
         pred_scores=image.pred_scores,
         class_names=image.class_names,
     )
+    if not held:
+        import wandb
+
+        return wandb.Image(path, caption=image.caption or None, boxes=boxes or None)
     return _held_image_class()(path, image.pixels, caption=image.caption or None, boxes=boxes or None)
 
 
@@ -149,7 +157,7 @@ def wandb_payload(
     for key, items in (images or {}).items():
         payload[key] = [wandb_image(item, files) for item in items]
     for key, table in (tables or {}).items():
-        rows = [[wandb_image(c, files) if isinstance(c, MediaImage) else c for c in row] for row in table.rows]
+        rows = [[wandb_image(c, files, held=False) if isinstance(c, MediaImage) else c for c in row] for row in table.rows]
         payload[key] = wandb.Table(columns=list(table.columns), data=rows)
     payload.update({k: float(v) for k, v in (scalars or {}).items()})
     return payload
