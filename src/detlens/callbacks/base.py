@@ -126,8 +126,8 @@ class ProbeCallback(pl.Callback):
         self._num_events = 0
         self._last_epoch = -1
         self._last_step = -1
-        self._probe_ids: dict[int, int] | None = None  # image_id -> probe index (reading the validation forward)
-        self._probe_digests: dict[int, tuple] = {}  # probe index -> pixel_digest of its image
+        # image_id -> (probe index, pixel_digest of its image): reading the validation forward
+        self._probe_ids: dict[int, tuple[int, tuple]] | None = None
         self._observing: tuple[ForwardObserver, list[Tensor], list[Any], dict[int, int]] | None = None
         self._from_validation: dict[int, Any] = {}  # probe index -> result read from the validation forward
 
@@ -241,7 +241,6 @@ class ProbeCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._dataset = self._find_dataset(trainer, stage, required=trainer.datamodule is not None)
         self._probe_ids = None
-        self._probe_digests = {}
         if self._dataset is not None:
             self._choose_indices()
 
@@ -351,28 +350,27 @@ class ProbeCallback(pl.Callback):
         ids = self._probe_image_ids()
         positions: dict[int, int] = {}
         for pos, (image, target) in enumerate(zip(images, targets)):
-            index = ids.get(_image_id(target)) if isinstance(target, dict) else None
-            if index is None or index in self._from_validation or not isinstance(image, Tensor):
+            probe = ids.get(_image_id(target)) if isinstance(target, dict) else None
+            if probe is None or probe[0] in self._from_validation or not isinstance(image, Tensor):
                 continue
-            if self._probe_digests.get(index) == pixel_digest(image):
-                positions[pos] = index
+            if probe[1] == pixel_digest(image):
+                positions[pos] = probe[0]
         return list(images), list(targets), positions
 
-    def _probe_image_ids(self) -> dict[int, int]:
-        """``{image_id: probe index}`` of the probe images (read once, with a digest of each
-        image's pixels that validation batches are checked against; ids that repeat are left out)."""
+    def _probe_image_ids(self) -> dict[int, tuple[int, tuple]]:
+        """``{image_id: (probe index, pixel_digest of its image)}`` of the probe images (read
+        once; validation batches are checked against the digests; ids that repeat are left out)."""
         if self._probe_ids is None:
-            ids: dict[int, int] = {}
+            ids: dict[int, tuple[int, tuple]] = {}
             if self._dataset is not None and self._probe_indices is not None and self.probe_dir is None:
                 found = []
                 for i in self._probe_indices:
                     image, target = self.probe_item(i)
-                    self._probe_digests[i] = pixel_digest(image)
-                    found.append((_image_id(target), i))
+                    found.append((_image_id(target), (i, pixel_digest(image))))
                 counts: dict[int | None, int] = {}
                 for image_id, _ in found:
                     counts[image_id] = counts.get(image_id, 0) + 1
-                ids = {image_id: i for image_id, i in found if image_id is not None and counts[image_id] == 1}
+                ids = {image_id: probe for image_id, probe in found if image_id is not None and counts[image_id] == 1}
             self._probe_ids = ids
         return self._probe_ids
 

@@ -125,9 +125,8 @@ def _held_image_class() -> type:
                     super()._initialize_from_path(path)
 
             @property
-            def image(self) -> Any:
-                held = getattr(self, "_held", None)
-                return held if held is not None else super().image
+            def image(self) -> Any:  # set before wandb's __init__ reads it
+                return self._held
 
         _HeldImage.__module__ = __name__
         _HeldImage.__qualname__ = "_HeldImage"
