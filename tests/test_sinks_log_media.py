@@ -176,6 +176,45 @@ def test_a_build_dropped_past_the_drain_timeout_leaves_no_staged_pngs_once_it_fi
     assert not image_events(newest_offline_run(tmp_path), "slow")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+def test_at_a_stage_end_queued_builds_are_built_beside_the_busy_media_thread_and_logged_in_order(
+    tmp_path, finish_wandb
+):
+    trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
+                         enable_progress_bar=False)
+    started, release = threading.Event(), threading.Event()
+    ran: dict[int, tuple[str, int]] = {}
+
+    def where() -> tuple[str, int]:
+        return threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def first() -> Media:
+        ran[0] = where()
+        started.set()
+        release.wait(timeout=60)  # busy until the last queued build has run elsewhere
+        return Media(None, None, {"v": 0.0})
+
+    def queued(i: int) -> Media:
+        ran[i] = where()
+        if i == 2:
+            release.set()
+        return Media({"k": [probe_image(i)]}, None, {"v": float(i)})
+
+    log_media_later(trainer, first, step=0)
+    assert started.wait(timeout=30)
+    log_media_later(trainer, functools.partial(queued, 1), step=1)
+    log_media_later(trainer, functools.partial(queued, 2), step=2)
+    flush_media()  # a stage end: everything, waiting
+    wandb.finish()
+
+    training_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert ran[0][0].startswith("detlens-media_")
+    assert {ran[1], ran[2]} == {(ran[1][0], training_nice)} and ran[1][0].startswith("detlens-media-drain")
+    run = newest_offline_run(tmp_path)
+    assert [(row["trainer/global_step"], row["v"]) for row in run.history if "v" in row] == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    assert [e.global_step for e in image_events(run, "k")] == [1, 2]
+
+
 def test_the_entries_of_one_logging_event_never_make_training_wait(tmp_path, finish_wandb):
     """Every callback logs at the same epoch end: the bound is on events, not on entries."""
     trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
