@@ -215,6 +215,35 @@ def test_at_a_stage_end_queued_builds_are_built_beside_the_busy_media_thread_and
     assert [e.global_step for e in image_events(run, "k")] == [1, 2]
 
 
+def test_media_queued_behind_a_build_stuck_past_the_drain_timeout_are_still_logged_at_the_stage_end(
+    tmp_path, finish_wandb, monkeypatch
+):
+    trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
+                         enable_progress_bar=False)
+    monkeypatch.setattr(fanout, "DRAIN_TIMEOUT_S", 0.5)
+    started, release = threading.Event(), threading.Event()
+
+    def stuck() -> Media:
+        started.set()
+        release.wait(timeout=60)
+        return Media(None, None, {"stuck": 1.0})
+
+    log_media_later(trainer, stuck, step=3)
+    assert started.wait(timeout=30)
+    with pytest.warns(UserWarning, match="the media of step 3 took over"):
+        flush_media()  # dropped; it still holds the media thread
+    log_media(trainer, images={"after": [probe_image(4)]}, scalars={"after_s": 1.0}, step=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not dropped in turn
+        flush_media()
+    release.set()
+    wandb.finish()
+
+    run = newest_offline_run(tmp_path)
+    assert [e.global_step for e in image_events(run, "after")] == [4]
+    assert not [row for row in run.history if "stuck" in row]
+
+
 def test_the_entries_of_one_logging_event_never_make_training_wait(tmp_path, finish_wandb):
     """Every callback logs at the same epoch end: the bound is on events, not on entries."""
     trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",

@@ -307,7 +307,8 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
                 return done
             item = _pending.popleft()
             if wait and limit is None and not item.result.done():
-                _hand_queued_builds_to_the_drain_thread()
+                # this one too: it is queued, not running, if a dropped build still holds the media thread
+                _hand_queued_builds_to_the_drain_thread([item, *_pending])
         done += 1
         try:
             media, payload, files = item.result.result(timeout=DRAIN_TIMEOUT_S if wait else 0)
@@ -340,7 +341,7 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
     return done
 
 
-def _hand_queued_builds_to_the_drain_thread() -> None:
+def _hand_queued_builds_to_the_drain_thread(items: list[_Pending]) -> None:
     """At a stage end (the training thread waits for every payload): the builds still queued
     on the media thread move to a second thread, so that they are built beside the one the
     media thread is busy with, on the core training no longer uses.
@@ -349,14 +350,14 @@ def _hand_queued_builds_to_the_drain_thread() -> None:
     media thread's ``nice``): its work is what training is waiting for. Only builds the
     media thread has not started move (``Future.cancel`` succeeds on those alone); the
     media process's jobs stay where they are. Logging order is unchanged: payloads are
-    still logged oldest first. Call with ``_lock`` held.
+    still logged oldest first. Call with ``_lock`` held, on the items still to be logged.
 
     On the demo's last logging event the attention maps (108 PNGs, 0.7 s) were being built
     when the fit ended; the entropy heatmap and the box embeddings' t-SNE, scatter plot and
     table (0.7 s) moved, were built beside them, and the fit's teardown waited 0.9 s.
     """
     global _drain_executor
-    for item in _pending:
+    for item in items:
         if item.build is None or not item.result.cancel():
             continue
         if _drain_executor is None:
