@@ -209,7 +209,8 @@ def test_at_a_stage_end_queued_builds_are_built_beside_the_busy_media_thread_and
 
     training_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert ran[0][0].startswith("detlens-media_")
-    assert {ran[1], ran[2]} == {(ran[1][0], training_nice)} and ran[1][0].startswith("detlens-media-drain")
+    drain_thread = ran[1][0]
+    assert drain_thread.startswith("detlens-media-drain") and ran[1] == ran[2] == (drain_thread, training_nice)
     run = newest_offline_run(tmp_path)
     assert [(row["trainer/global_step"], row["v"]) for row in run.history if "v" in row] == [(0, 0.0), (1, 1.0), (2, 2.0)]
     assert [e.global_step for e in image_events(run, "k")] == [1, 2]
@@ -314,13 +315,19 @@ def test_the_media_thread_yields_the_cores_to_training_and_leaves_training_prior
     main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     seen = {}
 
+    built = threading.Event()
+
     def build() -> Media:
         seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        built.set()
         return Media(scalars={"s": 1.0})
 
     trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
                          enable_progress_bar=False)
     log_media_later(trainer, build, step=0)
+    # Built while training goes on (a stage-end flush would hand a build not yet started
+    # to the drain thread, which keeps training's priority).
+    assert built.wait(timeout=30)
     flush_media()
     wandb.finish()
     assert fanout.MEDIA_THREAD_NICENESS > 0
