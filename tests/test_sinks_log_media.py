@@ -150,25 +150,33 @@ def test_logged_pngs_hold_the_exact_pixels_and_the_staged_files_are_removed(tmp_
     assert json.loads(table_copy.read_text())["data"] == [["Image", 1], ["Image", 2]]
 
 
+def drop_a_stuck_build(trainer: pl.Trainer, monkeypatch: pytest.MonkeyPatch, media: Media, step: int) -> threading.Event:
+    """Queues a build of ``media`` that blocks until the returned event is set, and has a
+    stage-end flush drop it past a 0.5 s drain timeout (it goes on holding the media thread)."""
+    monkeypatch.setattr(fanout, "DRAIN_TIMEOUT_S", 0.5)
+    started, release = threading.Event(), threading.Event()
+
+    def stuck() -> Media:
+        started.set()
+        release.wait(timeout=60)
+        return media
+
+    log_media_later(trainer, stuck, step=step)
+    assert started.wait(timeout=30)
+    with pytest.warns(UserWarning, match=f"the media of step {step} took over"):
+        flush_media()
+    return release
+
+
 def test_a_build_dropped_past_the_drain_timeout_leaves_no_staged_pngs_once_it_finishes(tmp_path, finish_wandb,
                                                                                        monkeypatch):
     trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
                          enable_progress_bar=False)
-    monkeypatch.setattr(fanout, "DRAIN_TIMEOUT_S", 0.5)
-    started, release = threading.Event(), threading.Event()
     staged_before = set(Path(media_dir()).glob("*.png"))
-
-    def slow_build() -> Media:
-        started.set()
-        release.wait(timeout=60)
-        return Media({"slow": [probe_image(0), probe_image(1)]}, None, None)
-
-    log_media_later(trainer, slow_build, step=3)
-    assert started.wait(timeout=30)
-    with pytest.warns(UserWarning, match="the media of step 3 took over"):
-        flush_media()
+    release = drop_a_stuck_build(trainer, monkeypatch, Media({"slow": [probe_image(0), probe_image(1)]}, None, None), 3)
     release.set()
-    log_media(trainer, scalars={"after": 1.0}, step=4)  # queued behind the slow build on the media thread
+    fanout._worker().submit(lambda: None).result(timeout=30)  # the media thread has finished the dropped build
+    log_media(trainer, scalars={"after": 1.0}, step=4)
     flush_media()
     wandb.finish()
 
@@ -221,18 +229,7 @@ def test_media_queued_behind_a_build_stuck_past_the_drain_timeout_are_still_logg
 ):
     trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
                          enable_progress_bar=False)
-    monkeypatch.setattr(fanout, "DRAIN_TIMEOUT_S", 0.5)
-    started, release = threading.Event(), threading.Event()
-
-    def stuck() -> Media:
-        started.set()
-        release.wait(timeout=60)
-        return Media(None, None, {"stuck": 1.0})
-
-    log_media_later(trainer, stuck, step=3)
-    assert started.wait(timeout=30)
-    with pytest.warns(UserWarning, match="the media of step 3 took over"):
-        flush_media()  # dropped; it still holds the media thread
+    release = drop_a_stuck_build(trainer, monkeypatch, Media(None, None, {"stuck": 1.0}), 3)
     log_media(trainer, images={"after": [probe_image(4)]}, scalars={"after_s": 1.0}, step=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not dropped in turn
