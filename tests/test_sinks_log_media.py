@@ -25,7 +25,7 @@ from wandb_utils import image_events, newest_offline_run
 from detlens.render.boxes import draw_boxes, wandb_boxes
 from detlens.sinks import Media, MediaImage, MediaTable, flush_media, log_media, log_media_later
 from detlens.sinks import fanout
-from detlens.sinks.wandb_payload import media_dir
+from detlens.sinks.wandb_payload import media_dir, wandb_table
 
 
 def probe_image(step: int) -> MediaImage:
@@ -368,6 +368,45 @@ def test_media_image_rejects_inconsistent_input():
         MediaImage(pixels=np.zeros((8, 8, 3), np.uint8), pred_boxes=np.zeros((2, 4)), pred_labels=np.array([1]))
     with pytest.raises(ValueError, match="3 cells for 2 columns"):
         MediaTable(columns=["a", "b"], rows=[[1, 2, 3]])
+
+
+def _thumbnail(value: int, boxes: bool = False) -> wandb.Image:
+    pixels = np.full((8, 8, 3), value, np.uint8)
+    if not boxes:
+        return wandb.Image(pixels, caption=f"v{value}")
+    box = {"position": {"minX": 1, "minY": 1, "maxX": 5, "maxY": 5}, "class_id": value % 3, "domain": "pixel"}
+    return wandb.Image(pixels, boxes={"predictions": {"box_data": [box], "class_labels": {0: "a", 1: "b", 2: "c"}}})
+
+
+def test_tables_get_the_column_types_wandb_infers_itself_when_rows_are_typed_once_per_run_of_alike_rows():
+    # The embedding table's rows (a long float list per row, a thumbnail image) and rows that
+    # change type mid-table: list lengths back and forth, None, ints then floats, images
+    # with and without boxes, numpy values. wandb_table types a row only when
+    # it is typed unlike the row before it; the column types and data must be wandb's own.
+    rng = np.random.default_rng(0)
+    columns = ["class", "score", "box", "thumbnail", "embedding", "extra"]
+    embedding_rows = [["cat", float(s), [1.0, 2.0, 3.0, 4.0], _thumbnail(i), rng.normal(size=64).tolist(), i]
+                      for i, s in enumerate(rng.random(40))]
+    mixed_rows = [
+        ["cat", 0.5, [1.0, 2.0, 3.0, 4.0], _thumbnail(1), [0.1] * 8, 1],
+        ["dog", 0.7, [1.0, 2.0, 3.0, 4.0, 5.0], _thumbnail(2), [0.1] * 8, None],
+        ["dog", 0.7, [1.0, 2.0, 3.0, 4.0, 5.0], _thumbnail(3), [0.2] * 8, None],
+        ["cat", 1, [1, 2, 3, 4], _thumbnail(4, boxes=True), [0.3] * 8, 2.5],
+        ["cat", None, [1.0, 2.0, 3.0, 4.0], _thumbnail(5, boxes=True), [1, 2.5] * 4, np.float32(3.0)],
+        ["cat", 0.1, [], None, np.zeros(8, np.float32), 3],
+        ["cat", 0.2, [1.0, 2.0, 3.0, 4.0], _thumbnail(6), [0.4] * 8, 7],
+        ["cat", 0.3, [1.0, 2.0, 3.0, 4.0], _thumbnail(7), [0.5] * 8, 7],
+        ["cat", 0.3, [1.0, 2.0, 3.0, 4.0, 5.0], _thumbnail(8), [0.5] * 8, 7],
+    ]
+    for rows in (embedding_rows, mixed_rows, mixed_rows[::-1]):
+        ours, theirs = wandb_table(columns, rows), wandb.Table(columns=columns, data=rows)
+        assert ours._column_types.to_json() == theirs._column_types.to_json()
+        assert ours.columns == theirs.columns and ours.data == theirs.data
+    # Rows wandb refuses are refused the same way.
+    with pytest.raises(ValueError, match="expects 2 columns"):
+        wandb_table(["a", "b"], [[1, 2], [1, 2, 3]])
+    with pytest.raises(TypeError, match="incompatible types"):
+        wandb_table(["a", "b"], [[1, [1.0, 2.0]], [2, [1.0, 2.0]], [3, "not a list"]])
 
 
 def test_wandb_box_groups_are_empty_not_missing_when_nothing_was_detected():

@@ -11,25 +11,35 @@ keeps the media process's start-up short.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 
 from detlens.render.boxes import wandb_boxes
 from detlens.sinks.media import Media, MediaImage, MediaTable
 
-__all__ = ["PNG_COMPRESSION", "build_payload", "given", "media_dir", "remove_files", "wandb_payload", "write_png"]
+__all__ = ["PNG_COMPRESSION", "build_payload", "given", "media_dir", "remove_files", "wandb_payload", "wandb_table", "write_png"]
 
 PNG_COMPRESSION = 1
 """zlib level (0-9) of the PNGs detlens writes for W&B. ``wandb.Image`` of an array encodes
 with PIL's default, 6; level 1 with OpenCV encoded the demo's 160 px overlays about 4x
 faster (2.9 ms vs 13 ms each) into larger files, and PNG encoding was 2.9 of the media
-worker's 6.7 s per demo fit. PNG is lossless: the pixels are the same."""
+worker's 6.7 s per demo fit. PNG is lossless: the pixels are the same.
+
+Every row is filtered with PNG's "up" filter instead of libpng's default, which tries all
+five filters on each row and keeps the best: on the demo's media 1.7x faster for the
+160 px attention overlays (1.8 vs 3.0 ms), 2.5x for the box-embedding scatter plot
+(8 vs 22 ms) and the entropy heatmap, for files 1-4% larger. Where OpenCV has no filter
+option (before 4.11) its default stays."""
+
+_PNG_FILTER = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP] if hasattr(cv2, "IMWRITE_PNG_FILTER_UP") else []
 
 _MEDIA_DIR_ENV = "DETLENS_MEDIA_TMP"
 
@@ -51,11 +61,9 @@ def media_dir() -> str:
 
 def write_png(pixels: np.ndarray) -> str:
     """``uint8[H, W, 3]`` RGB -> a new PNG in :func:`media_dir` (:data:`PNG_COMPRESSION`); its path."""
-    import cv2
-
     path = os.path.join(media_dir(), f"{uuid.uuid4().hex}.png")
     bgr = np.ascontiguousarray(np.asarray(pixels, dtype=np.uint8)[..., ::-1])
-    if not cv2.imwrite(path, bgr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]):
+    if not cv2.imwrite(path, bgr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION, *_PNG_FILTER]):
         raise OSError(f"could not write {path}")
     return path
 
@@ -157,9 +165,64 @@ def wandb_payload(
         payload[key] = [wandb_image(item, files) for item in items]
     for key, table in (tables or {}).items():
         rows = [[wandb_image(c, files, held=False) if isinstance(c, MediaImage) else c for c in row] for row in table.rows]
-        payload[key] = wandb.Table(columns=list(table.columns), data=rows)
+        payload[key] = wandb_table(table.columns, rows)
     payload.update({k: float(v) for k, v in (scalars or {}).items()})
     return payload
+
+
+_SCALAR_TYPES = (str, int, float, bool, type(None))
+
+
+def wandb_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
+    """``wandb.Table(columns=columns, data=rows)``: the same rows and the same column types,
+    inferred once for each run of rows typed alike instead of once per row.
+
+    wandb types every row it is given (``Table.add_data`` -> ``TypedDictType.assign``) in
+    Python, cell by cell and element by element inside lists: 7 ms a row of the box
+    embeddings' table (a 256-value embedding), 1.9 s for 2,000 rows, under the GIL of the
+    process that trains. A row whose cells have the Python types of the row before it
+    (scalars of one class, flat lists of one scalar class and the same length, other values
+    of the same W&B type) cannot change what that row's typing produced (assigning a value
+    of the same type again returns the same type), so it is appended to ``table.data`` without
+    being typed again. Rows unlike the one before, and any cell not described that way, go
+    through ``add_data`` as usual (which also raises wandb's errors for them). Written here
+    because wandb has no bulk or pre-typed path for list cells: its shortcut, 1-D numpy
+    cells, is serialised to a separate npz file beyond 150 values, which hides the embedding
+    from the W&B projector this column is for.
+    """
+    import wandb
+    from wandb.sdk.data_types._dtypes import TypeRegistry
+
+    table = wandb.Table(columns=list(columns))
+    previous: tuple | None = None
+    for row in rows:
+        signature = _row_signature(row, TypeRegistry)
+        if signature is not None and signature == previous:
+            table.data.append(list(row))
+        else:
+            table.add_data(*row)
+        previous = signature
+    return table
+
+
+def _row_signature(row: Sequence[Any], registry: Any) -> tuple | None:
+    """What a row's W&B column types depend on, cheaply; ``None`` when a cell is not covered."""
+    signature = []
+    for cell in row:
+        kind = type(cell)
+        if kind in _SCALAR_TYPES:
+            signature.append(kind)
+        elif kind is list or kind is tuple:
+            kinds = set(map(type, cell))  # C speed, unlike wandb's per-element typing
+            if len(kinds) > 1 or (kinds and next(iter(kinds)) not in _SCALAR_TYPES[:4]):
+                return None
+            signature.append((kind, len(cell), *kinds))
+        else:  # a wandb.Image, a numpy array, ...: its W&B type, as wandb infers it
+            try:
+                signature.append(json.dumps(registry.type_of(cell).to_json(), sort_keys=True, default=str))
+            except Exception:  # noqa: BLE001 - not describable: typed by add_data
+                return None
+    return tuple(signature)
 
 
 def build_payload(build: Callable[[], Media]) -> tuple[Media, dict[str, Any], list[str]]:
