@@ -158,8 +158,6 @@ def wandb_payload(
 
     The paths of the PNGs written for it are appended to ``files`` (remove them once logged).
     """
-    import wandb
-
     payload: dict[str, Any] = {}
     for key, items in (images or {}).items():
         payload[key] = [wandb_image(item, files) for item in items]
