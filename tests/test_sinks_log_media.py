@@ -398,7 +398,8 @@ def test_tables_get_the_column_types_wandb_infers_itself_when_rows_are_typed_onc
         ["cat", 0.3, [1.0, 2.0, 3.0, 4.0], _thumbnail(7), [0.5] * 8, 7],
         ["cat", 0.3, [1.0, 2.0, 3.0, 4.0, 5.0], _thumbnail(8), [0.5] * 8, 7],
     ]
-    for rows in (embedding_rows, mixed_rows, mixed_rows[::-1]):
+    nan_first = [["cat", float("nan"), [1.0], None, [0.5], 1], ["cat", 0.5, [1.0], None, [0.5], 2]]
+    for rows in (embedding_rows, mixed_rows, mixed_rows[::-1], nan_first):
         ours, theirs = wandb_table(columns, rows), wandb.Table(columns=columns, data=rows)
         assert ours._column_types.to_json() == theirs._column_types.to_json()
         assert ours.columns == theirs.columns and ours.data == theirs.data
@@ -407,6 +408,35 @@ def test_tables_get_the_column_types_wandb_infers_itself_when_rows_are_typed_onc
         wandb_table(["a", "b"], [[1, 2], [1, 2, 3]])
     with pytest.raises(TypeError, match="incompatible types"):
         wandb_table(["a", "b"], [[1, [1.0, 2.0]], [2, [1.0, 2.0]], [3, "not a list"]])
+    with pytest.raises(TypeError, match="incompatible types"):
+        wandb_table(["a", "b"], [[1, [1.0, 2.0]], [2, [1.0, 2.0]], [3, [1.0, float("nan")]]])
+
+
+def test_a_logged_table_has_the_json_wandb_writes_itself_with_nan_images_and_numpy_cells():
+    # The cells that already are JSON skip wandb's per-value conversion when the table is
+    # logged; NaN (null in W&B's JSON), images (added to the table's artifact) and numpy
+    # values still go through it (a NaN inside a list of numbers wandb refuses to type, and so
+    # does wandb_table). Compared with wandb's own Table.to_json for the run's
+    # table artifact, on two artifacts holding the same images.
+    nan, inf = float("nan"), float("inf")
+
+    def rows() -> list[list]:
+        return [
+            ["a", 1, 0.5, [0.1, 0.2, 0.3], _thumbnail(1), np.float32(2.5), ["x", "y"], True],
+            ["b", 2, nan, [0.1, 0.2, 0.3], _thumbnail(2), np.float32(3.5), ["z"], False],
+            ["c", None, inf, [1.0, 2.0, -inf], _thumbnail(3), np.float32(nan), [], True],
+            ["d", 4, 2.0, (4.0, 5.0, 6.0), _thumbnail(4, boxes=True), np.float32(1.0), ["w"], None],
+        ]
+
+    columns = ["name", "count", "score", "vector", "image", "value", "tags", "flag"]
+    ours = wandb_table(columns, rows())
+    data_before = [list(r) for r in ours.data]
+    ours_json = ours.to_json(wandb.Artifact("ours", "run_table"))
+    theirs_json = wandb.Table(columns=columns, data=rows()).to_json(wandb.Artifact("theirs", "run_table"))
+    assert json.dumps(ours_json, sort_keys=True) == json.dumps(theirs_json, sort_keys=True)
+    assert ours_json["data"][1][2] is None  # NaN -> null, as wandb does
+    assert [len(r) for r in ours.data] == [len(r) for r in data_before]
+    assert all(a is b for r, r0 in zip(ours.data, data_before) for a, b in zip(r, r0))  # its rows are left as they were
 
 
 def test_wandb_box_groups_are_empty_not_missing_when_nothing_was_detected():

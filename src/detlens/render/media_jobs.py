@@ -88,7 +88,8 @@ def attention_map_media(
     """
     panels: dict[str, list[MediaImage]] = {}
     for p in probes:
-        image, head, step_text = p["image"], p["head"], p["step_text"]
+        # uint8 pixels once per image, not once per map (a 3x3 grid of every head: 36 maps)
+        image, head, step_text = to_uint8_image(p["image"]), p["head"], p["step_text"]
         boxes, scores, labels, points = p["boxes"], p["scores"], p["labels"], p["points"]
         for key, maps in p["detection_maps"].items():
             for j in range(min(len(maps), len(boxes))):
@@ -103,7 +104,7 @@ def attention_map_media(
         for key, maps in p["point_maps"].items():
             for j in range(min(len(maps), len(points))):
                 x, y = (float(v) for v in points[j])
-                pixels = overlay_attention(image, maps[j], point_marker(x, y, image.shape[-2:]))
+                pixels = overlay_attention(image, maps[j], point_marker(x, y, image.shape[:2]))
                 detail = f"from point ({x:.0f}, {y:.0f})"
                 panels.setdefault(keys[key], []).append(MediaImage(pixels, caption=f"{head} · {detail} · {step_text}"))
     return Media(images=panels)

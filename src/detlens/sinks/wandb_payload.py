@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -145,6 +146,8 @@ def _held_image_class() -> type:
 def __getattr__(name: str) -> Any:
     if name == "_HeldImage":
         return _held_image_class()
+    if name == "_JsonReadyTable":
+        return _json_ready_table_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -172,55 +175,126 @@ _SCALAR_TYPES = (str, int, float, bool, type(None))
 
 
 def wandb_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
-    """``wandb.Table(columns=columns, data=rows)``: the same rows and the same column types,
-    inferred once for each run of rows typed alike instead of once per row.
+    """``wandb.Table(columns=columns, data=rows)``: the same rows, the same column types and
+    the same JSON once logged, for a fraction of wandb's per-value Python work.
 
-    wandb types every row it is given (``Table.add_data`` -> ``TypedDictType.assign``) in
-    Python, cell by cell and element by element inside lists: 7 ms a row of the box
-    embeddings' table (a 256-value embedding), 1.9 s for 2,000 rows, under the GIL of the
-    process that trains. A row whose cells have the Python types of the row before it
-    (scalars of one class, flat lists of one scalar class and the same length, other values
-    of the same W&B type) cannot change what that row's typing produced (assigning a value
-    of the same type again returns the same type), so it is appended to ``table.data`` without
-    being typed again. Rows unlike the one before, and any cell not described that way, go
-    through ``add_data`` as usual (which also raises wandb's errors for them). Written here
-    because wandb has no bulk or pre-typed path for list cells: its shortcut, 1-D numpy
-    cells, is serialised to a separate npz file beyond 150 values, which hides the embedding
-    from the W&B projector this column is for.
+    wandb walks every value of a table twice, in Python, element by element inside lists:
+    typing each row as it is added (``Table.add_data`` -> ``TypedDictType.assign``; 7 ms a
+    row of the box embeddings' table, whose embedding holds 256 values: 1.9 s for 2,000
+    rows), and again turning each cell into JSON when the table is logged
+    (``Table.to_json`` -> ``_json_helper``), on the thread that calls ``wandb.log``: the
+    training thread (2.9 s for those 2,000 rows, with the file written). So:
+
+    * A row whose cells have the Python types of the row before it (scalars of one class,
+      flat lists of one scalar class and the same length, other values of the same W&B
+      type) cannot change what that row's typing produced (assigning a value of a type
+      already assigned returns the same type): it is appended to ``table.data`` without
+      being typed again. Other rows go through ``add_data`` (which raises wandb's errors).
+    * The table is a ``_JsonReadyTable``: the cells that already are JSON (strings, ints,
+      booleans, None, finite or infinite floats and flat lists of those, found here on
+      the media worker) stand aside while wandb converts the rest (images, numpy values,
+      NaN) and are put back into its output unchanged, which is what wandb's conversion
+      returns for them.
+
+    Hand-written because wandb has no bulk or pre-typed path for list cells: its shortcut,
+    1-D numpy cells, is serialised to a separate npz file beyond 150 values, which hides
+    the embedding from the W&B projector this column is for.
     """
-    import wandb
     from wandb.sdk.data_types._dtypes import TypeRegistry
 
-    table = wandb.Table(columns=list(columns))
+    table = _json_ready_table_class()(columns=list(columns))
     previous: tuple | None = None
+    json_cells: list[tuple[int, ...]] = []
     for row in rows:
-        signature = _row_signature(row, TypeRegistry)
+        signature, ready = _describe_row(row, TypeRegistry)
         if signature is not None and signature == previous:
             table.data.append(list(row))
         else:
             table.add_data(*row)
         previous = signature
+        json_cells.append(ready)
+    table._json_cells = json_cells
     return table
 
 
-def _row_signature(row: Sequence[Any], registry: Any) -> tuple | None:
-    """What a row's W&B column types depend on, cheaply; ``None`` when a cell is not covered."""
-    signature = []
-    for cell in row:
+def _describe_row(row: Sequence[Any], registry: Any) -> tuple[tuple | None, tuple[int, ...]]:
+    """What a row's W&B column types depend on (``None`` when a cell is not covered), and
+    the indices of its cells that are JSON as they are (wandb's conversion returns them
+    unchanged: it only turns NaN into null and converts non-Python values)."""
+    signature: list | None = []
+    ready = []
+    for i, cell in enumerate(row):
         kind = type(cell)
         if kind in _SCALAR_TYPES:
-            signature.append(kind)
+            nan = kind is float and cell != cell  # wandb types NaN as None, and writes it as null
+            if signature is not None:
+                signature.append("NaN" if nan else kind)
+            if not nan:
+                ready.append(i)
         elif kind is list or kind is tuple:
             kinds = set(map(type, cell))  # C speed, unlike wandb's per-element typing
-            if len(kinds) > 1 or (kinds and next(iter(kinds)) not in _SCALAR_TYPES[:4]):
-                return None
-            signature.append((kind, len(cell), *kinds))
-        else:  # a wandb.Image, a numpy array, ...: its W&B type, as wandb infers it
+            if len(kinds) > 1 or (kinds and next(iter(kinds)) not in _SCALAR_TYPES[:4]) or (
+                float in kinds and any(map(math.isnan, cell))
+            ):
+                signature = None
+                continue
+            if signature is not None:
+                signature.append((kind, len(cell), *kinds))
+            ready.append(i)
+        elif signature is not None:  # a wandb.Image, a numpy array, ...: its W&B type, as wandb infers it
             try:
                 signature.append(json.dumps(registry.type_of(cell).to_json(), sort_keys=True, default=str))
             except Exception:  # noqa: BLE001 - not describable: typed by add_data
-                return None
-    return tuple(signature)
+                signature = None
+    return (None if signature is None else tuple(signature)), tuple(ready)
+
+
+_JSON_READY_TABLE: type | None = None
+
+
+def _json_ready_table_class() -> type:
+    """``_JsonReadyTable``: a ``wandb.Table`` whose ``to_json`` for the run's table artifact
+    leaves the cells listed in ``_json_cells`` out of wandb's per-value conversion and puts
+    them back into its output as they are. Made on first use, like ``_HeldImage`` (and
+    reachable by pickle as ``detlens.sinks.wandb_payload._JsonReadyTable``)."""
+    global _JSON_READY_TABLE
+    if _JSON_READY_TABLE is None:
+        import wandb
+
+        class _JsonReadyTable(wandb.Table):  # type: ignore[misc, name-defined]
+            _json_cells: list[tuple[int, ...]] | None = None
+
+            def to_json(self, run_or_artifact: Any) -> dict[str, Any]:
+                rows, ready = self.data, self._json_cells
+                if (not isinstance(run_or_artifact, wandb.Artifact) or ready is None or len(ready) != len(rows)
+                        or not any(ready)):
+                    return super().to_json(run_or_artifact)
+                stand_ins = []
+                for row, cells in zip(rows, ready):
+                    if cells:
+                        row = list(row)
+                        for i in cells:
+                            row[i] = None
+                    stand_ins.append(row)
+                self.data = stand_ins
+                try:
+                    json_dict = super().to_json(run_or_artifact)
+                finally:
+                    self.data = rows
+                out = json_dict.get("data")
+                if not isinstance(out, list) or len(out) > len(rows) or any(
+                    not isinstance(r, list) or len(r) != len(self.columns) for r in out
+                ):  # a wandb release that lays its JSON out otherwise: its own conversion of every cell
+                    return super().to_json(run_or_artifact)
+                for row, out_row, cells in zip(rows, out, ready):
+                    for i in cells:
+                        out_row[i] = row[i]
+                return json_dict
+
+        _JsonReadyTable.__module__ = __name__
+        _JsonReadyTable.__qualname__ = "_JsonReadyTable"
+        _JSON_READY_TABLE = _JsonReadyTable
+    return _JSON_READY_TABLE
 
 
 def build_payload(build: Callable[[], Media]) -> tuple[Media, dict[str, Any], list[str]]:
