@@ -267,7 +267,7 @@ def _json_ready_table_class() -> type:
             def to_json(self, run_or_artifact: Any) -> dict[str, Any]:
                 rows, ready = self.data, self._json_cells
                 if (not isinstance(run_or_artifact, wandb.Artifact) or ready is None or len(ready) != len(rows)
-                        or not any(ready)):
+                        or not any(ready) or self.log_mode != "IMMUTABLE"):  # incremental: rows out of step
                     return super().to_json(run_or_artifact)
                 stand_ins = []
                 for row, cells in zip(rows, ready):
