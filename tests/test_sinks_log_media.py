@@ -403,6 +403,11 @@ def test_tables_get_the_column_types_wandb_infers_itself_when_rows_are_typed_onc
         ours, theirs = wandb_table(columns, rows), wandb.Table(columns=columns, data=rows)
         assert ours._column_types.to_json() == theirs._column_types.to_json()
         assert ours.columns == theirs.columns and ours.data == theirs.data
+    # A wandb whose type registry has moved: wandb's own table.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "wandb.sdk.data_types._dtypes", None)
+        fallback = wandb_table(columns, embedding_rows)
+    assert type(fallback) is wandb.Table and fallback.data == embedding_rows
     # Rows wandb refuses are refused the same way.
     with pytest.raises(ValueError, match="expects 2 columns"):
         wandb_table(["a", "b"], [[1, 2], [1, 2, 3]])
