@@ -435,6 +435,7 @@ def test_a_logged_table_has_the_json_wandb_writes_itself_with_nan_images_and_num
 
     columns = ["name", "count", "score", "vector", "image", "value", "tags", "flag"]
     ours = wandb_table(columns, rows())
+    assert type(ours).__name__ == "_JsonReadyTable" and all(ours._json_cells)  # the fast path is taken
     data_before = [list(r) for r in ours.data]
     ours_json = ours.to_json(wandb.Artifact("ours", "run_table"))
     theirs_json = wandb.Table(columns=columns, data=rows()).to_json(wandb.Artifact("theirs", "run_table"))

@@ -180,10 +180,11 @@ def wandb_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
 
     wandb walks every value of a table twice, in Python, element by element inside lists:
     typing each row as it is added (``Table.add_data`` -> ``TypedDictType.assign``; 7 ms a
-    row of the box embeddings' table, whose embedding holds 256 values: 1.9 s for 2,000
+    row of the box embeddings' table, whose embedding holds 256 values: 1.5-2.6 s for 2,000
     rows), and again turning each cell into JSON when the table is logged
     (``Table.to_json`` -> ``_json_helper``), on the thread that calls ``wandb.log``: the
-    training thread (2.9 s for those 2,000 rows, with the file written). So:
+    training thread (3-4 s for those 2,000 rows, with the files written;
+    ``benchmarks/wandb_table.py``). So:
 
     * A row whose cells have the Python types of the row before it (scalars of one class,
       flat lists of one scalar class and the same length, other values of the same W&B
