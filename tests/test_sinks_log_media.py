@@ -417,12 +417,13 @@ def test_tables_get_the_column_types_wandb_infers_itself_when_rows_are_typed_onc
         wandb_table(["a", "b"], [[1, [1.0, 2.0]], [2, [1.0, 2.0]], [3, [1.0, float("nan")]]])
 
 
-def test_a_logged_table_has_the_json_wandb_writes_itself_with_nan_images_and_numpy_cells():
+def test_a_logged_table_has_the_json_wandb_writes_itself_with_nan_images_and_numpy_cells(tmp_path, finish_wandb):
     # The cells that already are JSON skip wandb's per-value conversion when the table is
     # logged; NaN (null in W&B's JSON), images (added to the table's artifact) and numpy
     # values still go through it (a NaN inside a list of numbers wandb refuses to type, and so
     # does wandb_table). Compared with wandb's own Table.to_json for the run's
-    # table artifact, on two artifacts holding the same images.
+    # table artifact, on two artifacts holding the same images, and with the run's own copy
+    # of the table that wandb.log writes.
     nan, inf = float("nan"), float("inf")
 
     def rows() -> list[list]:
@@ -443,6 +444,14 @@ def test_a_logged_table_has_the_json_wandb_writes_itself_with_nan_images_and_num
     assert ours_json["data"][1][2] is None  # NaN -> null, as wandb does
     assert [len(r) for r in ours.data] == [len(r) for r in data_before]
     assert all(a is b for r, r0 in zip(ours.data, data_before) for a, b in zip(r, r0))  # its rows are left as they were
+
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="tables")
+    run.log({"ours": wandb_table(columns, rows()), "theirs": wandb.Table(columns=columns, data=rows())})
+    wandb.finish()
+    copies = {f.name.split("_")[0]: json.loads(f.read_text()) for f in newest_offline_run(tmp_path).files
+              if f.name.endswith(".table.json")}
+    assert set(copies) == {"ours", "theirs"} and copies["ours"] == copies["theirs"]
+    assert copies["ours"]["data"][0][3] == [0.1, 0.2, 0.3] and copies["ours"]["data"][3][3] == [4.0, 5.0, 6.0]
 
 
 def test_wandb_box_groups_are_empty_not_missing_when_nothing_was_detected():
