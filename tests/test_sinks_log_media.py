@@ -399,10 +399,17 @@ def test_tables_get_the_column_types_wandb_infers_itself_when_rows_are_typed_onc
         ["cat", 0.3, [1.0, 2.0, 3.0, 4.0, 5.0], _thumbnail(8), [0.5] * 8, 7],
     ]
     nan_first = [["cat", float("nan"), [1.0], None, [0.5], 1], ["cat", 0.5, [1.0], None, [0.5], 2]]
-    for rows in (embedding_rows, mixed_rows, mixed_rows[::-1], nan_first):
-        ours, theirs = wandb_table(columns, rows), wandb.Table(columns=columns, data=rows)
-        assert ours._column_types.to_json() == theirs._column_types.to_json()
-        assert ours.columns == theirs.columns and ours.data == theirs.data
+    typed = []  # the rows wandb_table has wandb type
+    table_class = type(wandb_table(columns, embedding_rows[:1]))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(table_class, "add_data", lambda self, *row: typed.append(row) or wandb.Table.add_data(self, *row))
+        for rows in (embedding_rows, mixed_rows, mixed_rows[::-1], nan_first):
+            typed.clear()
+            ours, theirs = wandb_table(columns, rows), wandb.Table(columns=columns, data=rows)
+            assert ours._column_types.to_json() == theirs._column_types.to_json()
+            assert ours.columns == theirs.columns and ours.data == theirs.data
+            if rows is embedding_rows:
+                assert len(typed) == 1  # 40 alike rows (thumbnails included) typed once
     # A wandb whose type registry has moved: wandb's own table.
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "wandb.sdk.data_types._dtypes", None)

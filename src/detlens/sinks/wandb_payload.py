@@ -187,8 +187,8 @@ def wandb_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
     run's own copy; 2.3-2.9 s for those 2,000 rows; ``benchmarks/wandb_table.py``). So:
 
     * A row whose cells have the Python types of the row before it (scalars of one class,
-      flat lists of one scalar class and the same length, other values of the same W&B
-      type) cannot change what that row's typing produced (assigning a value of a type
+      flat lists of one scalar class and the same length, images and numpy values of the
+      same W&B type) cannot change what that row's typing produced (assigning a value of a type
       already assigned returns the same type): it is appended to ``table.data`` without
       being typed again. Other rows go through ``add_data`` (which raises wandb's errors).
     * The table is a ``_JsonReadyTable``: the cells that already are JSON (strings, ints,
@@ -248,11 +248,13 @@ def _describe_row(row: Sequence[Any], registry: Any) -> tuple[tuple | None, tupl
             if signature is not None:
                 signature.append((kind, len(cell), *kinds))
             ready.append(i)
-        elif signature is not None:  # a wandb.Image, a numpy array, ...: its W&B type, as wandb infers it
-            try:
+        elif signature is not None and isinstance(cell, (_image_class(), np.ndarray, np.generic)):
+            try:  # its W&B type, as wandb infers it
                 signature.append(json.dumps(registry.type_of(cell).to_json(), sort_keys=True, default=str))
             except Exception:  # noqa: BLE001 - not describable: typed by add_data
                 signature = None
+        else:  # anything else (e.g. wandb's table keys, which add_data casts): typed by add_data
+            signature = None
     return (None if signature is None else tuple(signature)), tuple(ready)
 
 
@@ -267,6 +269,12 @@ class _JsonList:
 
     def json_encode(self) -> list | tuple:
         return self.values
+
+
+def _image_class() -> type:
+    import wandb
+
+    return wandb.Image
 
 
 _JSON_READY_TABLE: type | None = None
