@@ -17,7 +17,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import cv2
@@ -171,7 +172,8 @@ def wandb_payload(
     return payload
 
 
-_SCALAR_TYPES = (str, int, float, bool, type(None))
+_LIST_ELEMENT_TYPES = (str, int, float, bool)
+_SCALAR_TYPES = (*_LIST_ELEMENT_TYPES, type(None))
 
 
 def wandb_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
@@ -209,11 +211,14 @@ def wandb_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
 
         return wandb.Table(columns=list(columns), data=[list(row) for row in rows])
 
+    import wandb
+
+    typed_by_wandb = (wandb.Image, np.ndarray, np.generic)
     table = _json_ready_table_class()(columns=list(columns))
     previous: tuple | None = None
     json_cells: list[tuple[int, ...]] = []
     for row in rows:
-        signature, ready = _describe_row(row, TypeRegistry)
+        signature, ready = _describe_row(row, TypeRegistry, typed_by_wandb)
         if signature is not None and signature == previous:
             table.data.append(list(row))
         else:
@@ -224,10 +229,13 @@ def wandb_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
     return table
 
 
-def _describe_row(row: Sequence[Any], registry: Any) -> tuple[tuple | None, tuple[int, ...]]:
-    """What a row's W&B column types depend on (``None`` when a cell is not covered), and
-    the indices of its cells that are JSON as they are (wandb's conversion returns them
-    unchanged: it only turns NaN into null and converts non-Python values)."""
+def _describe_row(
+    row: Sequence[Any], registry: Any, typed_by_wandb: tuple[type, ...]
+) -> tuple[tuple | None, tuple[int, ...]]:
+    """What a row's W&B column types depend on (``None`` when a cell is not covered; cells of
+    ``typed_by_wandb`` enter by the type wandb gives them), and the indices of its cells that
+    are JSON as they are (wandb's conversion returns them unchanged: it only turns NaN into
+    null and converts non-Python values)."""
     signature: list | None = []
     ready = []
     for i, cell in enumerate(row):
@@ -240,7 +248,7 @@ def _describe_row(row: Sequence[Any], registry: Any) -> tuple[tuple | None, tupl
                 ready.append(i)
         elif kind is list or kind is tuple:
             kinds = set(map(type, cell))  # C speed, unlike wandb's per-element typing
-            if len(kinds) > 1 or (kinds and next(iter(kinds)) not in _SCALAR_TYPES[:4]) or (
+            if len(kinds) > 1 or (kinds and next(iter(kinds)) not in _LIST_ELEMENT_TYPES) or (
                 float in kinds and any(map(math.isnan, cell))
             ):
                 signature = None
@@ -248,7 +256,7 @@ def _describe_row(row: Sequence[Any], registry: Any) -> tuple[tuple | None, tupl
             if signature is not None:
                 signature.append((kind, len(cell), *kinds))
             ready.append(i)
-        elif signature is not None and isinstance(cell, (_image_class(), np.ndarray, np.generic)):
+        elif signature is not None and isinstance(cell, typed_by_wandb):
             try:  # its W&B type, as wandb infers it
                 signature.append(json.dumps(registry.type_of(cell).to_json(), sort_keys=True, default=str))
             except Exception:  # noqa: BLE001 - not describable: typed by add_data
@@ -271,10 +279,23 @@ class _JsonList:
         return self.values
 
 
-def _image_class() -> type:
-    import wandb
+def _stand_in_rows(
+    rows: list[list[Any]], ready: list[tuple[int, ...]], stand_in: Callable[[Any], Any]
+) -> list[list[Any]]:
+    """``rows`` with ``stand_in(cell)`` in place of each JSON-ready cell (rows without such
+    cells are the same list objects; the rows themselves are not changed)."""
+    out = []
+    for row, cells in zip(rows, ready):
+        if cells:
+            row = list(row)
+            for i in cells:
+                row[i] = stand_in(row[i])
+        out.append(row)
+    return out
 
-    return wandb.Image
+
+def _as_json_list(cell: Any) -> Any:
+    return _JsonList(cell) if type(cell) in (list, tuple) else cell
 
 
 _JSON_READY_TABLE: type | None = None
@@ -293,23 +314,29 @@ def _json_ready_table_class() -> type:
         class _JsonReadyTable(wandb.Table):  # type: ignore[misc, name-defined]
             _json_cells: list[tuple[int, ...]] | None = None
 
-            def to_json(self, run_or_artifact: Any) -> dict[str, Any]:
-                rows, ready = self.data, self._json_cells
-                if (not isinstance(run_or_artifact, wandb.Artifact) or ready is None or len(ready) != len(rows)
-                        or not any(ready) or self.log_mode != "IMMUTABLE"):  # incremental: rows out of step
-                    return super().to_json(run_or_artifact)
-                stand_ins = []
-                for row, cells in zip(rows, ready):
-                    if cells:
-                        row = list(row)
-                        for i in cells:
-                            row[i] = None
-                    stand_ins.append(row)
-                self.data = stand_ins
+            def _ready_cells(self) -> list[tuple[int, ...]] | None:
+                """``_json_cells`` while they describe ``data`` row for row (incremental
+                tables log rows past the last logged one: left to wandb)."""
+                ready = self._json_cells
+                if ready is None or len(ready) != len(self.data) or self.log_mode != "IMMUTABLE":
+                    return None
+                return ready
+
+            @contextmanager
+            def _data_with(self, stand_in: Callable[[Any], Any]) -> Iterator[None]:
+                rows = self.data
+                self.data = _stand_in_rows(rows, self._json_cells, stand_in)
                 try:
-                    json_dict = super().to_json(run_or_artifact)
+                    yield
                 finally:
                     self.data = rows
+
+            def to_json(self, run_or_artifact: Any) -> dict[str, Any]:
+                rows, ready = self.data, self._ready_cells()
+                if not isinstance(run_or_artifact, wandb.Artifact) or ready is None or not any(ready):
+                    return super().to_json(run_or_artifact)
+                with self._data_with(lambda cell: None):
+                    json_dict = super().to_json(run_or_artifact)
                 out = json_dict.get("data")
                 if not isinstance(out, list) or len(out) > len(rows) or any(
                     not isinstance(r, list) or len(r) != len(self.columns) for r in out
@@ -325,22 +352,10 @@ def _json_ready_table_class() -> type:
                 # value (``_numpy_arrays_to_lists``) to turn numpy arrays into lists; the
                 # list cells that already are JSON go past that walk wrapped, and the JSON
                 # writer (wandb's encoder fallback) writes them as the lists they are.
-                rows, ready = self.data, self._json_cells
-                if ready is None or len(ready) != len(rows) or self.log_mode != "IMMUTABLE":
+                if self._ready_cells() is None:
                     return super().bind_to_run(*args, **kwargs)
-                stand_ins = []
-                for row, cells in zip(rows, ready):
-                    lists = [i for i in cells if type(row[i]) in (list, tuple)]
-                    if lists:
-                        row = list(row)
-                        for i in lists:
-                            row[i] = _JsonList(row[i])
-                    stand_ins.append(row)
-                self.data = stand_ins
-                try:
+                with self._data_with(_as_json_list):
                     return super().bind_to_run(*args, **kwargs)
-                finally:
-                    self.data = rows
 
         _JsonReadyTable.__module__ = __name__
         _JsonReadyTable.__qualname__ = "_JsonReadyTable"
