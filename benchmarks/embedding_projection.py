@@ -36,6 +36,7 @@ the same figures for the untrained network; ``--scatter PATH`` saves the scatter
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import platform
 import sys
@@ -166,9 +167,10 @@ def main(argv: list[str] | None = None) -> None:
                              "and summarise; default: --seed only")
     parser.add_argument("--trust-rows", type=int, default=5_000)
     parser.add_argument("--n-jobs", type=int, default=0, help="threads for both (0: all available cores)")
-    parser.add_argument("--n-iter", type=int, default=300,
-                        help="openTSNE iterations after early exaggeration (the last --polish-iter Barnes-Hut)")
-    parser.add_argument("--polish-iter", type=int, default=150, help="final Barnes-Hut iterations (detlens' default)")
+    parser.add_argument("--n-iter", type=int, default=None,
+                        help="openTSNE iterations after early exaggeration (the last --polish-iter Barnes-Hut); "
+                             "default: detlens' (220)")
+    parser.add_argument("--polish-iter", type=int, default=None, help="final Barnes-Hut iterations (default: detlens' 120)")
     parser.add_argument("--ints-in-interval", type=float, default=None,
                         help="openTSNE FFT grid coarseness after early exaggeration (default: detlens' 2; openTSNE's own is 1)")
     parser.add_argument("--sklearn-on-pca50", action="store_true", help="also time sklearn on the PCA-50 input")
@@ -200,11 +202,14 @@ def compare(args: argparse.Namespace, seed: int, n_jobs: int) -> tuple[float, fl
     """detlens' t-SNE and scikit-learn's on one data set; ``(wall detlens, wall sklearn, trust detlens, trust sklearn)``."""
     from sklearn.manifold import TSNE as SklearnTSNE
 
-    from detlens.explainers.embeddings import class_separation, pca, trustworthiness_score, tsne_2d
+    from detlens.explainers.embeddings import _default_n_iter, class_separation, pca, trustworthiness_score, tsne_2d
 
     features, labels = make_box_features(args.points, args.dims, args.classes, seed)
     x = torch.from_numpy(features)
     tsne_kwargs = {} if args.ints_in_interval is None else {"ints_in_interval": args.ints_in_interval}
+    # detlens' own defaults unless overridden, so the label below names what actually ran.
+    n_iter = args.n_iter if args.n_iter is not None else _default_n_iter("fft")
+    polish = args.polish_iter if args.polish_iter is not None else inspect.signature(tsne_2d).parameters["polish_iter"].default
     print(
         f"data (seed {seed}): {features.shape[0]:,} x {features.shape[1]:,} float32 features, {args.classes} classes "
         f"(sizes {np.bincount(labels)[1:].min()}..{np.bincount(labels)[1:].max()}), perplexity {args.perplexity}, "
@@ -229,11 +234,11 @@ def compare(args: argparse.Namespace, seed: int, n_jobs: int) -> tuple[float, fl
     ours, wall_ours, cpu_ours = timed(
         lambda: tsne_2d(
             x, seed=seed, perplexity=args.perplexity, pca_dims=50, n_jobs=n_jobs,
-            n_iter=args.n_iter, negative_gradient_method="fft", polish_iter=args.polish_iter, **tsne_kwargs,
+            n_iter=n_iter, negative_gradient_method="fft", polish_iter=polish, **tsne_kwargs,
         )
     )
     trust_ours = report(
-        f"detlens: PCA-50, exact kNN, openTSNE 250+{args.n_iter - args.polish_iter} FFT+{args.polish_iter} BH",
+        f"detlens: PCA-50, exact kNN, openTSNE 250+{n_iter - polish} FFT+{polish} BH",
         ours, wall_ours, cpu_ours
     )
 

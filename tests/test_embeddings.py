@@ -75,6 +75,22 @@ def test_tsne_separates_classes_faithfully_and_is_deterministic_for_a_seed():
     assert first.params["negative_gradient_method"] == "bh"  # below 10,000 points
 
 
+def test_fft_schedule_with_barnes_hut_polish_separates_classes_and_is_deterministic():
+    # The path taken from 10,000 points (FFT gradients, then Barnes-Hut iterations at
+    # momentum 0.9 and learning rate 2 N), forced here on a small set.
+    x, labels = clusters()
+    first = tsne_2d(x, seed=0, negative_gradient_method="fft")
+    again = tsne_2d(x, seed=0, negative_gradient_method="fft")
+    assert first.shape == (240, 2) and torch.isfinite(first).all()
+    assert torch.equal(first, again)
+    assert trustworthiness_score(x, first) > 0.9
+    assert class_separation(first, labels) > 0.7
+    with pytest.raises(ValueError, match=r"polish_momentum must be in \[0, 1\), got 1.0"):
+        tsne_2d(x, negative_gradient_method="fft", polish_momentum=1.0)
+    with pytest.raises(ValueError, match="polish_learning_rate must be > 0 or None, got 0"):
+        tsne_2d(x, negative_gradient_method="fft", polish_learning_rate=0)
+
+
 def test_trustworthiness_is_one_for_an_exact_picture_and_low_for_noise():
     x, _ = clusters(dims=2)
     assert trustworthiness_score(x, x) == pytest.approx(1.0)
