@@ -36,7 +36,6 @@ the same figures for the untrained network; ``--scatter PATH`` saves the scatter
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import platform
 import sys
@@ -202,14 +201,16 @@ def compare(args: argparse.Namespace, seed: int, n_jobs: int) -> tuple[float, fl
     """detlens' t-SNE and scikit-learn's on one data set; ``(wall detlens, wall sklearn, trust detlens, trust sklearn)``."""
     from sklearn.manifold import TSNE as SklearnTSNE
 
-    from detlens.explainers.embeddings import _default_n_iter, class_separation, pca, trustworthiness_score, tsne_2d
+    from detlens.explainers.embeddings import (
+        POLISH_ITER, _default_n_iter, class_separation, pca, trustworthiness_score, tsne_2d,
+    )
 
     features, labels = make_box_features(args.points, args.dims, args.classes, seed)
     x = torch.from_numpy(features)
     tsne_kwargs = {} if args.ints_in_interval is None else {"ints_in_interval": args.ints_in_interval}
     # detlens' own defaults unless overridden, so the label below names what actually ran.
     n_iter = args.n_iter if args.n_iter is not None else _default_n_iter("fft")
-    polish = args.polish_iter if args.polish_iter is not None else inspect.signature(tsne_2d).parameters["polish_iter"].default
+    polish = args.polish_iter if args.polish_iter is not None else POLISH_ITER
     print(
         f"data (seed {seed}): {features.shape[0]:,} x {features.shape[1]:,} float32 features, {args.classes} classes "
         f"(sizes {np.bincount(labels)[1:].min()}..{np.bincount(labels)[1:].max()}), perplexity {args.perplexity}, "

@@ -35,6 +35,8 @@ from torch import Tensor
 __all__ = [
     "EXACT_NEIGHBOURS_ROWS",
     "MIN_TSNE_ROWS",
+    "POLISH_ITER",
+    "POLISH_MOMENTUM",
     "TRUSTWORTHINESS_ROWS",
     "EmbeddingSummary",
     "Projection",
@@ -63,6 +65,12 @@ the computation is O(N^2) in time and memory: 2,000 points take about a second).
 EXACT_NEIGHBOURS_ROWS = 20_000
 """Up to this many points t-SNE's neighbours are exact (brute force on the PCA scores,
 O(N^2)); above it openTSNE's approximate index (Annoy) is used."""
+
+POLISH_ITER = 120
+"""Default Barnes-Hut iterations that end :func:`tsne_2d`'s FFT schedule (its ``polish_iter``)."""
+
+POLISH_MOMENTUM = 0.9
+"""Default momentum of those Barnes-Hut iterations (openTSNE's own is 0.8; see :func:`tsne_2d`)."""
 
 SILHOUETTE_ROWS = 5_000
 """Default number of points the silhouette score is computed on (class-stratified
@@ -204,8 +212,8 @@ def tsne_2d(
     n_iter: int | None = None,
     early_exaggeration_iter: int = 250,
     negative_gradient_method: Literal["auto", "fft", "bh"] = "auto",
-    polish_iter: int = 120,
-    polish_momentum: float = 0.9,
+    polish_iter: int = POLISH_ITER,
+    polish_momentum: float = POLISH_MOMENTUM,
     polish_learning_rate: float | None = None,
     **opentsne_kwargs: Any,
 ) -> Tensor:
@@ -239,8 +247,8 @@ def tsne_2d(
             FFT grid settles the global layout fast, Barnes-Hut finishes the local one.
             On 10,000 x 1,024 box features, 100 FFT + 120 Barnes-Hut iterations (with
             the momentum and learning rate below) reached a lower KL divergence (1.12-1.15)
-            than 500 FFT iterations (1.25), and trustworthiness within 0.00003 of
-            scikit-learn's on five data sets, in less time
+            than 500 FFT iterations (1.25), and trustworthiness within 0.00005 of
+            scikit-learn's on five data sets (above it on two), in less time
             (``benchmarks/embedding_projection.py``).
         polish_momentum, polish_learning_rate: the Barnes-Hut iterations' momentum and
             learning rate; ``None``: ``2 * N``, twice openTSNE's ``"auto"`` (N / 1). On
@@ -248,8 +256,9 @@ def tsne_2d(
             after 150 Barnes-Hut iterations from 1.16 (openTSNE's 0.8 and N) to 1.11 and
             reached 1.16 in 100 iterations; N / 12 (scikit-learn's rate, in openTSNE's
             units) lowered it only to 1.28. With Barnes-Hut throughout (``"auto"``
-            below 10,000 points) openTSNE's 0.8 and N are kept: on 120-400 points the
-            0.9 and ``2 N`` schedule gave lower trustworthiness.
+            below 10,000 points) openTSNE's 0.8, N and 500 iterations are kept: 0.9
+            and ``2 N`` for 300 iterations gave lower trustworthiness on 120-400
+            points (equal or higher on 1,000-3,000).
         **opentsne_kwargs: further ``openTSNE.TSNE`` arguments (e.g. ``ints_in_interval``
             for the FFT grid after early exaggeration, default 2 here (openTSNE: 1; early
             exaggeration always uses 4), ``n_interpolation_points``, ``theta`` for Barnes-Hut).
@@ -561,6 +570,8 @@ def project(
             n_iter=n_iter if n_iter is not None else _default_n_iter(gradient),
             negative_gradient_method=gradient,
         )
+        if gradient == "fft":  # the Barnes-Hut iterations that end the FFT schedule
+            params.update(polish_iter=POLISH_ITER, polish_momentum=POLISH_MOMENTUM, polish_learning_rate=2.0 * n)
     else:
         if method == "tsne":
             note = f"t-SNE needs at least {MIN_TSNE_ROWS} points, got {n}: PCA shown instead"
