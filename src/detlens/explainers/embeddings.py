@@ -223,7 +223,8 @@ def tsne_2d(
     interpolation, O(N) per iteration) from 10,000 points up and Barnes-Hut below
     (``"auto"``, openTSNE's own rule: the FFT's fixed interpolation-grid cost dominates
     for small N; 600 points took 25 s with FFT and 4 s with Barnes-Hut on a loaded
-    2-core machine), ``learning_rate="auto"`` (N / exaggeration), exact neighbours up to
+    2-core machine), ``learning_rate="auto"`` (N / exaggeration; the Barnes-Hut iterations
+    that end the FFT schedule use their own, see ``polish_learning_rate``), exact neighbours up to
     :data:`EXACT_NEIGHBOURS_ROWS` points (approximate ones, Annoy, above), and PCA
     initialisation (the first two PCA scores, rescaled to std 1e-4 and jittered from
     ``seed``, as openTSNE's ``initialization="pca"``).
