@@ -244,8 +244,9 @@ def tsne_2d(
         negative_gradient_method: ``"fft"``, ``"bh"`` or ``"auto"`` (FFT from 10,000
             points, Barnes-Hut below).
         polish_iter: with FFT gradients, the last ``polish_iter`` of the ``n_iter``
-            iterations use Barnes-Hut (theta 0.5), whose near-field forces are exact: the
-            FFT grid settles the global layout fast, Barnes-Hut finishes the local one.
+            iterations use Barnes-Hut (theta 0.5), whose near-field forces are accurate
+            (near cells are opened down to single points): the FFT grid settles the
+            global layout fast, Barnes-Hut finishes the local one.
             On 10,000 x 1,024 box features, 100 FFT + 120 Barnes-Hut iterations (with
             the momentum and learning rate below) reached a lower KL divergence (1.12-1.15)
             than 500 FFT iterations (1.25), and trustworthiness within 0.00005 of
@@ -254,9 +255,9 @@ def tsne_2d(
         polish_momentum, polish_learning_rate: the Barnes-Hut iterations' momentum and
             learning rate; ``None``: ``2 * N``, twice openTSNE's ``"auto"`` (N / 1). On
             those features (three data sets), 0.9 and ``2 N`` lowered the KL divergence
-            after 150 Barnes-Hut iterations from 1.16 (openTSNE's 0.8 and N) to 1.11 and
-            reached 1.16 in 100 iterations; N / 12 (scikit-learn's rate, in openTSNE's
-            units) lowered it only to 1.28. With Barnes-Hut throughout (``"auto"``
+            after 150 Barnes-Hut iterations from 1.15-1.16 (openTSNE's 0.8 and N) to
+            1.10-1.11 and reached 1.15-1.16 in 100 iterations; N / 12 (scikit-learn's
+            rate, in openTSNE's units) lowered it only to 1.28. With Barnes-Hut throughout (``"auto"``
             below 10,000 points) openTSNE's 0.8, N and 500 iterations are kept: 0.9
             and ``2 N`` for 300 iterations gave lower trustworthiness on 120-400
             points (equal or higher on 1,000-3,000).
