@@ -291,7 +291,7 @@ def tsne_2d(
     method = _gradient_method(negative_gradient_method, n)
     if n_iter is None:
         n_iter = _default_n_iter(method)
-    polish = min(max(int(polish_iter), 0), n_iter) if method == "fft" else 0
+    polish = _polish_iterations(polish_iter, n_iter) if method == "fft" else 0
     early_grid: dict[str, Any] = {}
     if method == "fft":
         # The FFT interpolation grid sets both the cost and the accuracy of the repulsive
@@ -335,11 +335,21 @@ def tsne_2d(
     if polish:
         embedding.optimize(
             n_iter=polish, exaggeration=tsne.exaggeration, momentum=float(polish_momentum),
-            learning_rate=float(polish_learning_rate) if polish_learning_rate is not None else 2.0 * n,
+            learning_rate=_polish_learning_rate(polish_learning_rate, n),
             inplace=True, propagate_exception=True, negative_gradient_method="bh", theta=0.5,
         )
     # np.array copies out of TSNEEmbedding, dropping its affinity matrix and optimiser state.
     return torch.from_numpy(np.array(embedding, dtype=np.float32))
+
+
+def _polish_iterations(polish_iter: int, n_iter: int) -> int:
+    """How many of the FFT schedule's ``n_iter`` iterations are Barnes-Hut: ``polish_iter``, within ``[0, n_iter]``."""
+    return min(max(int(polish_iter), 0), n_iter)
+
+
+def _polish_learning_rate(rate: float | None, n: int) -> float:
+    """The closing Barnes-Hut iterations' learning rate: ``rate``, or ``2 N`` (see :func:`tsne_2d`)."""
+    return float(rate) if rate is not None else 2.0 * n
 
 
 def _default_n_iter(gradient_method: str) -> int:
@@ -572,8 +582,12 @@ def project(
             n_iter=n_iter if n_iter is not None else _default_n_iter(gradient),
             negative_gradient_method=gradient,
         )
-        if gradient == "fft":  # the Barnes-Hut iterations that end the FFT schedule
-            params.update(polish_iter=POLISH_ITER, polish_momentum=POLISH_MOMENTUM, polish_learning_rate=2.0 * n)
+        if gradient == "fft":  # the Barnes-Hut iterations that end the FFT schedule, as tsne_2d ran them
+            params.update(
+                polish_iter=_polish_iterations(POLISH_ITER, params["n_iter"]),
+                polish_momentum=POLISH_MOMENTUM,
+                polish_learning_rate=_polish_learning_rate(None, n),
+            )
     else:
         if method == "tsne":
             note = f"t-SNE needs at least {MIN_TSNE_ROWS} points, got {n}: PCA shown instead"

@@ -204,14 +204,12 @@ def wandb_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
     1-D numpy cells, is serialised to a separate npz file beyond 150 values, which hides
     the embedding from the W&B projector this column is for.
     """
+    import wandb
+
     try:
         from wandb.sdk.data_types._dtypes import TypeRegistry
     except ImportError:  # a wandb release that moved its type registry: wandb's own table, row by row
-        import wandb
-
         return wandb.Table(columns=list(columns), data=[list(row) for row in rows])
-
-    import wandb
 
     typed_by_wandb = (wandb.Image, np.ndarray, np.generic)
     table = _json_ready_table_class()(columns=list(columns))
