@@ -1,7 +1,8 @@
 """Callbacks that read the probe images from the validation loop's own forward.
 
-The prediction overlays and (on two-stage detectors) the box embeddings take the probe
-images the validation loop ran from its forward instead of running the detector again:
+The prediction overlays and, on two-stage detectors, the box embeddings and the Grad-CAM
+maps (gradient methods on the per-detection FPN level) take the probe images the
+validation loop ran from its forward instead of running the detector again:
 the results must be those the callback's own forward gives, the images the validation
 loop did not run must still be explained, and the observer must leave the model as it was.
 """
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from detlens.adapters import adapter_for
 from detlens.adapters.observe import ForwardObserver
-from detlens.callbacks import BoxEmbeddingCallback, PredictionOverlayCallback
+from detlens.callbacks import BoxEmbeddingCallback, GradCAMCallback, PredictionOverlayCallback
 from detlens.data import SyntheticDataModule, collate_detection
 from detlens.lightning_modules import TorchvisionDetector
 
@@ -121,6 +122,59 @@ def test_overlays_read_from_the_validation_forward_equal_the_callbacks_own_forwa
         np_close(torch.from_numpy(read.boxes), torch.from_numpy(ref.boxes))
         np_close(torch.from_numpy(read.scores), torch.from_numpy(ref.scores))
         assert (read.labels == ref.labels).all()
+
+
+@pytest.mark.parametrize("method, target", [("gradcam", "class"), ("elementwise", "both")])
+def test_gradcam_read_from_the_validation_forward_equals_the_callbacks_own_forward(scenes_root, method, target):
+    dm = scenes(scenes_root)
+    callback = recording(GradCAMCallback)(method=method, target=target, top_k=3, score_threshold=0.0, num_probe_images=3)
+
+    model = fit(dm, [callback])
+
+    assert callback.explained == []  # the RoI fast path ran on the validation forward's feature maps
+    (results,) = callback.logged
+    assert [r.index for r in results] == callback.probe_indices
+    again = own_forward(callback, model, dm, callback.probe_indices)
+    for read, ref in zip((r.value for r in results), again):
+        assert len(read.scores) == len(ref.scores) == 3
+        torch.testing.assert_close(read.boxes, ref.boxes)
+        torch.testing.assert_close(read.scores, ref.scores)
+        assert torch.equal(read.labels, ref.labels)
+        assert read.raw.shape == ref.raw.shape == (3, SIZE, SIZE) and read.raw.amax() > 0
+        torch.testing.assert_close(read.raw, ref.raw, rtol=1e-4, atol=1e-6 * float(ref.raw.amax()))
+        assert read.focus is not None and ref.focus is not None
+        torch.testing.assert_close(read.focus["energy_in_box"], ref.focus["energy_in_box"], equal_nan=True)
+        assert torch.equal(read.focus["is_tp"], ref.focus["is_tp"])
+
+
+def test_gradcam_reads_the_validation_forward_under_bf16_autocast(scenes_root):
+    dm = scenes(scenes_root)
+    callback = recording(GradCAMCallback)(top_k=3, score_threshold=0.0, num_probe_images=3)
+
+    model = fit(dm, [callback], precision="bf16-mixed")  # bf16 feature maps; RoIAlign has no CPU bf16 kernel
+
+    assert callback.explained == []
+    (results,) = callback.logged
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the callback's own forward, as it runs under bf16-mixed
+        again = own_forward(callback, model, dm, callback.probe_indices)
+    for read, ref in zip((r.value for r in results), again):
+        assert read.raw.dtype == torch.float32 and torch.isfinite(read.raw).all() and read.raw.amax() > 0
+        torch.testing.assert_close(read.boxes, ref.boxes, rtol=0.0, atol=0.5)
+        assert torch.equal(read.labels, ref.labels)
+        cosine = torch.nn.functional.cosine_similarity(read.raw.flatten(1), ref.raw.flatten(1))
+        assert (cosine > 0.9).all(), cosine
+
+
+def test_gradcam_methods_without_the_roi_path_run_their_own_forward(scenes_root):
+    dm = scenes(scenes_root)
+    eigencam = recording(GradCAMCallback)(method="eigencam", top_k=2, score_threshold=0.0, num_probe_images=2)
+    one_level = recording(GradCAMCallback)(layer="features/0", top_k=2, score_threshold=0.0, num_probe_images=2,
+                                           log_key="gradcam_p2")
+
+    fit(dm, [eigencam, one_level])
+
+    assert eigencam.explained == [eigencam.probe_indices] and len(eigencam.logged) == 1
+    assert one_level.explained == [one_level.probe_indices] and len(one_level.logged) == 1
 
 
 def test_probe_images_the_validation_loop_did_not_run_get_the_callbacks_own_forward(scenes_root):

@@ -104,7 +104,7 @@ def test_every_callback_at_every_step_leaves_weights_optimizer_and_rng_bit_ident
 
 @pytest.mark.slow
 def test_events_at_validation_that_read_its_forward_leave_training_bit_identical(scenes_root):
-    """At the epoch cadence the overlay and embedding callbacks hook the validation forward."""
+    """At the epoch cadence the overlay, embedding and Grad-CAM callbacks read the validation forward."""
     callbacks = every_callback(every_n_steps=None)  # every_n_epochs=1: events after each validation
     with_callbacks = fit_and_snapshot(scenes_root, faster_rcnn, callbacks, 1)
     without = fit_and_snapshot(scenes_root, faster_rcnn, [], 1)

@@ -50,6 +50,15 @@ class FeatureRecorder:
         ``None`` if the forward did not go the way the recorder expects."""
         raise NotImplementedError
 
+    replays_roi: bool = False
+    """Whether :meth:`roi_replay` can rebuild the gradient explainers' RoI fast path."""
+
+    def roi_replay(self, original_sizes: list[tuple[int, int]]) -> Any | None:
+        """Two-stage recorders: an object whose ``output(position, detections, top_k,
+        score_threshold)`` is the :class:`~detlens.adapters.AdapterOutput` of one image of the
+        forward just finished (``detlens.adapters.two_stage.RoIReplay``); else ``None``."""
+        return None
+
 
 @dataclass(frozen=True)
 class ObservedForward:
@@ -61,12 +70,14 @@ class ObservedForward:
         detections: ``B`` :class:`Detections` with ``features`` (adapters with a
             :class:`FeatureRecorder`), else ``None``.
         family: the adapter's family (``""`` without an adapter).
+        replay: the recorder's :meth:`FeatureRecorder.roi_replay` of this call, or ``None``.
     """
 
     images: list[Tensor]
     outputs: list[dict[str, Tensor]]
     detections: list[Detections] | None
     family: str = ""
+    replay: Any | None = None
 
 
 class ForwardObserver:
@@ -99,6 +110,11 @@ class ForwardObserver:
     def records_features(self) -> bool:
         """Whether the observed calls carry :attr:`ObservedForward.detections`."""
         return self.recorder is not None
+
+    @property
+    def replays_roi(self) -> bool:
+        """Whether the observed calls carry :attr:`ObservedForward.replay`."""
+        return self.recorder is not None and self.recorder.replays_roi
 
     def __enter__(self) -> ForwardObserver:
         try:
@@ -157,12 +173,16 @@ class ForwardObserver:
             return
         if not all(isinstance(o, dict) and {"boxes", "scores", "labels"} <= o.keys() for o in output):
             return
-        detections = None
+        detections, replay = None, None
         if self.recorder is not None:
-            detections = self.recorder.detections([(int(i.shape[-2]), int(i.shape[-1])) for i in images])
+            sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+            detections = self.recorder.detections(sizes)
             if detections is None or len(detections) != len(images):
                 return
-        self.observed.append(ObservedForward(images=images, outputs=list(output), detections=detections, family=self.family))
+            replay = self.recorder.roi_replay(sizes)
+        self.observed.append(
+            ObservedForward(images=images, outputs=list(output), detections=detections, family=self.family, replay=replay)
+        )
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

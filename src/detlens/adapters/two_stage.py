@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,8 +12,8 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
-from ._torchvision import TorchvisionAdapterMixin
-from .base import Detections, ImageGeometry, LayerCapture, RoIScoring
+from ._torchvision import FEATURES, TorchvisionAdapterMixin
+from .base import AdapterOutput, Detections, ImageGeometry, LayerCapture, RoIScoring
 from .observe import FeatureRecorder
 
 __all__ = ["TwoStageAdapter"]
@@ -95,17 +96,6 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
             roi_boxes.append(torch.cat(proposals)[g])
             roi_levels.append(levels[g])
 
-        def score_fn(pooled_k: Tensor, labels_k: Tensor, rois_k: Tensor, image_index: int) -> tuple[Tensor, Tensor]:
-            """Box head + predictor on ``pooled_k [K, C, P, P]`` -> (probs [K], boxes [K, 4])."""
-            rep = rh.box_head(pooled_k)
-            logits, reg = rh.box_predictor(rep)
-            ar = torch.arange(len(labels_k), device=labels_k.device)
-            probs = F.softmax(logits, -1)[ar, labels_k]
-            shape = image_shapes[image_index]
-            bx = _decode_per_class(rh.box_coder, reg, [rois_k])[ar, labels_k]
-            bx = box_ops.clip_boxes_to_image(bx, shape)
-            return probs, resize_boxes(bx, list(shape), list(geometry[image_index].original_size))
-
         roi = RoIScoring(
             pooled=roi_pooled,
             rois=roi_boxes,
@@ -114,9 +104,28 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
             scales=scales,
             sampling_ratio=int(pooler.sampling_ratio),
             output_size=tuple(int(s) for s in pooler.output_size),
-            score_fn=score_fn,
+            score_fn=_score_fn(rh, list(image_shapes), geometry),
         )
         return dets, geometry, roi
+
+
+def _score_fn(
+    rh: nn.Module, image_shapes: list[tuple[int, int]], geometry: list[ImageGeometry]
+) -> Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, Tensor]]:
+    """:attr:`RoIScoring.score_fn` of a batch: box head + predictor on pooled RoIs."""
+
+    def score_fn(pooled_k: Tensor, labels_k: Tensor, rois_k: Tensor, image_index: int) -> tuple[Tensor, Tensor]:
+        """Box head + predictor on ``pooled_k [K, C, P, P]`` -> (probs [K], boxes [K, 4])."""
+        rep = rh.box_head(pooled_k)
+        logits, reg = rh.box_predictor(rep)
+        ar = torch.arange(len(labels_k), device=labels_k.device)
+        probs = F.softmax(logits, -1)[ar, labels_k]
+        shape = image_shapes[image_index]
+        bx = _decode_per_class(rh.box_coder, reg, [rois_k])[ar, labels_k]
+        bx = box_ops.clip_boxes_to_image(bx, shape)
+        return probs, resize_boxes(bx, list(shape), list(geometry[image_index].original_size))
+
+    return score_fn
 
 
 class _RoIHeadsRecorder(FeatureRecorder):
@@ -126,8 +135,11 @@ class _RoIHeadsRecorder(FeatureRecorder):
     proposals, image sizes), the box head's representation of every proposal and the
     predictor's logits and regression — and replays ``postprocess_detections`` on them
     with the proposal index tracked (:func:`_postprocess_tracked`, the same code as the
-    adapter's own forward).
+    adapter's own forward). With the padded batch size the backbone saw, it also replays
+    the gradient explainers' RoI fast path (:class:`RoIReplay`).
     """
+
+    replays_roi = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -141,7 +153,12 @@ class _RoIHeadsRecorder(FeatureRecorder):
             if len(args) >= 3:
                 seen["features"], seen["proposals"], seen["image_shapes"] = args[0], args[1], args[2]
 
+        def batch(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+                seen["batch_hw"] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+
         return [
+            self.model.backbone.register_forward_pre_hook(batch),
             rh.register_forward_pre_hook(inputs),
             rh.box_head.register_forward_hook(lambda m, a, out: seen.__setitem__("representation", out)),
             rh.box_predictor.register_forward_hook(lambda m, a, out: seen.__setitem__("predicted", out)),
@@ -174,6 +191,85 @@ class _RoIHeadsRecorder(FeatureRecorder):
             ))
             lo = hi
         return dets
+
+    def roi_replay(self, original_sizes: list[tuple[int, int]]) -> RoIReplay | None:
+        seen = self._seen
+        if not {"features", "proposals", "image_shapes", "batch_hw"} <= seen.keys():
+            return None
+        return RoIReplay(self.model, seen["features"], list(seen["proposals"]), [tuple(s) for s in seen["image_shapes"]],
+                         seen["batch_hw"], original_sizes)
+
+
+class RoIReplay:
+    """The :class:`AdapterOutput` of one image of an observed eval forward, as the RoI fast path needs it.
+
+    What :meth:`TwoStageAdapter.run` with target layer ``"features"`` returns for the
+    image, built from the tensors the model's own forward computed (its feature dict,
+    proposals and image sizes): the detections kept by ``top_k`` / ``score_threshold``,
+    each one's RoIAlign output re-pooled from the batch's feature maps (the same values:
+    RoIAlign reads each box on its own), the box head and predictor as ``score_fn``, and
+    every level as ``features/<level>``. Gradient explainers then run their one-backward
+    RoI path (``detlens.explainers.gradcam``) without a forward of their own. Call it
+    outside inference mode (``torch.inference_mode(False)``): the forward's tensors are
+    cloned into ordinary ones.
+    """
+
+    def __init__(
+        self, model: nn.Module, features: dict[str, Tensor], proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]], batch_hw: tuple[int, int], original_sizes: list[tuple[int, int]],
+    ) -> None:
+        self.model = model
+        self.features = features
+        self.proposals = proposals
+        self.image_shapes = image_shapes
+        self.batch_hw = batch_hw
+        self.original_sizes = original_sizes
+
+    def output(self, position: int, detections: Detections, top_k: int | None, score_threshold: float) -> AdapterOutput:
+        """Image ``position``'s output; ``detections`` are its detections from the observed forward
+        (:attr:`ObservedForward.detections`, highest score first), filtered as ``run`` filters them."""
+        rh = self.model.roi_heads
+        pooler = rh.box_roi_pool
+        kept = torch.nonzero(detections.scores > score_threshold).flatten()
+        if top_k is not None:
+            kept = kept[: max(int(top_k), 0)]
+        det = detections.select(kept)
+        rois = self.proposals[position][det.origin].detach().clone().float()
+        # [1, C, h, w] per level, float32 as RoIAlign reads them (its autocast rule under mixed precision)
+        features = {k: v[position : position + 1].detach().float() for k, v in self.features.items()}
+        dtype = next(rh.box_head.parameters()).dtype
+        # Every image size given, as in the forward (RoIAlign infers its level scales from the largest).
+        pooled = pooler(features, [rois], self.image_shapes).detach().to(dtype)  # [K, C, P, P]
+        shape = self.image_shapes[position]
+        geometry = [ImageGeometry(original_size=self.original_sizes[position], input_size=shape, batch_size=self.batch_hw)]
+        score_fn = _score_fn(rh, [shape], geometry)
+        low = next(iter(self.features.values())).dtype
+        if low in (torch.bfloat16, torch.float16) and low != dtype:  # the forward ran under autocast: so does the box head
+            score_fn = _autocast(score_fn, rois.device.type, low)
+        pooled_names, levels = _roi_levels(pooler, features, [rois])
+        scales = [float(s) for s in (pooler.scales or [])] or [features[pooled_names[0]].shape[-1] / self.batch_hw[1]]
+        roi = RoIScoring(
+            pooled=[pooled], rois=[rois], level_index=[levels], featmap_names=pooled_names, scales=scales,
+            sampling_ratio=int(pooler.sampling_ratio), output_size=tuple(int(s) for s in pooler.output_size),
+            score_fn=score_fn,
+        )
+        return AdapterOutput(
+            detections=[det],
+            activations={f"{FEATURES}/{k}": v.float() for k, v in features.items()},
+            geometry=geometry,
+            inputs=[],
+            family=TwoStageAdapter.family,
+            level_layers={FEATURES: f"{FEATURES}/"},
+            roi=roi,
+        )
+
+
+def _autocast(fn: Callable[..., Any], device_type: str, dtype: torch.dtype) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return fn(*args)
+
+    return run
 
 
 def _roi_levels(pooler: nn.Module, features: dict[str, Tensor], proposals: list[Tensor]) -> tuple[list[str], Tensor]:

@@ -17,7 +17,8 @@ When it runs (every rank takes the same decision from the same counters):
 
 Reading the validation forward: a subclass that can take its per-image result from the
 detector's own eval forward (``validation_observer`` / ``from_validation``: the
-prediction overlays; the box embeddings on two-stage detectors) gets it for each probe
+prediction overlays; the box embeddings and the gradient Grad-CAM maps on two-stage
+detectors) gets it for each probe
 image the validation loop runs in the epoch of a logging event — recognised by its
 ``image_id`` and checked pixel for pixel — and explains only the rest of the probe set
 with a forward of its own. Under DDP the ranks first agree (one all-reduce of a flag
@@ -181,7 +182,8 @@ class ProbeCallback(pl.Callback):
         raise NotImplementedError(f"{type(self).__name__} must implement from_validation")
 
     reads_validation_forward: bool = False
-    """Whether :meth:`validation_observer` is implemented (a class attribute)."""
+    """Whether :meth:`validation_observer` is implemented (a class attribute, or a property
+    that depends only on the callback's arguments: every rank must see the same value)."""
 
     # ------------------------------------------------------------------ helpers for subclasses
     def key(self, name: str) -> str:

@@ -8,13 +8,15 @@ from typing import Any, get_args
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from torch import Tensor
 
 from detlens.adapters import adapter_for
+from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.base import ProbeCallback, ProbeResult
 from detlens.callbacks.focus import publish_focus_record, record_map_point
 from detlens.callbacks.prediction_overlay import _class_names
-from detlens.explainers.api import Method, box_focus, explain, focus_summary, peak_values
+from detlens.explainers.api import Explanation, Method, box_focus, explain, focus_summary, gradcam_explanations, peak_values
 from detlens.explainers.drise import MAX_MASKS
 from detlens.explainers.gradcam import Target
 from detlens.explainers.scale import FixedScale
@@ -65,6 +67,14 @@ class GradCAMCallback(ProbeCallback):
       first logging point (per method and layer, kept in ``state_dict``): ``1.0`` = as
       strong as then; comparable over the run and across resumed runs.
     * ``<log_key>/detections_per_image`` and ``<log_key>/true_positive_rate``.
+
+    On a torchvision two-stage detector with ``method="gradcam"`` or ``"elementwise"`` and a
+    per-detection-level layer (the default ``"features"``), the probe images the validation
+    loop ran need no forward of the callback's own: the detections, proposals and FPN maps
+    of the validation forward feed the one-backward RoI path
+    (:class:`detlens.adapters.two_stage.RoIReplay`), with the same maps as the callback's
+    own forward. Other methods, layers and families, and probe images the validation loop
+    did not run, get the callback's forward (see :class:`~detlens.callbacks.base.ProbeCallback`).
 
     Args:
         method: ``"gradcam"``, ``"elementwise"`` (gradient x activation), ``"eigencam"``,
@@ -180,13 +190,36 @@ class GradCAMCallback(ProbeCallback):
             score_threshold=self.score_threshold,
             num_masks=self.num_masks,
         )
-        results = []
-        for ex, tgt in zip(explanations, targets):
-            focus = None
-            if "boxes" in tgt and "labels" in tgt:
-                focus = box_focus(ex, tgt["boxes"], tgt["labels"], self.iou_threshold)
-            results.append(ProbeMaps(boxes=ex.boxes, scores=ex.scores, labels=ex.labels, raw=ex.raw, focus=focus))
-        return results
+        return [self._probe_maps(ex, tgt) for ex, tgt in zip(explanations, targets)]
+
+    @property
+    def reads_validation_forward(self) -> bool:  # type: ignore[override]
+        # Gradient maps on a two-stage detector's per-detection FPN level (the default layer)
+        # need no forward of their own: the RoI fast path runs on the validation forward's
+        # feature maps and proposals (detlens.adapters.two_stage.RoIReplay).
+        return self.method in ("gradcam", "elementwise")
+
+    def validation_observer(self, pl_module: pl.LightningModule) -> ForwardObserver | None:
+        adapter = adapter_for(pl_module)
+        if self._layer_in_use not in adapter.level_layers():
+            return None
+        observer = ForwardObserver(adapter.model, adapter=adapter)
+        return observer if observer.replays_roi else None
+
+    def from_validation(self, call: ObservedForward, position: int, target: dict[str, Any]) -> ProbeMaps:
+        if call.replay is None or call.detections is None:
+            raise RuntimeError("the observed forward cannot be replayed")  # the probe forward explains this image
+        # The validation loop runs under inference mode; the backward of the RoI path needs it off.
+        with torch.inference_mode(False), torch.enable_grad():
+            output = call.replay.output(position, call.detections[position], self.top_k, self.score_threshold)
+            (ex,) = gradcam_explanations(output, self._layer_in_use, method=self.method, target=self.target)
+        return self._probe_maps(ex, target)
+
+    def _probe_maps(self, ex: Explanation, target: dict[str, Any]) -> ProbeMaps:
+        focus = None
+        if "boxes" in target and "labels" in target:
+            focus = box_focus(ex, target["boxes"], target["labels"], self.iou_threshold)
+        return ProbeMaps(boxes=ex.boxes, scores=ex.scores, labels=ex.labels, raw=ex.raw, focus=focus)
 
     def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
         class_names = _class_names(trainer, pl_module)

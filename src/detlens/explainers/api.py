@@ -23,14 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from detlens.adapters import adapter_for
-from detlens.adapters.base import DetectorAdapter, prepare_images
+from detlens.adapters.base import AdapterOutput, DetectorAdapter, prepare_images
 
 from .cams import eigencam, feature_grid, input_gradient
 from .drise import drise
 from .gradcam import Target, gradcam
 from .scale import display_maps
 
-__all__ = ["METHODS", "Explanation", "Method", "box_focus", "explain", "focus_summary", "peak_values"]
+__all__ = [
+    "METHODS", "Explanation", "Method", "box_focus", "explain", "focus_summary", "gradcam_explanations", "peak_values",
+]
 
 Method = Literal["gradcam", "elementwise", "eigencam", "input_gradient", "feature_grid", "drise"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -144,6 +146,32 @@ def explain(
                 ad, [x.detach() for x in inputs], output.detections,
                 num_masks=num_masks, batch_size=mask_batch_size, seed=seed,
             )
+    return _explanations(output, raw, channels, method, layer, target)
+
+
+def gradcam_explanations(
+    output: AdapterOutput,
+    layer: str,
+    method: Literal["gradcam", "elementwise"] = "gradcam",
+    target: Target = "class",
+    fast: bool = True,
+) -> list[Explanation]:
+    """:func:`explain` of a gradient method on a forward already at hand.
+
+    ``output`` is an adapter run (``run(..., with_grad=True)``) or one rebuilt from the
+    model's own forward (``detlens.adapters.two_stage.RoIReplay``, which serves the
+    two-stage RoI fast path); ``layer`` one of its captured layers or a per-detection-level
+    layer such as ``"features"``.
+    """
+    if method not in ("gradcam", "elementwise"):
+        raise ValueError(f"method must be 'gradcam' or 'elementwise', got {method!r}")
+    raw = gradcam(output, layer, target=target, weighting=method, fast=fast)
+    return _explanations(output, raw, [None] * len(raw), method, layer, target)
+
+
+def _explanations(
+    output: AdapterOutput, raw: list[Tensor], channels: list[Tensor | None], method: str, layer: str | None, target: str
+) -> list[Explanation]:
     result = []
     for det, maps, ch in zip(output.detections, raw, channels):
         maps = torch.nan_to_num(maps.detach().float().cpu(), nan=0.0).clamp_min(0)
