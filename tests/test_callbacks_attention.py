@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -139,12 +140,19 @@ def test_faster_rcnn_attention_block_is_mapped_from_a_point_grid_and_its_entropy
     run = newest_offline_run(tmp_path)
 
     block = "backbone.body.layer3_attention"
+    mosaic = 2 * SIZE + 2  # 2 x 2 panels, 2 white pixels between them
     for key in [f"attention_maps/spatial/{block}", f"attention_maps/spatial/{block}/head0",
                 f"attention_maps/spatial/{block}/head1"]:
-        (event,) = image_events(run, key)
-        assert event.global_step == 2 and (event.width, event.height) == (SIZE, SIZE)
-        details = [c.split(" · ")[1] for c in event.captions]
-        assert details == ["from point (16, 16)", "from point (48, 16)", "from point (16, 48)", "from point (48, 48)"] * 2
+        (event,) = image_events(run, key)  # one mosaic per probe image: its 4 grid points' maps
+        assert event.global_step == 2 and (event.width, event.height) == (mosaic, mosaic)
+        assert [c.split(" (id")[0] for c in event.captions] == [f"img {i}" for i in maps.probe_indices]
+        assert [c.split(" · ")[1] for c in event.captions] == ["from 2x2 reference points (marked), row by row"] * 2
+        for file in event.image_files(run):
+            pixels = torch.from_numpy(np.asarray(Image.open(file).convert("RGB")))
+            assert pixels.shape == (mosaic, mosaic, 3)
+            assert (pixels[SIZE : SIZE + 2] == 255).all() and (pixels[:, SIZE : SIZE + 2] == 255).all()  # the gaps
+            panels = [pixels[r : r + SIZE, c : c + SIZE].float() for r in (0, SIZE + 2) for c in (0, SIZE + 2)]
+            assert all(p.std() > 0 for p in panels)  # each panel is an overlay, not blank
     assert entropy.watched_layers == [block]
     for head in range(2):
         assert steps_of(run, f"attention/entropy/{block}/head{head}") == [0, 1]

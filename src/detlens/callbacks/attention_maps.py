@@ -15,9 +15,11 @@ For a CNN detector with attention blocks that implement the attention probe prot
 
 * ``spatial/<block>``: the block's self-attention read at reference points.
 
-Every overlay carries the detection's box (or a small square at a grid point) and is
-logged under ``<log_key>/<map>`` (default ``attention_maps/...``) as one list of images per
-key and event, probe image by probe image, detection by detection.
+Every overlay carries the detection's box and is logged under ``<log_key>/<map>``
+(default ``attention_maps/...``) as one list of images per key and event, probe image by
+probe image, detection by detection. With ``reference_points="grid"`` each probe image
+gets one mosaic per key instead: a ``grid_size x grid_size`` tiling of its overlays, each
+the attention read at one grid point (marked by a small square), row by row.
 """
 
 from __future__ import annotations
@@ -105,7 +107,9 @@ class AttentionMapCallback(ProbeCallback):
     """Logs attention maps of the probe images' top detections as W&B image overlays.
 
     Keys (``<log_key>`` defaults to ``attention_maps``), each one list of images per event
-    with captions ``"img 3 (id 12) · det 0 car 0.91 · step 400"``:
+    with captions ``"img 3 (id 12) · det 0 car 0.91 · step 400"`` (with grid reference
+    points: one mosaic per probe image, ``"img 3 (id 12) · from 3x3 reference points
+    (marked), row by row · step 400"``):
 
     * ``<log_key>/decoder/layer<l>`` (and ``.../head<h>`` with ``heads="all"``), DETR;
     * ``<log_key>/encoder/layer<l>`` (and per head), DETR encoder at the reference points;
@@ -349,7 +353,7 @@ class AttentionMapCallback(ProbeCallback):
             probes.append({
                 "image": image, "head": head, "step_text": step_text, "boxes": value.boxes, "scores": value.scores,
                 "labels": value.labels, "points": value.points, "detection_maps": value.detection_maps,
-                "point_maps": value.point_maps,
+                "point_maps": value.point_maps, "grid_size": self.grid_size,
             })
         # One overlay per map, drawn by detlens' media worker (detlens.render.media_jobs).
         build = functools.partial(

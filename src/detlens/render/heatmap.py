@@ -18,7 +18,7 @@ from matplotlib import colormaps
 from detlens.render.attention import to_uint8_image
 from detlens.render.boxes import draw_boxes
 
-__all__ = ["colorize", "heatmap_grid", "merge_maps", "overlay_heatmap"]
+__all__ = ["colorize", "heatmap_grid", "merge_maps", "overlay_heatmap", "tile_images"]
 
 
 def _as_map(value: Any, name: str = "map") -> np.ndarray:
@@ -120,14 +120,29 @@ def heatmap_grid(
     if columns < 1:
         raise ValueError(f"columns must be >= 1, got {columns}")
     tiles = [overlay_heatmap(image, m, alpha=alpha, colormap=colormap) for m in array]
+    if titles is not None:
+        for tile, title in zip(tiles, titles):
+            cv2.putText(tile, str(title), (2, 10), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 255), 1, cv2.LINE_AA)
+    return tile_images(tiles, columns=columns, gap=gap)
+
+
+def tile_images(tiles: Sequence[np.ndarray], *, columns: int, gap: int = 2) -> np.ndarray:
+    """Lays ``k`` equally sized ``uint8[H, W, 3]`` tiles out row by row, ``columns`` per row.
+
+    Returns:
+        ``uint8[rows * (H + gap) - gap, cols * (W + gap) - gap, 3]``, white between tiles.
+    """
+    if not tiles:
+        raise ValueError("no tiles to lay out")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
     h, w = tiles[0].shape[:2]
+    if any(t.shape[:2] != (h, w) for t in tiles):
+        raise ValueError(f"tiles differ in size: {sorted({t.shape[:2] for t in tiles})}")
     cols = min(columns, len(tiles))
     rows = -(-len(tiles) // cols)
     canvas = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
     for i, tile in enumerate(tiles):
-        if titles is not None:
-            tile = tile.copy()
-            cv2.putText(tile, str(titles[i]), (2, 10), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 255), 1, cv2.LINE_AA)
         r, c = divmod(i, cols)
         canvas[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
     return canvas

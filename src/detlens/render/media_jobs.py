@@ -18,7 +18,7 @@ import numpy as np
 from torch import Tensor
 
 from detlens.render.attention import entropy_heatmap, overlay_attention, to_uint8_image
-from detlens.render.heatmap import merge_maps, overlay_heatmap
+from detlens.render.heatmap import merge_maps, overlay_heatmap, tile_images
 from detlens.render.scatter import box_thumbnail, render_scatter
 from detlens.sinks.media import Media, MediaImage, MediaTable
 
@@ -78,12 +78,15 @@ def attention_map_media(
     keys: Mapping[str, str],
     class_names: Mapping[int, str] | None,
 ) -> Media:
-    """One overlay per attention map: per detection (from its box) and per reference point.
+    """The attention overlays: one per detection map (from its box), and one mosaic per
+    probe image of its point maps (each panel the map from one reference point, marked, in
+    the points' order: row by row for a grid).
 
     Args:
         probes: per image ``{"image": FloatTensor[3, H, W], "head": caption start,
             "step_text": "step N", "boxes", "scores", "labels", "points",
-            "detection_maps": {map key: [K, h, w]}, "point_maps": {map key: [P, h, w]}}``.
+            "detection_maps": {map key: [K, h, w]}, "point_maps": {map key: [P, h, w]},
+            "grid_size": points per row of the mosaic}``.
         keys: map key -> logged key (the callback's ``log_key`` prefix applied).
     """
     panels: dict[str, list[MediaImage]] = {}
@@ -101,12 +104,20 @@ def attention_map_media(
                 if key.startswith(("encoder/", "spatial/")):
                     detail += " (from its box centre)"
                 panels.setdefault(keys[key], []).append(MediaImage(pixels, caption=f"{head} · {detail} · {step_text}"))
+        # Point maps: one mosaic per image and key (a 3x3 grid of every head was 36 W&B images
+        # per probe image; one picture also shows at a glance how attention moves over the image).
+        columns = max(1, int(p.get("grid_size") or 1))
         for key, maps in p["point_maps"].items():
-            for j in range(min(len(maps), len(points))):
-                x, y = (float(v) for v in points[j])
-                pixels = overlay_attention(image, maps[j], point_marker(x, y, image.shape[:2]))
-                detail = f"from point ({x:.0f}, {y:.0f})"
-                panels.setdefault(keys[key], []).append(MediaImage(pixels, caption=f"{head} · {detail} · {step_text}"))
+            n = min(len(maps), len(points))
+            if n == 0:
+                continue
+            tiles = [overlay_attention(image, maps[j], point_marker(*(float(v) for v in points[j]), image.shape[:2]))
+                     for j in range(n)]
+            rows = -(-n // columns)
+            detail = f"from {rows}x{min(columns, n)} reference points (marked), row by row"
+            panels.setdefault(keys[key], []).append(
+                MediaImage(tile_images(tiles, columns=columns), caption=f"{head} · {detail} · {step_text}")
+            )
     return Media(images=panels)
 
 
