@@ -16,7 +16,8 @@ Both runs use the same seed and data; W&B runs offline into a temporary folder. 
 figure includes everything the callbacks cost: explaining, rendering and logging media.
 On a shared 2-core machine one fit's wall time varies by several percent from run to
 run, more than the overhead being measured, so the fits alternate (without, with, with,
-without, ...) and the medians are compared; CPU time (the fit process, its data workers
+without, ...) and the medians are compared, next to each repeat's pair of back-to-back
+fits (the machine's speed also drifts over minutes); CPU time (the fit process, its data workers
 and detlens' media process) is printed too, as it depends less on what else the machine
 is doing. Peak RSS is the fit process's; detlens' media process's is printed beside it.
 
@@ -260,6 +261,10 @@ def main() -> None:
         full_rss = max(r["peak_rss_mib"] for r in runs[name])
         print(f"callback overhead{label}: {100.0 * (full_wall - base_wall) / base_wall:.1f}% of wall time "
               f"({100.0 * (full_cpu - base_cpu) / base_cpu:.1f}% of CPU time)")
+        # The machine's speed drifts over minutes: each repeat's two fits ran back to back.
+        paired = [100.0 * (w["wall_s"] - b["wall_s"]) / b["wall_s"] for w, b in zip(runs[name], runs["without"])]
+        print("  paired, each fit with callbacks against the fit without next to it: "
+              + ", ".join(f"{p:+.1f}%" for p in paired) + f" (median {statistics.median(paired):+.1f}%)")
         print(f"training thread inside detlens hooks: median {median(name, 'hooks_s'):.1f} s per fit "
               f"({100.0 * median(name, 'hooks_s') / base_wall:.1f}% of the fit without callbacks); "
               f"media worker building W&B media: {median(name, 'media_thread_s'):.1f} s per fit")
