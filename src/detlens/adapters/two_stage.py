@@ -210,8 +210,8 @@ class RoIReplay:
     RoIAlign reads each box on its own), the box head and predictor as ``score_fn``, and
     every level as ``features/<level>``. Gradient explainers then run their one-backward
     RoI path (``detlens.explainers.gradcam``) without a forward of their own. Call it
-    outside inference mode (``torch.inference_mode(False)``): the forward's tensors are
-    cloned into ordinary ones.
+    outside inference mode (``torch.inference_mode(False)``): the tensors it takes from the
+    forward are copied into ordinary ones there.
     """
 
     def __init__(
@@ -235,8 +235,9 @@ class RoIReplay:
             kept = kept[: max(int(top_k), 0)]
         det = detections.select(kept)
         rois = self.proposals[position][det.origin].detach().clone().float()
-        # [1, C, h, w] per level, float32 as RoIAlign reads them (its autocast rule under mixed precision)
-        features = {k: v[position : position + 1].detach().float() for k, v in self.features.items()}
+        # [1, C, h, w] per level: float32 as RoIAlign reads them (its autocast rule under mixed
+        # precision), copied (the forward's may be inference tensors, unusable in a backward)
+        features = {k: v[position : position + 1].detach().to(torch.float32, copy=True) for k, v in self.features.items()}
         dtype = next(rh.box_head.parameters()).dtype
         # Every image size given, as in the forward (RoIAlign infers its level scales from the largest).
         pooled = pooler(features, [rois], self.image_shapes).detach().to(dtype)  # [K, C, P, P]
@@ -255,7 +256,7 @@ class RoIReplay:
         )
         return AdapterOutput(
             detections=[det],
-            activations={f"{FEATURES}/{k}": v.float() for k, v in features.items()},
+            activations={f"{FEATURES}/{k}": v for k, v in features.items()},
             geometry=geometry,
             inputs=[],
             family=TwoStageAdapter.family,
