@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -200,6 +201,7 @@ class _RoIHeadsRecorder(FeatureRecorder):
                          seen["batch_hw"], original_sizes)
 
 
+@dataclass(frozen=True)
 class RoIReplay:
     """The :class:`AdapterOutput` of one image of an observed eval forward, as the RoI fast path needs it.
 
@@ -214,16 +216,12 @@ class RoIReplay:
     forward are copied into ordinary ones there.
     """
 
-    def __init__(
-        self, model: nn.Module, features: dict[str, Tensor], proposals: list[Tensor],
-        image_shapes: list[tuple[int, int]], batch_hw: tuple[int, int], original_sizes: list[tuple[int, int]],
-    ) -> None:
-        self.model = model
-        self.features = features
-        self.proposals = proposals
-        self.image_shapes = image_shapes
-        self.batch_hw = batch_hw
-        self.original_sizes = original_sizes
+    model: nn.Module
+    features: dict[str, Tensor]  # level -> [B, C, h, w], the padded batch
+    proposals: list[Tensor]  # per image [N_i, 4], input pixels
+    image_shapes: list[tuple[int, int]]  # per image, after the model's resize
+    batch_hw: tuple[int, int]  # the padded batch the backbone saw
+    original_sizes: list[tuple[int, int]]  # per image, as given to the model
 
     def output(self, position: int, detections: Detections, top_k: int | None, score_threshold: float) -> AdapterOutput:
         """Image ``position``'s output; ``detections`` are its detections from the observed forward
