@@ -25,6 +25,7 @@ from detlens.adapters import adapter_for
 from detlens.adapters.observe import ForwardObserver
 from detlens.callbacks import BoxEmbeddingCallback, GradCAMCallback, PredictionOverlayCallback
 from detlens.data import SyntheticDataModule, collate_detection
+from detlens.explainers.api import explain, gradcam_explanations
 from detlens.lightning_modules import TorchvisionDetector
 
 SIZE = 64
@@ -145,6 +146,28 @@ def test_gradcam_read_from_the_validation_forward_equals_the_callbacks_own_forwa
         assert read.focus is not None and ref.focus is not None
         torch.testing.assert_close(read.focus["energy_in_box"], ref.focus["energy_in_box"], equal_nan=True)
         assert torch.equal(read.focus["is_tp"], ref.focus["is_tp"])
+
+
+def test_the_roi_replay_of_a_padded_batch_equals_the_adapters_run_of_that_batch(scenes_root):
+    """Images of different sizes: the replay must use the padded batch's geometry and level scales."""
+    dm = scenes(scenes_root)
+    pl.seed_everything(0)
+    model = detector(dm).eval()
+    adapter = adapter_for(model)
+    images = [dm.val_dataset[0][0], dm.val_dataset[1][0][:, : SIZE - 16, :]]  # 64 x 64 and 48 x 64: padded to 64 x 64
+
+    with ForwardObserver(adapter.model, adapter=adapter) as observer, torch.no_grad():
+        model(images)
+    call = observer.find(images)
+    reference = explain(model, images, method="gradcam", layer="features", top_k=4, score_threshold=0.0)
+
+    assert call is not None and call.replay is not None and call.replay.batch_hw == (SIZE, SIZE)
+    for position, ref in enumerate(reference):
+        output = call.replay.output(position, call.detections[position], 4, 0.0)
+        (read,) = gradcam_explanations(output, "features")
+        assert len(read) == len(ref) == 4 and read.raw.shape[1:] == tuple(images[position].shape[1:])
+        torch.testing.assert_close(read.boxes, ref.boxes)
+        torch.testing.assert_close(read.raw, ref.raw, rtol=1e-4, atol=1e-6 * float(ref.raw.amax()))
 
 
 def test_gradcam_reads_the_validation_forward_under_bf16_autocast(scenes_root):
