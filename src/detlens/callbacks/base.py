@@ -18,10 +18,9 @@ When it runs (every rank takes the same decision from the same counters):
 Reading the validation forward: a subclass that can take its per-image result from the
 detector's own eval forward (``validation_observer`` / ``from_validation``: the
 prediction overlays; the box embeddings and the gradient Grad-CAM maps on two-stage
-detectors) gets it for each probe
-image the validation loop runs in the epoch of a logging event — recognised by its
-``image_id`` and checked pixel for pixel — and explains only the rest of the probe set
-with a forward of its own. Under DDP the ranks first agree (one all-reduce of a flag
+detectors) gets it for each probe image the validation loop runs in the epoch of a
+logging event — recognised by its ``image_id`` and checked pixel for pixel — and
+explains only the rest of the probe set with a forward of its own. Under DDP the ranks first agree (one all-reduce of a flag
 per probe image) on which images some rank has already read.
 
 An exception while explaining (on any rank) or logging costs one warning naming the
