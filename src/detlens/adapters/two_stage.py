@@ -14,7 +14,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
 from ._torchvision import FEATURES, TorchvisionAdapterMixin
-from .base import AdapterOutput, Detections, ImageGeometry, LayerCapture, RoIScoring
+from .base import AdapterOutput, Detections, ImageGeometry, LayerCapture, RoIScoring, filter_detections
 from .observe import FeatureRecorder
 
 __all__ = ["TwoStageAdapter"]
@@ -57,9 +57,7 @@ class TwoStageAdapter(TorchvisionAdapterMixin):
         class_logits, box_regression = rh.box_predictor(representation)  # [N, C+1], [N, (C+1)*4]
 
         pooled_names, levels = _roi_levels(pooler, features, proposals)
-        scales = [float(s) for s in (pooler.scales or [])]
-        if not scales:  # single level: scale inferred the way MultiScaleRoIAlign does
-            scales = [features[pooled_names[0]].shape[-1] / image_list.tensors.shape[-1]]
+        scales = _level_scales(pooler, features, pooled_names, int(image_list.tensors.shape[-1]))
 
         pred_boxes = _decode_per_class(rh.box_coder, box_regression, proposals)  # [N, C+1, 4], input pixels
         pred_scores = F.softmax(class_logits, -1)
@@ -228,10 +226,7 @@ class RoIReplay:
         (:attr:`ObservedForward.detections`, highest score first), filtered as ``run`` filters them."""
         rh = self.model.roi_heads
         pooler = rh.box_roi_pool
-        kept = torch.nonzero(detections.scores > score_threshold).flatten()
-        if top_k is not None:
-            kept = kept[: max(int(top_k), 0)]
-        det = detections.select(kept)
+        det = filter_detections(detections, top_k, score_threshold)
         rois = self.proposals[position][det.origin].detach().clone().float()
         # [1, C, h, w] per level: float32 as RoIAlign reads them (its autocast rule under mixed
         # precision), copied (the forward's may be inference tensors, unusable in a backward)
@@ -246,7 +241,7 @@ class RoIReplay:
         if low in (torch.bfloat16, torch.float16) and low != dtype:  # the forward ran under autocast: so does the box head
             score_fn = _autocast(score_fn, rois.device.type, low)
         pooled_names, levels = _roi_levels(pooler, features, [rois])
-        scales = [float(s) for s in (pooler.scales or [])] or [features[pooled_names[0]].shape[-1] / self.batch_hw[1]]
+        scales = _level_scales(pooler, features, pooled_names, self.batch_hw[1])
         roi = RoIScoring(
             pooled=[pooled], rois=[rois], level_index=[levels], featmap_names=pooled_names, scales=scales,
             sampling_ratio=int(pooler.sampling_ratio), output_size=tuple(int(s) for s in pooler.output_size),
@@ -269,6 +264,13 @@ def _autocast(fn: Callable[..., Any], device_type: str, dtype: torch.dtype) -> C
             return fn(*args)
 
     return run
+
+
+def _level_scales(pooler: nn.Module, features: dict[str, Tensor], pooled_names: list[str], batch_width: int) -> list[float]:
+    """RoIAlign's spatial scale per pooled level: the pooler's own, or (a single level it has
+    not set up) inferred the way ``MultiScaleRoIAlign`` does, from the padded batch width."""
+    scales = [float(s) for s in (pooler.scales or [])]
+    return scales or [features[pooled_names[0]].shape[-1] / batch_width]
 
 
 def _roi_levels(pooler: nn.Module, features: dict[str, Tensor], proposals: list[Tensor]) -> tuple[list[str], Tensor]:
