@@ -73,6 +73,7 @@ def test_tsne_separates_classes_faithfully_and_is_deterministic_for_a_seed():
     assert not torch.equal(first.coords, other.coords)
     assert first.params["perplexity"] == 30.0 and first.params["pca_dims"] == 50
     assert first.params["negative_gradient_method"] == "bh"  # below 10,000 points
+    assert first.params["early_exaggeration_iter"] == 250  # openTSNE's and scikit-learn's with Barnes-Hut
 
 
 def test_fft_schedule_with_barnes_hut_polish_separates_classes_and_is_deterministic():
@@ -84,6 +85,7 @@ def test_fft_schedule_with_barnes_hut_polish_separates_classes_and_is_determinis
     assert first.shape == (240, 2) and torch.isfinite(first).all()
     assert torch.equal(first, again.coords)
     assert again.params["n_iter"] == 220 and again.params["polish_iter"] == 120
+    assert again.params["early_exaggeration_iter"] == 150
     assert again.params["polish_momentum"] == 0.9 and again.params["polish_learning_rate"] == 480.0
     assert trustworthiness_score(x, first) > 0.9
     assert class_separation(first, labels) > 0.7
@@ -91,6 +93,8 @@ def test_fft_schedule_with_barnes_hut_polish_separates_classes_and_is_determinis
         tsne_2d(x, negative_gradient_method="fft", polish_momentum=1.0)
     with pytest.raises(ValueError, match="polish_learning_rate must be > 0 or None, got 0"):
         tsne_2d(x, negative_gradient_method="fft", polish_learning_rate=0)
+    with pytest.raises(ValueError, match="early_exaggeration_iter must be >= 0, got -1"):
+        tsne_2d(x, early_exaggeration_iter=-1)
 
 
 def test_trustworthiness_is_one_for_an_exact_picture_and_low_for_noise():

@@ -34,6 +34,7 @@ from torch import Tensor
 
 __all__ = [
     "EXACT_NEIGHBOURS_ROWS",
+    "FFT_EARLY_EXAGGERATION_ITER",
     "MIN_TSNE_ROWS",
     "POLISH_ITER",
     "POLISH_MOMENTUM",
@@ -65,6 +66,16 @@ the computation is O(N^2) in time and memory: 2,000 points take about a second).
 EXACT_NEIGHBOURS_ROWS = 20_000
 """Up to this many points t-SNE's neighbours are exact (brute force on the PCA scores,
 O(N^2)); above it openTSNE's approximate index (Annoy) is used."""
+
+FFT_EARLY_EXAGGERATION_ITER = 150
+"""Default early-exaggeration iterations of :func:`tsne_2d`'s FFT schedule (openTSNE's and
+scikit-learn's 250 stay for Barnes-Hut). On 10,000 x 1,024 box features (three data sets,
+``benchmarks/embedding_projection.py``) the exaggerated KL divergence has made 97% of its
+fall over 250 iterations by iteration 150 (94% by 100); stopping at 150 left trustworthiness (-0.00000,
++0.00004, +0.00000 against 250) and the class silhouette (0.426 vs 0.425, 0.445 vs 0.443,
+0.413 vs 0.414) unchanged and saved 100 FFT iterations (~1.3 s of ~13). With Barnes-Hut
+(fewer than 10,000 points) exaggerated iterations are cheap (the clusters are compact):
+150 instead of 250 saved nothing measurable on 400-3,000 points."""
 
 POLISH_ITER = 120
 """Default Barnes-Hut iterations that end :func:`tsne_2d`'s FFT schedule (its ``polish_iter``)."""
@@ -210,7 +221,7 @@ def tsne_2d(
     pca_dims: int = 50,
     n_jobs: int = 1,
     n_iter: int | None = None,
-    early_exaggeration_iter: int = 250,
+    early_exaggeration_iter: int | None = None,
     negative_gradient_method: Literal["auto", "fft", "bh"] = "auto",
     polish_iter: int = POLISH_ITER,
     polish_momentum: float = POLISH_MOMENTUM,
@@ -240,7 +251,8 @@ def tsne_2d(
             so that explaining on rank 0 does not starve the training's data loaders.
         n_iter: iterations after early exaggeration; ``None``: 500 with Barnes-Hut
             (openTSNE's default), 220 with FFT gradients (see ``polish_iter``).
-        early_exaggeration_iter: early-exaggeration iterations (openTSNE's default 250).
+        early_exaggeration_iter: early-exaggeration iterations; ``None``: openTSNE's 250
+            with Barnes-Hut, :data:`FFT_EARLY_EXAGGERATION_ITER` (150) with FFT gradients.
         negative_gradient_method: ``"fft"``, ``"bh"`` or ``"auto"`` (FFT from 10,000
             points, Barnes-Hut below).
         polish_iter: with FFT gradients, the last ``polish_iter`` of the ``n_iter``
@@ -291,6 +303,10 @@ def tsne_2d(
     method = _gradient_method(negative_gradient_method, n)
     if n_iter is None:
         n_iter = _default_n_iter(method)
+    if early_exaggeration_iter is None:
+        early_exaggeration_iter = _default_early_exaggeration_iter(method)
+    if early_exaggeration_iter < 0:
+        raise ValueError(f"early_exaggeration_iter must be >= 0, got {early_exaggeration_iter}")
     polish = _polish_iterations(polish_iter, n_iter) if method == "fft" else 0
     early_grid: dict[str, Any] = {}
     if method == "fft":
@@ -356,6 +372,12 @@ def _default_n_iter(gradient_method: str) -> int:
     """Iterations after early exaggeration: openTSNE's 500 for Barnes-Hut; 220 with FFT
     gradients, the last ``polish_iter`` of them Barnes-Hut (see :func:`tsne_2d`)."""
     return 220 if gradient_method == "fft" else 500
+
+
+def _default_early_exaggeration_iter(gradient_method: str) -> int:
+    """Early-exaggeration iterations: 250 (openTSNE, scikit-learn) with Barnes-Hut,
+    :data:`FFT_EARLY_EXAGGERATION_ITER` with FFT gradients."""
+    return FFT_EARLY_EXAGGERATION_ITER if gradient_method == "fft" else 250
 
 
 def _gradient_method(method: str, n: int) -> str:
@@ -579,6 +601,7 @@ def project(
             perplexity=min(float(perplexity), (n - 1) / 3.0),
             pca_dims=min(pca_dims, x.shape[1], n),
             n_jobs=n_jobs,
+            early_exaggeration_iter=_default_early_exaggeration_iter(gradient),
             n_iter=n_iter if n_iter is not None else _default_n_iter(gradient),
             negative_gradient_method=gradient,
         )
