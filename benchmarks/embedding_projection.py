@@ -214,13 +214,21 @@ def main(argv: list[str] | None = None) -> None:
             )
 
 
-def compare(args: argparse.Namespace, seed: int, n_jobs: int, tsne_seed: int | None = None) -> tuple[float, float, float, float]:
+def compare(
+    args: argparse.Namespace, seed: int, n_jobs: int, tsne_seed: int | None = None
+) -> tuple[float, float, float, float]:
     """detlens' t-SNE and scikit-learn's on the data set of ``seed``, both seeded with ``tsne_seed``
     (default ``seed``); ``(wall detlens, wall sklearn, trust detlens, trust sklearn)``."""
     from sklearn.manifold import TSNE as SklearnTSNE
 
     from detlens.explainers.embeddings import (
-        FFT_EARLY_EXAGGERATION_ITER, POLISH_ITER, _default_n_iter, class_separation, pca, trustworthiness_score, tsne_2d,
+        FFT_EARLY_EXAGGERATION_ITER,
+        POLISH_ITER,
+        _default_n_iter,
+        class_separation,
+        pca,
+        trustworthiness_score,
+        tsne_2d,
     )
 
     tsne_seed = seed if tsne_seed is None else tsne_seed
@@ -231,7 +239,8 @@ def compare(args: argparse.Namespace, seed: int, n_jobs: int, tsne_seed: int | N
     n_iter = args.n_iter if args.n_iter is not None else _default_n_iter("fft")
     polish = args.polish_iter if args.polish_iter is not None else POLISH_ITER
     print(
-        f"data (seed {seed}, t-SNE seed {tsne_seed}): {features.shape[0]:,} x {features.shape[1]:,} float32 features, {args.classes} classes "
+        f"data (seed {seed}, t-SNE seed {tsne_seed}): {features.shape[0]:,} x {features.shape[1]:,} float32 features, "
+        f"{args.classes} classes "
         f"(sizes {np.bincount(labels)[1:].min()}..{np.bincount(labels)[1:].max()}), perplexity {args.perplexity}, "
         f"trustworthiness on {min(args.trust_rows, args.points):,} seeded rows, 5 neighbours"
     )

@@ -69,13 +69,14 @@ O(N^2)); above it openTSNE's approximate index (Annoy) is used."""
 
 FFT_EARLY_EXAGGERATION_ITER = 150
 """Default early-exaggeration iterations of :func:`tsne_2d`'s FFT schedule (openTSNE's and
-scikit-learn's 250 stay for Barnes-Hut). On 10,000 x 1,024 box features (three data sets,
-``benchmarks/embedding_projection.py``) the exaggerated KL divergence has made 97% of its
-fall over 250 iterations by iteration 150 (94% by 100); stopping at 150 left trustworthiness (-0.00000,
-+0.00004, +0.00000 against 250) and the class silhouette (0.426 vs 0.425, 0.445 vs 0.443,
-0.413 vs 0.414) unchanged and saved 100 FFT iterations (~1.3 s of ~13). With Barnes-Hut
-(fewer than 10,000 points) exaggerated iterations are cheap (the clusters are compact):
-150 instead of 250 saved nothing measurable on 400-3,000 points."""
+scikit-learn's 250 stay for Barnes-Hut). On 10,000 x 1,024 box features
+(``benchmarks/embedding_projection.py``) the exaggerated KL divergence has made 97% of its
+fall over 250 iterations by iteration 150 (94% by 100). On five data sets, against 250 with
+the same seeds, stopping at 150 moved trustworthiness by -0.00000, +0.00004, +0.00000,
++0.00004, +0.00002 and the class silhouette by +0.001, +0.002, -0.001, -0.002, +0.007, and
+saved 100 FFT iterations (~1.3 s of ~13). With Barnes-Hut (fewer than 10,000 points)
+exaggerated iterations are cheap (the clusters are compact): 150 instead of 250 saved
+nothing measurable on 400-3,000 points."""
 
 POLISH_ITER = 120
 """Default Barnes-Hut iterations that end :func:`tsne_2d`'s FFT schedule (its ``polish_iter``)."""
