@@ -26,21 +26,37 @@ def test_probe_is_off_by_default_and_records_nothing():
     assert block.last_attention is None
 
 
-def test_probe_records_softmax_rows_over_all_positions_without_changing_output():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_probe_records_softmax_rows_over_all_positions_without_changing_output(autocast):
+    # Bit-identical output and gradients: a training step whose weights are read must be the
+    # step it would have been (under bf16 autocast an explicit softmax @ v rounds differently).
     torch.manual_seed(0)
     block = SpatialSelfAttention(channels=16, heads=2)
     block.gamma.data.fill_(0.7)  # trained-like gate, so attention actually contributes
     x = torch.randn(3, 16, 4, 5)
-    fused = block(x)
 
-    block.detlens_attention_probe = True
-    probed = block(x)
+    def step(probe: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        block.zero_grad()
+        block.detlens_attention_probe = probe
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = block(x)
+        out.float().square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in block.parameters()]
+
+    fused, fused_grads = step(False)
+    probed, probed_grads = step(True)
 
     attn = block.last_attention
     assert attn is not None and attn.shape == (3, 2, 20, 20)  # [B, heads, HW, HW]
-    torch.testing.assert_close(attn.sum(-1), torch.ones(3, 2, 20))
+    tolerance = 1e-2 if autocast else 1e-5  # bf16 keeps 8 bits of mantissa
+    torch.testing.assert_close(attn.float().sum(-1), torch.ones(3, 2, 20), rtol=0, atol=tolerance)
     assert (attn >= 0).all()
-    torch.testing.assert_close(probed, fused, rtol=1e-5, atol=1e-5)
+    assert torch.equal(probed, fused)
+    assert all(torch.equal(a, b) for a, b in zip(probed_grads, fused_grads))
+    if not autocast:  # the stored weights are the block's softmax(q k^T / sqrt(d))
+        q = block.query(x).reshape(3, 2, -1, 20).transpose(2, 3)
+        k = block.key(x).reshape(3, 2, -1, 20).transpose(2, 3)
+        torch.testing.assert_close(attn, torch.softmax(q @ k.transpose(2, 3) / q.shape[-1] ** 0.5, dim=-1))
 
 
 def test_gate_learns_from_zero():

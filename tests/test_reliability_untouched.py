@@ -50,7 +50,10 @@ def deterministic_one_thread():
     torch.use_deterministic_algorithms(False)
 
 
-def fit_and_snapshot(root: str, make_model: Any, callbacks: list[pl.Callback], accumulate: int, logger: Any = False) -> dict:
+def fit_and_snapshot(
+    root: str, make_model: Any, callbacks: list[pl.Callback], accumulate: int, logger: Any = False,
+    precision: str = "32-true",
+) -> dict:
     """Seeds everything, fits 2 epochs (4 batches each), returns what training must not lose."""
     pl.seed_everything(0)
     torch.use_deterministic_algorithms(True)
@@ -58,7 +61,7 @@ def fit_and_snapshot(root: str, make_model: Any, callbacks: list[pl.Callback], a
     model = make_model(dm)
     trainer = quiet_trainer(
         max_epochs=2, deterministic=True, callbacks=callbacks, accumulate_grad_batches=accumulate,
-        limit_val_batches=1, logger=logger,
+        limit_val_batches=1, logger=logger, precision=precision,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -99,6 +102,23 @@ def test_every_callback_at_every_step_leaves_weights_optimizer_and_rng_bit_ident
     assert not differing, f"weights/buffers differ: {differing[:5]}"
     assert not differing_leaves(with_callbacks["optimizer"], without["optimizer"]), "optimizer state differs"
     assert not differing_leaves(with_callbacks["scheduler"], without["scheduler"]), "LR scheduler state differs"
+    assert not same_rng_state(with_callbacks["rng"], without["rng"]), "global RNG streams differ"
+
+
+@pytest.mark.slow
+def test_bf16_mixed_training_with_every_callback_at_every_step_is_bit_identical(scenes_root):
+    """Under bf16 autocast the attention block's fused kernel and an explicit softmax round differently,
+    so reading the block's weights on a training step must not change how its output is computed."""
+    callbacks = every_callback(every_n_steps=1)
+    with_callbacks = fit_and_snapshot(scenes_root, faster_rcnn, callbacks, 1, precision="bf16-mixed")
+    without = fit_and_snapshot(scenes_root, faster_rcnn, [], 1, precision="bf16-mixed")
+
+    assert [c.num_logging_events for c in callbacks] == [8] * len(callbacks)
+    assert with_callbacks["detlens_warnings"] == []
+    assert callbacks[3]._last_train_step == 7  # the entropy callback read a training forward every step
+    differing = [k for k in without["weights"] if not torch.equal(with_callbacks["weights"][k], without["weights"][k])]
+    assert not differing, f"weights/buffers differ: {differing[:5]}"
+    assert not differing_leaves(with_callbacks["optimizer"], without["optimizer"]), "optimizer state differs"
     assert not same_rng_state(with_callbacks["rng"], without["rng"]), "global RNG streams differ"
 
 

@@ -30,13 +30,16 @@ class SpatialSelfAttention(nn.Module):
         ``heads``), ``v`` uses ``C`` channels; both are split evenly over ``heads``.
 
     Attention probe protocol (``docs/ARCHITECTURE.md``):
-        ``detlens_attention_probe`` is ``False`` by default, and the block then runs
-        the fused ``F.scaled_dot_product_attention`` and stores nothing, so training
-        pays nothing for the probe. While the flag is ``True`` the block computes
-        the softmax explicitly and keeps ``last_attention: FloatTensor[B, heads,
-        H*W, H*W]`` (queries x keys, row-major positions ``i = y * W + x``; every row
-        sums to 1). The stored tensor is not detached, so a reader may take
-        gradients through it; readers clear it (``last_attention = None``) when done.
+        ``detlens_attention_probe`` is ``False`` by default, and the block then stores
+        nothing, so training pays nothing for the probe. While the flag is ``True`` the
+        block also computes ``softmax(q k^T / sqrt(d))`` explicitly and keeps
+        ``last_attention: FloatTensor[B, heads, H*W, H*W]`` (queries x keys, row-major
+        positions ``i = y * W + x``; every row sums to 1). The output is computed by the
+        same fused ``F.scaled_dot_product_attention`` call either way: an explicit
+        ``softmax(...) @ v`` rounds differently under bf16 autocast, which would change a
+        training step whose weights are read. The stored tensor is not detached (it
+        carries gradients to ``q`` and ``k``, not to the output); readers clear it
+        (``last_attention = None``) when done.
 
     Args:
         channels: ``C``, the number of input (and output) channels.
@@ -78,13 +81,10 @@ class SpatialSelfAttention(nn.Module):
         q = self.query(x).reshape(b, self.heads, -1, h * w).transpose(2, 3)
         k = self.key(x).reshape(b, self.heads, -1, h * w).transpose(2, 3)
         v = self.value(x).reshape(b, self.heads, -1, h * w).transpose(2, 3)
-        if self.detlens_attention_probe:
+        if self.detlens_attention_probe:  # read beside the output, which is computed as when unread
             scale = 1.0 / math.sqrt(q.shape[-1])
-            weights = torch.softmax((q @ k.transpose(2, 3)) * scale, dim=-1)  # [B, heads, HW, HW]
-            self.last_attention = weights
-            attended = weights @ v
-        else:
-            attended = F.scaled_dot_product_attention(q, k, v)
+            self.last_attention = torch.softmax((q @ k.transpose(2, 3)) * scale, dim=-1)  # [B, heads, HW, HW]
+        attended = F.scaled_dot_product_attention(q, k, v)
         attended = attended.transpose(2, 3).reshape(b, c, h, w)
         return x + self.gamma * self.out_proj(attended)
 
