@@ -7,9 +7,9 @@ Two sources, one set of stable keys (``<log_key>`` defaults to ``attention``):
   ``on_train_batch_start`` and disarmed before ``backward``, so the training forward
   itself is read — no extra forward, no hooks on the other steps.
   ``nn.MultiheadAttention`` weights are recomputed from the call's inputs under
-  ``no_grad``, so training stays bit-identical; a probe-protocol block (e.g.
-  ``SpatialSelfAttention``) computes its softmax explicitly while armed instead of
-  calling fused SDPA, which can move its output in the last float bits on those steps.
+  ``no_grad``, so training stays bit-identical; a probe-protocol block must keep its
+  output unchanged while armed (``SpatialSelfAttention`` computes its softmax beside the
+  fused SDPA call that still makes its output, also under bf16 autocast).
   Logged: ``<log_key>/entropy/<layer>/head<i>``.
   **DDP**: every rank sends its entropy sums and row counts to rank 0 (one gather on
   every rank at the same, counter-determined steps; never inside a rank-zero branch),

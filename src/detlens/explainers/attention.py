@@ -594,8 +594,9 @@ class EntropyMonitor:
     float32, and dropped. For ``nn.MultiheadAttention`` the weights are recomputed from
     the call's inputs (module docstring), so parameters, gradients and the RNG stream are
     bit-identical to an unmonitored step. A probe-protocol module computes its weights
-    itself once its flag is on; whether that changes its numerics is the module's
-    business (``SpatialSelfAttention`` switches from fused SDPA to an explicit softmax).
+    itself once its flag is on; keeping its output unchanged meanwhile is the module's
+    business (``SpatialSelfAttention`` computes the softmax beside its fused SDPA call,
+    which still makes the output).
 
     Disarm before ``backward`` if the model uses activation checkpointing, or the
     re-run forward is counted again.
