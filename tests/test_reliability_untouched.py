@@ -106,12 +106,13 @@ def test_every_callback_at_every_step_leaves_weights_optimizer_and_rng_bit_ident
 
 
 @pytest.mark.slow
-def test_bf16_mixed_training_with_every_callback_at_every_step_is_bit_identical(scenes_root):
+@pytest.mark.parametrize("make_model", [faster_rcnn, tiny_detr], ids=["faster_rcnn+attention", "detr"])
+def test_bf16_mixed_training_with_every_callback_at_every_step_is_bit_identical(scenes_root, make_model):
     """Under bf16 autocast the attention block's fused kernel and an explicit softmax round differently,
     so reading the block's weights on a training step must not change how its output is computed."""
     callbacks = every_callback(every_n_steps=1)
-    with_callbacks = fit_and_snapshot(scenes_root, faster_rcnn, callbacks, 1, precision="bf16-mixed")
-    without = fit_and_snapshot(scenes_root, faster_rcnn, [], 1, precision="bf16-mixed")
+    with_callbacks = fit_and_snapshot(scenes_root, make_model, callbacks, 1, precision="bf16-mixed")
+    without = fit_and_snapshot(scenes_root, make_model, [], 1, precision="bf16-mixed")
 
     assert [c.num_logging_events for c in callbacks] == [8] * len(callbacks)
     assert with_callbacks["detlens_warnings"] == []
