@@ -239,7 +239,7 @@ class RoIReplay:
         score_fn = _score_fn(rh, [shape], geometry)
         low = next(iter(self.features.values())).dtype
         if low in (torch.bfloat16, torch.float16) and low != dtype:  # the forward ran under autocast: so does the box head
-            score_fn = _autocast(score_fn, rois.device.type, low)
+            score_fn = torch.autocast(device_type=rois.device.type, dtype=low)(score_fn)
         pooled_names, levels = _roi_levels(pooler, features, [rois])
         scales = _level_scales(pooler, features, pooled_names, self.batch_hw[1])
         roi = RoIScoring(
@@ -256,14 +256,6 @@ class RoIReplay:
             level_layers={FEATURES: f"{FEATURES}/"},
             roi=roi,
         )
-
-
-def _autocast(fn: Callable[..., Any], device_type: str, dtype: torch.dtype) -> Callable[..., Any]:
-    def run(*args: Any) -> Any:
-        with torch.autocast(device_type=device_type, dtype=dtype):
-            return fn(*args)
-
-    return run
 
 
 def _level_scales(pooler: nn.Module, features: dict[str, Tensor], pooled_names: list[str], batch_width: int) -> list[float]:
