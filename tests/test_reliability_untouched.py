@@ -76,6 +76,15 @@ def fit_and_snapshot(
     }
 
 
+def assert_same_training(with_callbacks: dict, without: dict) -> None:
+    """Weights and buffers, optimiser and scheduler state, global RNG streams: bit-identical."""
+    differing = [k for k in without["weights"] if not torch.equal(with_callbacks["weights"][k], without["weights"][k])]
+    assert not differing, f"weights/buffers differ: {differing[:5]}"
+    assert not differing_leaves(with_callbacks["optimizer"], without["optimizer"]), "optimizer state differs"
+    assert not differing_leaves(with_callbacks["scheduler"], without["scheduler"]), "LR scheduler state differs"
+    assert not same_rng_state(with_callbacks["rng"], without["rng"]), "global RNG streams differ"
+
+
 CASES = [
     pytest.param(faster_rcnn, 1, id="faster_rcnn+attention"),
     pytest.param(tiny_detr, 1, id="detr"),
@@ -98,11 +107,7 @@ def test_every_callback_at_every_step_leaves_weights_optimizer_and_rng_bit_ident
     assert with_callbacks["detlens_warnings"] == []
     assert callbacks[3]._last_train_step == steps - 1  # the entropy callback read a training forward every step
 
-    differing = [k for k in without["weights"] if not torch.equal(with_callbacks["weights"][k], without["weights"][k])]
-    assert not differing, f"weights/buffers differ: {differing[:5]}"
-    assert not differing_leaves(with_callbacks["optimizer"], without["optimizer"]), "optimizer state differs"
-    assert not differing_leaves(with_callbacks["scheduler"], without["scheduler"]), "LR scheduler state differs"
-    assert not same_rng_state(with_callbacks["rng"], without["rng"]), "global RNG streams differ"
+    assert_same_training(with_callbacks, without)
 
 
 @pytest.mark.slow
@@ -117,10 +122,7 @@ def test_bf16_mixed_training_with_every_callback_at_every_step_is_bit_identical(
     assert [c.num_logging_events for c in callbacks] == [8] * len(callbacks)
     assert with_callbacks["detlens_warnings"] == []
     assert callbacks[3]._last_train_step == 7  # the entropy callback read a training forward every step
-    differing = [k for k in without["weights"] if not torch.equal(with_callbacks["weights"][k], without["weights"][k])]
-    assert not differing, f"weights/buffers differ: {differing[:5]}"
-    assert not differing_leaves(with_callbacks["optimizer"], without["optimizer"]), "optimizer state differs"
-    assert not same_rng_state(with_callbacks["rng"], without["rng"]), "global RNG streams differ"
+    assert_same_training(with_callbacks, without)
 
 
 @pytest.mark.slow
@@ -132,10 +134,7 @@ def test_events_at_validation_that_read_its_forward_leave_training_bit_identical
 
     assert [c.num_logging_events for c in callbacks] == [2] * len(callbacks)
     assert with_callbacks["detlens_warnings"] == []
-    differing = [k for k in without["weights"] if not torch.equal(with_callbacks["weights"][k], without["weights"][k])]
-    assert not differing, f"weights/buffers differ: {differing[:5]}"
-    assert not differing_leaves(with_callbacks["optimizer"], without["optimizer"])
-    assert not same_rng_state(with_callbacks["rng"], without["rng"])
+    assert_same_training(with_callbacks, without)
 
 
 @pytest.mark.slow
@@ -155,10 +154,7 @@ def test_logging_to_wandb_leaves_training_bit_identical(scenes_root, tmp_path):
 
     assert with_callbacks["detlens_warnings"] == []
     assert len(find_offline_runs(tmp_path / "with")) == 1
-    differing = [k for k in without["weights"] if not torch.equal(with_callbacks["weights"][k], without["weights"][k])]
-    assert not differing, f"weights/buffers differ: {differing[:5]}"
-    assert not differing_leaves(with_callbacks["optimizer"], without["optimizer"])
-    assert not same_rng_state(with_callbacks["rng"], without["rng"])
+    assert_same_training(with_callbacks, without)
 
 
 DDP_SCRIPT = textwrap.dedent(
