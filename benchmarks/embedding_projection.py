@@ -214,11 +214,9 @@ def main(argv: list[str] | None = None) -> None:
             )
 
 
-def compare(
-    args: argparse.Namespace, seed: int, n_jobs: int, tsne_seed: int | None = None
-) -> tuple[float, float, float, float]:
-    """detlens' t-SNE and scikit-learn's on the data set of ``seed``, both seeded with ``tsne_seed``
-    (default ``seed``); ``(wall detlens, wall sklearn, trust detlens, trust sklearn)``."""
+def compare(args: argparse.Namespace, seed: int, n_jobs: int, tsne_seed: int) -> tuple[float, float, float, float]:
+    """detlens' t-SNE and scikit-learn's on the data set of ``seed``, both seeded with ``tsne_seed``;
+    ``(wall detlens, wall sklearn, trust detlens, trust sklearn)``."""
     from sklearn.manifold import TSNE as SklearnTSNE
 
     from detlens.explainers.embeddings import (
@@ -231,7 +229,6 @@ def compare(
         tsne_2d,
     )
 
-    tsne_seed = seed if tsne_seed is None else tsne_seed
     features, labels = make_box_features(args.points, args.dims, args.classes, seed)
     x = torch.from_numpy(features)
     tsne_kwargs = {} if args.ints_in_interval is None else {"ints_in_interval": args.ints_in_interval}
