@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from detlens.explainers.attention import AttentionCapture, EntropyMonitor
+from detlens.explainers.attention import AttentionCapture, EntropyMonitor, PerImageEntropy
 from detlens.explainers.entropy import attention_entropy
 
 D, HEADS = 16, 4
@@ -106,6 +106,87 @@ def test_disarmed_monitor_costs_nothing_and_sees_nothing():
     model(*_batch(0))
     assert monitor.collect() == {}
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_per_image_sums_are_what_a_forward_of_each_image_alone_gives():
+    torch.manual_seed(0)
+    model = TinyDETRLike().eval()
+    tokens, padding = _batch(0)  # image 1 has 9 valid tokens of 12
+    monitor = EntropyMonitor(model, chunk_elements=50)
+    with torch.no_grad():
+        with monitor.armed_for():
+            model(tokens, padding)
+        per_image = monitor.collect_per_image(2)
+        alone = []
+        for b, valid in enumerate((12, 9)):
+            with monitor.armed_for():
+                model(tokens[b : b + 1, :valid])
+            alone.append(monitor.collect_sums())
+
+    assert per_image is not None and len(per_image) == 2
+    for read, ref in zip(per_image, alone):
+        assert list(read) == list(ref) == monitor.names
+        for name in ref:
+            torch.testing.assert_close(read[name][0], ref[name][0], atol=1e-5, rtol=1e-5)  # [heads]
+            assert read[name][1].item() == ref[name][1].item()  # rows
+    assert monitor.collect_sums() == {}  # collect_per_image resets
+
+
+def test_per_image_sums_are_refused_when_a_batch_dimension_is_not_the_images():
+    model = TinyDETRLike().eval()
+    monitor = EntropyMonitor(model)
+    tokens, padding = _batch(0)
+    with torch.no_grad(), monitor.armed_for():
+        model(tokens, padding)
+    assert monitor.collect_per_image(3) is None  # the calls had 2 rows, not 3 images
+    with torch.no_grad(), monitor.armed_for():
+        model(tokens, padding)
+        model(tokens[:1])  # a second call with another batch size: pooled, not per image
+    assert monitor.collect_per_image(2) is None
+    with torch.no_grad(), monitor.armed_for():
+        model(tokens, padding)
+        model(tokens[:1])
+    pooled = monitor.collect_sums()  # still the plain sums over every row of both calls
+    assert pooled["encoder.layers.0.self_attn"][1].item() == 12 + 9 + 12
+
+
+def test_the_per_image_reader_arms_only_while_installed_and_refuses_images_of_several_sizes():
+    model = TinyDETRLike().eval()
+    monitor = EntropyMonitor(model)
+    reader = PerImageEntropy(monitor)
+    handles = reader.install()
+    assert monitor.armed
+    tokens, padding = _batch(0)
+    with torch.no_grad():
+        model(tokens, padding)
+    same = [torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)]
+    per_image = reader.read(same)
+    assert per_image is not None and len(per_image) == 2
+    reader.reset()
+    with torch.no_grad():
+        model(tokens, padding)
+    assert reader.read([torch.zeros(3, 8, 8), torch.zeros(3, 8, 10)]) is None  # padding would differ
+    for handle in handles:
+        handle.remove()
+    assert not monitor.armed
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_arming_says_when_it_would_change_an_inference_forward():
+    torch.manual_seed(0)
+    model = TinyDETRLike().eval()
+    encoder = [f"encoder.layers.{i}.self_attn" for i in range(2)]
+    decoder = [n for n in EntropyMonitor(model).names if n.startswith("decoder.")]
+    assert EntropyMonitor(model).changes_inference_forward  # the encoder layers' fused inference kernel
+    assert EntropyMonitor(model, modules=encoder).changes_inference_forward
+    watch_decoder = EntropyMonitor(model, modules=decoder)
+    assert not watch_decoder.changes_inference_forward
+    tokens, padding = _batch(0)
+    with torch.inference_mode():
+        plain = model(tokens, padding)
+        with watch_decoder.armed_for():
+            read = model(tokens, padding)
+    assert torch.equal(plain, read)
 
 
 def test_bad_chunk_size_is_refused():

@@ -1,6 +1,7 @@
 """Callbacks that read the probe images from the validation loop's own forward.
 
-The prediction overlays and, on two-stage detectors, the box embeddings and the Grad-CAM
+The prediction overlays, the probe-set attention entropy (where reading cannot change the
+validation outputs) and, on two-stage detectors, the box embeddings and the Grad-CAM
 maps (gradient methods on the per-detection FPN level) take the probe images the
 validation loop ran from its forward instead of running the detector again:
 the results must be those the callback's own forward gives, the images the validation
@@ -23,10 +24,10 @@ from torch.utils.data import DataLoader
 
 from detlens.adapters import adapter_for
 from detlens.adapters.observe import ForwardObserver
-from detlens.callbacks import BoxEmbeddingCallback, GradCAMCallback, PredictionOverlayCallback
+from detlens.callbacks import AttentionEntropyCallback, BoxEmbeddingCallback, GradCAMCallback, PredictionOverlayCallback
 from detlens.data import SyntheticDataModule, collate_detection
 from detlens.explainers.api import explain, gradcam_explanations
-from detlens.lightning_modules import TorchvisionDetector
+from detlens.lightning_modules import DETR, TorchvisionDetector
 
 SIZE = 64
 torch.set_num_threads(1)
@@ -45,17 +46,31 @@ def scenes(root: str, batch_size: int = 4) -> SyntheticDataModule:
     )
 
 
-def detector(dm: SyntheticDataModule) -> TorchvisionDetector:
-    return TorchvisionDetector(
-        "fasterrcnn_resnet18_fpn", num_classes=dm.num_classes, class_names=dm.class_names, min_size=SIZE,
+def detector(dm: SyntheticDataModule, **overrides: Any) -> TorchvisionDetector:
+    kwargs: dict[str, Any] = dict(
+        num_classes=dm.num_classes, class_names=dm.class_names, min_size=SIZE,
         max_size=SIZE, fpn_channels=16, representation_size=32, rpn_proposals_train=50, rpn_proposals_test=20,
         box_batch_size_per_image=16, anchor_sizes=[8, 16, 32, 64, 128], score_thresh=0.0, warmup_steps=1,
     )
+    kwargs.update(overrides)
+    return TorchvisionDetector("fasterrcnn_resnet18_fpn", **kwargs)
 
 
-def fit(dm: SyntheticDataModule, callbacks: list[pl.Callback], **overrides: Any) -> TorchvisionDetector:
+def with_attention(dm: SyntheticDataModule) -> TorchvisionDetector:
+    return detector(dm, attention_stage="layer3", attention_heads=2)
+
+
+def tiny_detr(dm: SyntheticDataModule) -> DETR:
+    return DETR(
+        num_classes=dm.num_classes, class_names=dm.class_names, backbone="resnet18", backbone_stage="layer3",
+        hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64, dropout=0.0, num_queries=8,
+        image_size=SIZE, score_thresh=0.0, warmup_steps=1,
+    )
+
+
+def fit(dm: SyntheticDataModule, callbacks: list[pl.Callback], make_model: Any = detector, **overrides: Any) -> Any:
     pl.seed_everything(0)
-    model = detector(dm)
+    model = make_model(dm)
     kwargs = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, num_sanity_val_steps=0)
     kwargs.update(overrides)
@@ -123,6 +138,44 @@ def test_overlays_read_from_the_validation_forward_equal_the_callbacks_own_forwa
         np_close(torch.from_numpy(read.boxes), torch.from_numpy(ref.boxes))
         np_close(torch.from_numpy(read.scores), torch.from_numpy(ref.scores))
         assert (read.labels == ref.labels).all()
+
+
+def test_attention_entropy_read_from_the_validation_forward_equals_the_callbacks_own_forward(scenes_root):
+    dm = scenes(scenes_root)
+    callback = recording(AttentionEntropyCallback)(every_n_train_steps=None, num_probe_images=3)
+
+    model = fit(dm, [callback], make_model=with_attention)
+
+    assert callback.explained == []  # per-image sums of the validation batch (4 images of one size)
+    (results,) = callback.logged
+    assert [r.index for r in results] == callback.probe_indices
+    again = own_forward(callback, model, dm, callback.probe_indices)  # each image alone
+    for read, ref in zip((r.value for r in results), again):
+        assert list(read) == list(ref) == ["model.backbone.body.layer3_attention"]
+        for name, (entropy_sum, rows) in ref.items():
+            torch.testing.assert_close(read[name][0], entropy_sum, rtol=1e-5, atol=1e-5)
+            assert read[name][1].item() == rows.item() > 0
+    assert all(
+        not m._forward_hooks and not m._forward_pre_hooks and not getattr(m, "detlens_attention_probe", False)
+        for m in model.modules()
+    )
+
+
+def test_attention_entropy_of_encoder_layers_runs_its_own_forward_so_validation_outputs_do_not_change(scenes_root):
+    # Hooks on an nn.TransformerEncoderLayer's self-attention turn its fused inference
+    # kernel off, which moves the outputs by ~1e-5: the validation forward is not read.
+    dm = scenes(scenes_root)
+    callback = recording(AttentionEntropyCallback)(every_n_train_steps=None, num_probe_images=2)
+    overlays = recording(PredictionOverlayCallback)(score_threshold=0.0, num_probe_images=2)
+
+    model = fit(dm, [callback, overlays], make_model=tiny_detr)
+
+    assert callback.explained == [callback.probe_indices]
+    assert overlays.explained == []  # the validation outputs, as the model gave them unobserved
+    again = own_forward(overlays, model, dm, overlays.probe_indices)
+    (results,) = overlays.logged
+    for read, ref in zip((r.value for r in results), again):
+        assert (read.boxes == ref.boxes).all() and (read.scores == ref.scores).all()
 
 
 @pytest.mark.parametrize("method, target", [("gradcam", "class"), ("elementwise", "both")])

@@ -18,14 +18,14 @@ losses, and two-stage heads sample proposals).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from .base import Detections, DetectorAdapter
 
-__all__ = ["FeatureRecorder", "ForwardObserver", "ObservedForward"]
+__all__ = ["FeatureRecorder", "ForwardObserver", "ForwardReader", "ObservedForward"]
 
 
 class FeatureRecorder:
@@ -60,6 +60,29 @@ class FeatureRecorder:
         return None
 
 
+class ForwardReader:
+    """Something else read per image from each observed call (e.g. attention entropy:
+    :class:`detlens.explainers.attention.PerImageEntropy`), given to
+    :class:`ForwardObserver` as ``readers={"name": reader}``.
+
+    The observer calls :meth:`install` on entry, :meth:`reset` before each forward of the
+    observed module and :meth:`read` after it, and removes what :meth:`install` returned on exit.
+    """
+
+    def install(self) -> list[Any]:
+        """Starts reading; returns handles whose ``remove()`` stops it."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forgets what was read before this forward."""
+        raise NotImplementedError
+
+    def read(self, images: list[Tensor]) -> list[Any] | None:
+        """One value per image of the forward just finished, or ``None`` when it could not
+        be read per image (the caller then explains those images another way)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class ObservedForward:
     """One eval-mode call of the observed module.
@@ -71,6 +94,7 @@ class ObservedForward:
             :class:`FeatureRecorder`), else ``None``.
         family: the adapter's family (``""`` without an adapter).
         replay: the recorder's :meth:`FeatureRecorder.roi_replay` of this call, or ``None``.
+        read: each reader's :meth:`ForwardReader.read` of this call, by the observer's name for it.
     """
 
     images: list[Tensor]
@@ -78,6 +102,7 @@ class ObservedForward:
     detections: list[Detections] | None
     family: str = ""
     replay: Any | None = None
+    read: dict[str, list[Any] | None] = field(default_factory=dict)
 
 
 class ForwardObserver:
@@ -94,11 +119,21 @@ class ForwardObserver:
             torchvision's list of detection dicts (a detector, or a LightningModule's forward).
         adapter: record the feature vector behind each detection too, with this adapter's
             :class:`FeatureRecorder` (its ``model`` must run inside ``module``'s forward).
+        readers: more to read per image from each call (:class:`ForwardReader`), by name:
+            :attr:`ObservedForward.read`.
         max_calls: calls kept (the first ones); later calls are ignored.
     """
 
-    def __init__(self, module: nn.Module, *, adapter: DetectorAdapter | None = None, max_calls: int = 4) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        adapter: DetectorAdapter | None = None,
+        readers: dict[str, ForwardReader] | None = None,
+        max_calls: int = 4,
+    ) -> None:
         self.module = module
+        self.readers = dict(readers or {})
         self.recorder = adapter.feature_recorder() if adapter is not None else None
         self.family = adapter.family if adapter is not None else ""
         self.max_calls = max_calls
@@ -122,6 +157,8 @@ class ForwardObserver:
             self._handles.append(self.module.register_forward_hook(self._guarded(self._after)))
             if self.recorder is not None:
                 self._handles.extend(self.recorder.install())
+            for reader in self.readers.values():
+                self._handles.extend(reader.install())
         except BaseException:
             self.close()
             raise
@@ -166,6 +203,8 @@ class ForwardObserver:
             self._images = list(images)
             if self.recorder is not None:
                 self.recorder.reset()
+            for reader in self.readers.values():
+                reader.reset()
 
     def _after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         images, self._images = self._images, None
@@ -180,8 +219,12 @@ class ForwardObserver:
             if detections is None or len(detections) != len(images):
                 return
             replay = self.recorder.roi_replay(sizes)
+        read = {name: reader.read(images) for name, reader in self.readers.items()}
         self.observed.append(
-            ObservedForward(images=images, outputs=list(output), detections=detections, family=self.family, replay=replay)
+            ObservedForward(
+                images=images, outputs=list(output), detections=detections, family=self.family, replay=replay,
+                read=read,
+            )
         )
 
 

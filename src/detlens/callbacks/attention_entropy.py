@@ -16,9 +16,17 @@ Two sources, one set of stable keys (``<log_key>`` defaults to ``attention``):
   which logs the mean over *all ranks' rows* — the same number a single process would
   log for the global batch — once, to the one W&B run.
 * **The probe set** (the :class:`~detlens.callbacks.base.ProbeCallback` cadence): each
-  probe image is run alone in eval mode (so the numbers do not depend on how the probe
-  set is batched or sharded over ranks). Logged: ``<log_key>/entropy_probe/<layer>/head<i>``
-  and ``<log_key>/entropy_heatmap`` (a layer x head image).
+  probe image's entropy is what a forward of that image alone in eval mode gives (so the
+  numbers do not depend on how the probe set is batched or sharded over ranks). A probe
+  image the epoch's validation loop runs is read from that forward
+  (:class:`~detlens.explainers.attention.PerImageEntropy`: per-image sums), when its batch
+  holds images of one size only (no padding to a common size) and reading cannot change
+  the validation outputs (not for ``nn.TransformerEncoderLayer`` self-attention, whose
+  fused inference kernel hooks turn off: see
+  :attr:`~detlens.explainers.attention.EntropyMonitor.changes_inference_forward`); the
+  others are run alone at the epoch's end. Logged:
+  ``<log_key>/entropy_probe/<layer>/head<i>`` and ``<log_key>/entropy_heatmap`` (a layer x
+  head image).
 
 Collapse: a :class:`~detlens.explainers.entropy.CollapseDetector` watches the training
 entropies (the probe entropies when ``every_n_train_steps`` is ``None``). When a
@@ -40,11 +48,17 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.attention_maps import no_attention_error
 from detlens.callbacks.base import ProbeCallback, ProbeResult
 from detlens.callbacks.focus import publish_focus_record, record_entropy
 from detlens.distributed import RankError, gather_to_rank_zero
-from detlens.explainers.attention import AttentionUnavailableWarning, EntropyMonitor, find_attention_modules
+from detlens.explainers.attention import (
+    AttentionUnavailableWarning,
+    EntropyMonitor,
+    PerImageEntropy,
+    find_attention_modules,
+)
 from detlens.explainers.entropy import CollapseDetector, entropy_metrics
 from detlens.explainers.modules import named_modules
 from detlens.render.media_jobs import entropy_heatmap_media
@@ -233,6 +247,22 @@ class AttentionEntropyCallback(ProbeCallback):
         record_entropy(self, trainer, entropies, origin="train", step=step)  # detlens focus record
 
     # ------------------------------------------------------------------ probe set
+    reads_validation_forward = True
+
+    def validation_observer(self, pl_module: pl.LightningModule) -> ForwardObserver | None:
+        if self._probe_monitor is None:
+            self._attach(pl_module)
+        assert self._probe_monitor is not None
+        if self._probe_monitor.changes_inference_forward:  # the validation outputs must not change
+            return None
+        return ForwardObserver(pl_module, readers={"entropy": PerImageEntropy(self._probe_monitor)})
+
+    def from_validation(self, call: ObservedForward, position: int, target: dict[str, Any]) -> Sums:
+        per_image = call.read.get("entropy")
+        if per_image is None:  # e.g. images of several sizes: the probe forward runs this image alone
+            raise RuntimeError("the validation batch cannot be read per image")
+        return per_image[position]
+
     def explain_shard(
         self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
     ) -> list[Sums]:

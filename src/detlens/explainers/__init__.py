@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         AttentionUnavailable,
         AttentionUnavailableWarning,
         EntropyMonitor,
+        PerImageEntropy,
         find_attention_modules,
     )
     from detlens.explainers.box_features import BoxFeatureSet, ImageBoxFeatures, concat_box_features, extract_box_features
@@ -62,6 +63,7 @@ _HOMES = {
     "AttentionUnavailable": "detlens.explainers.attention",
     "AttentionUnavailableWarning": "detlens.explainers.attention",
     "EntropyMonitor": "detlens.explainers.attention",
+    "PerImageEntropy": "detlens.explainers.attention",
     "find_attention_modules": "detlens.explainers.attention",
     "BoxFeatureSet": "detlens.explainers.box_features",
     "ImageBoxFeatures": "detlens.explainers.box_features",
@@ -114,6 +116,7 @@ __all__ = [
     "FixedScale",
     "ImageBoxFeatures",
     "MatchResult",
+    "PerImageEntropy",
     "PerturbationCurve",
     "RandomisationResult",
     "attention_entropy",

@@ -67,6 +67,7 @@ __all__ = [
     "AttentionUnavailable",
     "AttentionUnavailableWarning",
     "EntropyMonitor",
+    "PerImageEntropy",
     "find_attention_modules",
     "mha_attention_weights",
 ]
@@ -614,7 +615,8 @@ class EntropyMonitor:
         self.chunk_elements = chunk_elements
         self.modules, self.unavailable = find_attention_modules(model, modules)
         self._hooks = _HookSet(model, self.modules, "recompute", self._on_weights)
-        self._sums: dict[str, tuple[Tensor, Tensor]] = {}
+        self._sums: dict[str, tuple[Tensor, Tensor]] = {}  # name -> ([B, heads], [B])
+        self._mixed: set[str] = set()  # modules called with different batch sizes
         self._armed = False
 
     @property
@@ -625,6 +627,19 @@ class EntropyMonitor:
     @property
     def armed(self) -> bool:
         return self._armed
+
+    @property
+    def changes_inference_forward(self) -> bool:
+        """Whether arming changes the numbers of an eval-mode forward: a watched
+        ``nn.MultiheadAttention`` is the self-attention of an ``nn.TransformerEncoderLayer``,
+        whose fused inference kernel any hook turns off (outputs then differ by ~1e-5). A
+        training forward is never affected (no fused kernel in training), nor are other
+        ``nn.MultiheadAttention`` calls or probe-protocol modules."""
+        watched = {id(m) for m in self.modules.values()}
+        return any(
+            isinstance(layer, nn.TransformerEncoderLayer) and id(getattr(layer, "self_attn", None)) in watched
+            for _, layer in named_modules(self.model)
+        )
 
     def arm(self) -> None:
         """Install the hooks (idempotent). Entropies accumulate until :meth:`collect`."""
@@ -651,7 +666,24 @@ class EntropyMonitor:
         """Name -> ``(entropy_sum [heads], row_count [])`` accumulated since the last collect,
         for summing across ranks before dividing; resets the accumulators."""
         sums, self._sums = self._sums, {}
-        return {k: (s.cpu(), n.cpu()) for k, (s, n) in sums.items()}
+        self._mixed.clear()
+        return {k: (s.sum(0).cpu(), n.sum(0).cpu()) for k, (s, n) in sums.items()}
+
+    def collect_per_image(self, batch_size: int) -> list[dict[str, tuple[Tensor, Tensor]]] | None:
+        """What :meth:`collect_sums` would have returned for each image of a batched forward
+        alone: ``batch_size`` dicts name -> ``(entropy_sum [heads], row_count [])``, image
+        ``b`` the ``b``-th element of every call's batch. ``None`` if some watched module was
+        called with another batch size (its batch dimension is not the images). Resets.
+
+        Only the caller knows whether batching changed what an image's attention saw
+        (padding to a common size does); equal image sizes in the batch are the safe case.
+        """
+        sums, mixed = self._sums, bool(self._mixed)
+        self._sums = {}
+        self._mixed.clear()
+        if mixed or any(s.shape[0] != batch_size for s, _ in sums.values()):
+            return None
+        return [{k: (s[b].cpu(), n[b].cpu()) for k, (s, n) in sums.items()} for b in range(batch_size)]
 
     def collect(self) -> dict[str, Tensor]:
         """Name -> mean normalised entropy per head ``FloatTensor[heads]`` (CPU, in [0, 1])
@@ -667,10 +699,18 @@ class EntropyMonitor:
                     self.unavailable[name] = f"{type(module).__name__} produced no attention weights"
                     return
                 kpm, qpm = _padding_masks(call, weights) if not call.get("_probe") else (None, None)
-                s, n = entropy_sums(weights.detach().float(), kpm, qpm)
+                s, n = entropy_sums(weights.detach().float(), kpm, qpm, per_image=True)
             else:
                 s, n = self._recompute_sums(module, call)
+        # Kept per batch element ([B, heads], [B]) for collect_per_image; calls of one module
+        # with different batch sizes are pooled into one row.
         prev = self._sums.get(name)
+        if prev is not None and prev[0].shape[0] != s.shape[0]:
+            self._mixed.add(name)
+        if name in self._mixed:
+            s, n = s.sum(0, keepdim=True), n.sum(0, keepdim=True)
+            if prev is not None:
+                prev = (prev[0].sum(0, keepdim=True), prev[1].sum(0, keepdim=True))
         self._sums[name] = (s, n) if prev is None else (prev[0] + s, prev[1] + n)
 
     def _recompute_sums(self, module: nn.MultiheadAttention, call: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -684,16 +724,57 @@ class EntropyMonitor:
         if query_pad is not None:
             qpm = query_pad
         rows = max(1, self.chunk_elements // max(1, b * h * n_k))
-        total_s = q.new_zeros(h)
-        total_n = q.new_zeros(())
+        total_s = q.new_zeros(b, h)
+        total_n = q.new_zeros(b)
         for start in range(0, n_q, rows):
             sl = slice(start, start + rows)
             m = None if mask is None else (mask if mask.shape[2] == 1 else mask[:, :, sl])
             w = _softmax_rows(q[:, :, sl], k, m)
-            s, n = entropy_sums(w, kpm, None if qpm is None else qpm[:, sl])
+            s, n = entropy_sums(w, kpm, None if qpm is None else qpm[:, sl], per_image=True)
             total_s += s
             total_n += n
         return total_s, total_n
+
+
+class PerImageEntropy:
+    """Per-image attention entropy sums of a batched eval forward, read while it runs: a
+    :class:`~detlens.adapters.observe.ForwardReader` for
+    :class:`~detlens.adapters.observe.ForwardObserver` (``readers={"entropy": PerImageEntropy(monitor)}``).
+
+    :meth:`read` returns, per image, what ``monitor.collect_sums()`` gives after a forward of
+    that image alone, or ``None`` when that cannot be read from this batch: images of
+    different sizes (padding to a common size changes what an image's attention sees), or
+    a watched module whose batch dimension is not the images
+    (:meth:`EntropyMonitor.collect_per_image`). The caller then runs the images alone.
+    Check :attr:`EntropyMonitor.changes_inference_forward` before reading a forward whose
+    outputs must not change.
+
+    Args:
+        monitor: the monitor to arm while observing (not armed by anyone else meanwhile).
+    """
+
+    def __init__(self, monitor: EntropyMonitor) -> None:
+        self.monitor = monitor
+
+    def install(self) -> list[Any]:
+        self.monitor.collect_sums()  # drop anything read before
+        self.monitor.arm()
+        return [self]
+
+    def remove(self) -> None:
+        """Disarms the monitor (the observer's handle)."""
+        self.monitor.disarm()
+        self.monitor.collect_sums()
+
+    def reset(self) -> None:
+        self.monitor.collect_sums()
+
+    def read(self, images: list[Tensor]) -> list[dict[str, tuple[Tensor, Tensor]]] | None:
+        """``[{module name: (entropy_sum [heads], row_count [])}]``, one per image, or ``None``."""
+        if len({tuple(image.shape) for image in images}) != 1:
+            self.monitor.collect_sums()
+            return None
+        return self.monitor.collect_per_image(len(images))
 
 
 def _device_type(module: nn.Module, weights: Tensor | None) -> str:

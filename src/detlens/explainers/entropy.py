@@ -20,6 +20,8 @@ def entropy_sums(
     weights: Tensor,
     key_padding_mask: Tensor | None = None,
     query_padding_mask: Tensor | None = None,
+    *,
+    per_image: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-head sum of normalised row entropies and the number of rows summed.
 
@@ -27,7 +29,8 @@ def entropy_sums(
     dividing. See :func:`attention_entropy` for the arguments.
 
     Returns:
-        ``(sums FloatTensor[heads], count FloatTensor[])``.
+        ``(sums FloatTensor[heads], count FloatTensor[])``; with ``per_image``, one of each
+        per batch element: ``(FloatTensor[B, heads], FloatTensor[B])``.
     """
     if weights.dim() != 4:
         raise ValueError(f"weights must be [B, heads, Q, K], got shape {tuple(weights.shape)}")
@@ -53,9 +56,9 @@ def entropy_sums(
             )
         row_valid = row_valid & ~query_padding_mask.bool().to(p.device)[:, None, :]
     row_valid_f = row_valid.float()
-    sums = (row_entropy * row_valid_f).sum((0, 2))  # [h]
-    count = row_valid_f[:, 0].sum()  # rows are valid or not for every head alike
-    return sums, count
+    sums = (row_entropy * row_valid_f).sum(2)  # [B, h]
+    count = row_valid_f[:, 0].sum(-1)  # [B]; rows are valid or not for every head alike
+    return (sums, count) if per_image else (sums.sum(0), count.sum())
 
 
 def attention_entropy(
