@@ -7,8 +7,8 @@ and records, per call, the images it received and the detections it returned; fo
 families whose adapter can track the feature vector behind each detection
 (:meth:`detlens.adapters.DetectorAdapter.feature_recorder`: two-stage today), also the
 :class:`~detlens.adapters.Detections` with ``features`` and ``origin`` — the same ones
-:meth:`DetectorAdapter.run` returns for those images; and what its :class:`ForwardReader`\ s
-read per image (e.g. attention entropy sums).
+:meth:`DetectorAdapter.run` returns for those images; and what its readers
+(:class:`ForwardReader`) read per image (e.g. attention entropy sums).
 
 Only reads: every hook returns ``None`` (the module's outputs are never replaced), no
 random numbers are drawn, and a hook that fails drops that call's record instead of
