@@ -8,6 +8,7 @@ from torch import nn
 
 from detlens.explainers.attention import AttentionCapture, EntropyMonitor, PerImageEntropy
 from detlens.explainers.entropy import attention_entropy
+from detlens.lightning_modules.attention import SpatialSelfAttention
 
 D, HEADS = 16, 4
 
@@ -187,6 +188,42 @@ def test_arming_says_when_it_would_change_an_inference_forward():
         with watch_decoder.armed_for():
             read = model(tokens, padding)
     assert torch.equal(plain, read)
+
+
+@pytest.mark.parametrize("first_off", ["first", "second"])
+@pytest.mark.parametrize("flag_before", [False, True])
+def test_overlapping_readers_of_a_probe_module_all_read_it_and_leave_its_flag_as_it_was(first_off, flag_before):
+    # e.g. two AttentionEntropyCallbacks armed on the same training step, or a capture
+    # inside a monitored step: each gets the weights, in whatever order they are removed.
+    torch.manual_seed(0)
+    block = SpatialSelfAttention(16, heads=2).eval()
+    block.detlens_attention_probe = flag_before
+    model = nn.Sequential(block)
+    x = torch.rand(2, 16, 5, 5)
+    a, b = EntropyMonitor(model), EntropyMonitor(model)
+    with AttentionCapture(model) as alone:
+        model(x)
+    expected = attention_entropy(alone.weights["0"])
+
+    a.arm()
+    b.arm()
+    with AttentionCapture(model) as capture:
+        model(x)
+    (a if first_off == "first" else b).disarm()
+    model(x)  # only the other monitor is still armed
+    (b if first_off == "first" else a).disarm()
+
+    torch.testing.assert_close(capture.weights["0"], alone.weights["0"])
+    readings = {"a": a.collect_sums()["0"], "b": b.collect_sums()["0"]}
+    still_armed = "b" if first_off == "first" else "a"
+    for name, (total, rows) in readings.items():
+        calls = 2 if name == still_armed else 1
+        assert rows.item() == calls * 2 * 25
+        torch.testing.assert_close(total / rows, expected, atol=1e-5, rtol=1e-5)
+    assert a.unavailable == {} and b.unavailable == {}
+    assert block.detlens_attention_probe is flag_before
+    assert (block.last_attention is not None) is flag_before  # kept only for a user who had asked for it
+    assert not block._forward_hooks
 
 
 def test_bad_chunk_size_is_refused():

@@ -46,6 +46,7 @@ asked for by name) — never silently skipped.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import warnings
@@ -333,8 +334,7 @@ class _HookSet:
         self.modules = modules
         self.strategy = strategy
         self.on_weights = on_weights
-        self._handles: list[RemovableHandle] = []
-        self._flags: dict[str, bool] = {}
+        self._handles: list[RemovableHandle | _ProbeReaderHandle] = []
         # Sequence length S of the enclosing nn.TransformerEncoder call, to pad weights
         # read from NestedTensor inputs back to [B, h, S, S].
         self._encoder_len: dict[int, int] = {}
@@ -365,24 +365,16 @@ class _HookSet:
                     self._handles.append(mod.register_forward_pre_hook(_force_weights, with_kwargs=True))
                 self._handles.append(mod.register_forward_hook(self._mha_hook(name, force), with_kwargs=True))
             else:
-                self._flags[name] = bool(getattr(mod, PROBE_FLAG))
-                setattr(mod, PROBE_FLAG, True)
-                self._handles.append(mod.register_forward_hook(self._probe_hook(name)))
+                self._handles.append(_ProbeReaders.add(mod, functools.partial(self._read_probe, name)))
 
     def remove(self) -> None:
         errors: list[BaseException] = []
         for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for name, was_on in self._flags.items():
-            mod = self.modules[name]
             try:
-                setattr(mod, PROBE_FLAG, was_on)
-                if not was_on:  # the protocol: readers clear the stored tensor when done
-                    mod.last_attention = None
-            except BaseException as exc:  # restore every flag before reporting
+                handle.remove()
+            except BaseException as exc:  # remove every hook and restore every flag before reporting
                 errors.append(exc)
-        self._flags.clear()
+        self._handles.clear()
         self._encoder_len.clear()
         if errors:
             raise errors[0]
@@ -411,14 +403,70 @@ class _HookSet:
 
         return hook
 
-    def _probe_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            weights = getattr(module, "last_attention", None)
-            self.on_weights(name, weights, {"_probe": True})
-            if not self._flags.get(name, True):
-                module.last_attention = None  # do not keep [B, h, HW, HW] alive between calls
+    def _read_probe(self, name: str, weights: Tensor | None) -> None:
+        self.on_weights(name, weights, {"_probe": True})
 
-        return hook
+
+class _ProbeReaders:
+    """Every reader of one probe-protocol module, sharing one forward hook and one flag.
+
+    Readers may overlap (two entropy monitors armed on the same step, a capture inside a
+    monitored step) and be removed in any order: the flag is on while any reader is
+    installed and returns to its value before the first one when the last one leaves;
+    each call's ``last_attention`` is handed to every reader and then, unless the flag was
+    on before detlens, dropped (so no ``[B, h, HW, HW]`` tensor lives between calls).
+    """
+
+    _by_module: dict[int, _ProbeReaders] = {}  # id(module) -> state (holds the module)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.was_on = bool(getattr(module, PROBE_FLAG))
+        self.readers: dict[int, Callable[[Tensor | None], None]] = {}
+        self._next = 0
+        self._hook = module.register_forward_hook(self._on_forward)
+        setattr(module, PROBE_FLAG, True)
+
+    @classmethod
+    def add(cls, module: nn.Module, read: Callable[[Tensor | None], None]) -> _ProbeReaderHandle:
+        state = cls._by_module.get(id(module))
+        if state is None:
+            state = cls._by_module[id(module)] = cls(module)
+        key, state._next = state._next, state._next + 1
+        state.readers[key] = read
+        return _ProbeReaderHandle(state, key)
+
+    def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        try:
+            weights = getattr(module, "last_attention", None)
+            for read in list(self.readers.values()):
+                read(weights)
+        finally:
+            if not self.was_on:
+                module.last_attention = None
+
+    def discard(self, key: int) -> None:
+        self.readers.pop(key, None)
+        if self.readers or _ProbeReaders._by_module.get(id(self.module)) is not self:
+            return
+        del _ProbeReaders._by_module[id(self.module)]
+        self._hook.remove()
+        setattr(self.module, PROBE_FLAG, self.was_on)
+        if not self.was_on:  # the protocol: readers clear the stored tensor when done
+            self.module.last_attention = None
+
+
+class _ProbeReaderHandle:
+    """``remove()`` takes one reader off its :class:`_ProbeReaders` (idempotent)."""
+
+    def __init__(self, state: _ProbeReaders, key: int) -> None:
+        self._state: _ProbeReaders | None = state
+        self._key = key
+
+    def remove(self) -> None:
+        state, self._state = self._state, None
+        if state is not None:
+            state.discard(self._key)
 
 
 def _force_weights(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
