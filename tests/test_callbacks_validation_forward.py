@@ -314,8 +314,9 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import sys
     import pytorch_lightning as pl
+    import torch
 
-    from detlens.callbacks import PredictionOverlayCallback
+    from detlens.callbacks import AttentionEntropyCallback, PredictionOverlayCallback
     from detlens.data import SyntheticDataModule
     from detlens.lightning_modules import TorchvisionDetector
 
@@ -329,6 +330,22 @@ DDP_SCRIPT = textwrap.dedent(
             print(f"logged {[r.index for r in results]} {[len(r.value.scores) for r in results]}", flush=True)
 
 
+    class RecordingEntropy(AttentionEntropyCallback):
+        def explain_shard(self, pl_module, images, targets, indices):
+            print(f"entropy rank {pl_module.global_rank} explained {list(indices)}", flush=True)
+            return super().explain_shard(pl_module, images, targets, indices)
+
+        def log_results(self, trainer, pl_module, results):
+            # rank 0: every image's sums, read on either rank, against a forward of it alone here
+            items = [trainer.datamodule.val_dataset[r.index] for r in results]
+            alone = super().explain_shard(pl_module, [im for im, _ in items], [t for _, t in items], [])
+            same = all(
+                torch.allclose(r.value[k][0], ref[k][0], atol=1e-5) and r.value[k][1] == ref[k][1] > 0
+                for r, ref in zip(results, alone) for k in ref
+            )
+            print(f"entropy logged {[r.index for r in results]} equal to each image alone: {same}", flush=True)
+
+
     if __name__ == "__main__":
         dm = SyntheticDataModule(root=sys.argv[1], num_train=8, num_val=4, image_size=64, batch_size=1,
                                  horizontal_flip=False)
@@ -336,11 +353,12 @@ DDP_SCRIPT = textwrap.dedent(
             "fasterrcnn_resnet18_fpn", num_classes=dm.num_classes, class_names=dm.class_names,
             min_size=64, max_size=64, fpn_channels=16, representation_size=32, rpn_proposals_train=50,
             rpn_proposals_test=20, box_batch_size_per_image=16, anchor_sizes=[8, 16, 32, 64, 128],
-            score_thresh=0.0, warmup_steps=1,
+            score_thresh=0.0, warmup_steps=1, attention_stage="layer3", attention_heads=2,
         )
         trainer = pl.Trainer(
             accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, limit_val_batches=1,
-            callbacks=[Recording(score_threshold=0.0, max_detections=3, num_probe_images=4)],
+            callbacks=[Recording(score_threshold=0.0, max_detections=3, num_probe_images=4),
+                       RecordingEntropy(every_n_train_steps=None, num_probe_images=4)],
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         )
         trainer.fit(model, dm)
@@ -361,6 +379,10 @@ def test_ddp_ranks_explain_only_the_probe_images_no_rank_validated(tmp_path, sce
 
     assert done.returncode == 0, done.stderr[-3000:]
     # Both ranks print to one pipe: their lines can interleave, so read the statements, not lines.
-    explained = sorted(re.findall(r"rank \d explained \[[\d, ]*\]", done.stdout))
+    explained = sorted(re.findall(r"(?<!entropy )rank \d explained \[[\d, ]*\]", done.stdout))
     assert explained == ["rank 0 explained [2]", "rank 1 explained [3]"], done.stdout
     assert "logged [0, 1, 2, 3] [3, 3, 3, 3]" in done.stdout
+    # The probe-set attention entropy the same way: images 0 and 1 read on the rank that validated them.
+    entropy = sorted(re.findall(r"entropy rank \d explained \[[\d, ]*\]", done.stdout))
+    assert entropy == ["entropy rank 0 explained [2]", "entropy rank 1 explained [3]"], done.stdout
+    assert "entropy logged [0, 1, 2, 3] equal to each image alone: True" in done.stdout
