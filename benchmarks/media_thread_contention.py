@@ -12,8 +12,7 @@ This times training steps of the demo model (``configs/fasterrcnn_synthetic.yaml
 batch, AdamW) alone, then while a thread runs a logging event's media work in a loop
 (detlens' own renderers: a t-SNE scatter plot of 150 detections, an attention-entropy
 heatmap, and ``wandb.Image`` payloads for 27 attention overlays of 160 px) at each
-``--niceness`` value, with and without ``SCHED_IDLE`` (``--thread-idle``), through the
-library's own ``MEDIA_THREAD_NICENESS`` / ``MEDIA_THREAD_IDLE`` code path.
+``--niceness`` value, through the library's own ``MEDIA_THREAD_NICENESS`` code path.
 ``--worker process`` runs the same work in detlens' media process
 (``detlens.sinks.media_process``), which has its own GIL, at the same niceness values.
 Steps alone and steps with the media worker alternate in blocks (median per condition),
@@ -21,7 +20,7 @@ so a machine whose speed drifts affects every condition alike. It is the worst c
 a fit the media thread is busy for seconds after each logging event, idle otherwise
 (``benchmarks/callback_overhead.py`` measures the fit).
 
-Run: ``.venv/bin/python benchmarks/media_thread_contention.py [--steps 8 --niceness 0 10 19 --worker thread process --thread-idle on off]``
+Run: ``.venv/bin/python benchmarks/media_thread_contention.py [--steps 8 --niceness 0 10 19 --worker thread process]``
 """
 
 from __future__ import annotations
@@ -75,8 +74,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
     parser.add_argument("--worker", nargs="+", choices=("thread", "process"), default=["thread", "process"],
                         help="where the media work runs: a thread of this process, or detlens' media process")
-    parser.add_argument("--thread-idle", nargs="+", choices=("on", "off"), default=["on", "off"],
-                        help="the media thread under SCHED_IDLE (MEDIA_THREAD_IDLE; the library's default is on) or not")
     args = parser.parse_args()
 
     from detlens.data import SyntheticDataModule
@@ -134,10 +131,9 @@ def main() -> None:
             stop.set()
             thread.join()
 
-    def with_media_thread(niceness: int, idle: bool) -> list[float]:
+    def with_media_thread(niceness: int) -> list[float]:
         def lower_priority() -> None:  # what the media thread does first
             fanout.MEDIA_THREAD_NICENESS = niceness
-            fanout.MEDIA_THREAD_IDLE = idle
             fanout._lower_priority()
 
         local = np.random.default_rng(1)
@@ -155,19 +151,16 @@ def main() -> None:
         finally:
             worker.close()
 
-    conditions = ["alone"] + [
-        f"{w} nice {n}" + (", SCHED_IDLE" if idle == "on" else "")
-        for w in args.worker for n in args.niceness for idle in (args.thread_idle if w == "thread" else ["off"])
-    ]
+    conditions = ["alone"] + [f"{w} nice {n}" for w in args.worker for n in args.niceness]
     times: dict[str, list[float]] = {c: [] for c in conditions}
     for block in range(args.blocks):
         for condition in conditions if block % 2 == 0 else reversed(conditions):
             if condition == "alone":
                 times[condition] += [step() for _ in range(args.steps)]
             elif condition.startswith("thread"):
-                times[condition] += with_media_thread(int(condition.split()[2].rstrip(",")), "SCHED_IDLE" in condition)
+                times[condition] += with_media_thread(int(condition.split()[-1]))
             else:
-                times[condition] += with_media_process(int(condition.split()[2]))
+                times[condition] += with_media_process(int(condition.split()[-1]))
 
     print(f"demo model ({config['model']['init_args']['architecture']}), batch {len(images)}, "
           f"{args.threads} torch threads; one logging event's media work alone: {1e3 * event_s:.0f} ms")
@@ -176,7 +169,7 @@ def main() -> None:
         median = statistics.median(times[condition])
         change = "" if condition == "alone" else f"  ({100 * (median / alone - 1):+.0f}%)"
         label = "training step alone" if condition == "alone" else f"with the media {condition.split()[0]} busy, {condition.split(' ', 1)[1]}"
-        print(f"{label:<52s} {1e3 * median:7.0f} ms (median of {len(times[condition])}){change}")
+        print(f"{label:<42s} {1e3 * median:7.0f} ms (median of {len(times[condition])}){change}")
 
 
 if __name__ == "__main__":

@@ -316,7 +316,6 @@ def test_the_media_thread_yields_the_cores_to_training_and_leaves_training_prior
 
     def build() -> Media:
         seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        seen["policy"] = os.sched_getscheduler(0)  # this thread's (Linux)
         built.set()
         return Media(scalars={"s": 1.0})
 
@@ -331,75 +330,6 @@ def test_the_media_thread_yields_the_cores_to_training_and_leaves_training_prior
     assert fanout.MEDIA_THREAD_NICENESS > 0
     assert seen["nice"] == min(19, main_nice + fanout.MEDIA_THREAD_NICENESS)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice  # training's own is unchanged
-    assert fanout.MEDIA_THREAD_IDLE and seen["policy"] == os.SCHED_IDLE  # a core only when training leaves one
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER
-
-
-def test_a_build_starved_on_the_idle_media_thread_is_built_again_at_training_priority_and_logged_once(
-    tmp_path, finish_wandb, monkeypatch
-):
-    # Other processes holding every core would give the SCHED_IDLE media thread no time at all.
-    monkeypatch.setattr(fanout, "STARVED_CHECK_S", 0.2)
-    monkeypatch.setattr(fanout, "_idle_thread_id", fanout._idle_thread_id or 1)
-    monkeypatch.setattr(fanout, "_starved", lambda tid, cpu: (True, 0.0))  # runnable, no CPU
-    trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
-                         enable_progress_bar=False)
-    staged_before = set(Path(media_dir()).glob("*.png"))
-    ran: list[str] = []
-    started, release = threading.Event(), threading.Event()
-
-    def build() -> Media:
-        ran.append(threading.current_thread().name)
-        if len(ran) == 1:  # the media thread's run gets nowhere
-            started.set()
-            release.wait(timeout=60)
-        return Media({"k": [probe_image(0)]}, None, {"v": 1.0})
-
-    log_media_later(trainer, build, step=0)
-    assert started.wait(timeout=30)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # not dropped
-        flush_media()  # a stage end
-    release.set()
-    fanout._worker().submit(lambda: None).result(timeout=30)  # the media thread has finished its copy
-    wandb.finish()
-
-    assert ran[0].startswith("detlens-media_") and ran[1].startswith("detlens-media-drain")
-    run = newest_offline_run(tmp_path)
-    assert [e.global_step for e in image_events(run, "k")] == [0]  # logged once
-    assert [row["v"] for row in run.history if "v" in row] == [1.0]
-    assert set(Path(media_dir()).glob("*.png")) <= staged_before  # the slower copy's PNGs are removed
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
-def test_a_thread_that_waits_is_not_taken_for_starved_and_one_that_runs_is_not_either():
-    stop = threading.Event()
-    ids: dict[str, int] = {}
-
-    def sleeper() -> None:
-        ids["sleeper"] = threading.get_native_id()
-        stop.wait(timeout=30)
-
-    def spinner() -> None:
-        ids["spinner"] = threading.get_native_id()
-        while not stop.is_set():
-            sum(range(1000))
-
-    threads = [threading.Thread(target=sleeper), threading.Thread(target=spinner)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(0.1)
-        before = {name: fanout._starved(tid, None)[1] for name, tid in ids.items()}
-        time.sleep(fanout.STARVED_CHECK_S)
-        after = {name: fanout._starved(tid, before[name]) for name, tid in ids.items()}
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert all(cpu is not None for cpu in before.values())
-    assert after["sleeper"][0] is False and after["spinner"][0] is False
-    assert after["spinner"][1] - before["spinner"] > 0.1 * fanout.STARVED_CHECK_S
 
 
 def test_media_built_later_without_wandb_are_built_at_once():

@@ -35,9 +35,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures import wait as wait_for_first
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,15 +51,7 @@ from detlens.sinks.wandb_payload import build_payload, given, media_dir, remove_
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-__all__ = [
-    "MAX_PENDING",
-    "MEDIA_THREAD_IDLE",
-    "MEDIA_THREAD_NICENESS",
-    "Media",
-    "flush_media",
-    "log_media",
-    "log_media_later",
-]
+__all__ = ["MAX_PENDING", "MEDIA_THREAD_NICENESS", "Media", "flush_media", "log_media", "log_media_later"]
 
 MAX_PENDING = 4
 """Logging events (distinct steps) whose W&B payloads may be waiting to be logged before
@@ -78,30 +69,6 @@ with other jobs a nice-19 worker gets ~1.5% of a core, which can push a payload 
 :data:`DRAIN_TIMEOUT_S`; nice 10 gets ~10%. On a thread, priority alone does not stop the
 GIL contention (``benchmarks/media_thread_contention.py``: +11-38% per training step at
 nice 10); see :data:`MEDIA_PROCESS`."""
-
-MEDIA_THREAD_IDLE: bool = os.environ.get("DETLENS_MEDIA_THREAD_IDLE", "on").strip().lower() not in (
-    "off", "0", "false", "no"
-)
-"""Whether the media thread also runs under Linux's ``SCHED_IDLE`` policy: it then gets a
-core only when no other thread of the machine wants one, so next to CPU training it
-builds media in the gaps training leaves (data loading, Python between ops) instead of
-taking time slices from training's OpenMP threads, one late thread of which holds up a
-whole parallel region. ``benchmarks/media_thread_contention.py`` (the media thread busy
-without a pause, the worst case): a demo training step +27% at nice 10, +1% at nice 10
-with ``SCHED_IDLE``. Read from ``DETLENS_MEDIA_THREAD_IDLE`` (``off`` / ``0``: nice alone).
-
-An unprivileged thread cannot leave ``SCHED_IDLE`` again (sched(7)), and on a machine whose
-every core other processes keep busy it would get no time at all. So when training has
-to wait for a build that is running there (the queue is full, or a stage ends) and the
-thread is runnable but has had less than a tenth of a core for :data:`STARVED_CHECK_S`,
-the build is started again on the drain thread, at training's priority, and the first of
-the two to finish is logged (builds are pure functions of their inputs; the other's files
-are removed). Builds that wait (I/O, a lock) are not runnable and are left alone. The
-media process (:data:`MEDIA_PROCESS`) keeps its plain ``nice``."""
-
-STARVED_CHECK_S = 1.0
-"""How long a build on the ``SCHED_IDLE`` media thread that training waits for may go
-without CPU before it is built again at training's priority (:data:`MEDIA_THREAD_IDLE`)."""
 
 MEDIA_PROCESS: str = os.environ.get("DETLENS_MEDIA_PROCESS", "auto").strip().lower()
 """Where picklable media jobs are built: ``"on"`` in detlens' media process
@@ -141,7 +108,6 @@ _process: MediaProcess | None = None
 _process_broken = False
 _build_seconds = 0.0
 _seconds_lock = threading.Lock()
-_idle_thread_id: int | None = None  # native id of the media thread once it runs under SCHED_IDLE
 
 
 def _worker() -> ThreadPoolExecutor:
@@ -153,94 +119,22 @@ def _worker() -> ThreadPoolExecutor:
 
 
 def _lower_priority() -> None:
-    """Runs first on the media thread: its ``nice`` value goes up by :data:`MEDIA_THREAD_NICENESS`,
-    and with :data:`MEDIA_THREAD_IDLE` its policy becomes ``SCHED_IDLE``.
+    """Runs first on the media thread: its ``nice`` value goes up by :data:`MEDIA_THREAD_NICENESS`.
 
-    Linux only: there the nice value and the policy are per-thread attributes, and
-    ``setpriority`` / ``sched_setscheduler`` with a thread id change that thread alone
-    (setpriority(2), NOTES; sched(7)); the threads it starts later (OpenMP workers of the
-    torch ops it runs) inherit them. Elsewhere a thread id is not a process id, so nothing
-    is done. Lowering one's own priority needs no privilege; a failure leaves it as it was.
+    Linux only: there the nice value is a per-thread attribute and ``setpriority`` with a
+    thread id changes that thread alone (setpriority(2), NOTES); the threads it starts
+    later (OpenMP workers of the torch ops it runs) inherit it. Elsewhere a thread id is
+    not a process id, so nothing is done. Lowering one's own priority needs no privilege;
+    a failure leaves the priority as it was.
     """
-    global _idle_thread_id
-    if not sys.platform.startswith("linux"):
+    if MEDIA_THREAD_NICENESS <= 0 or not sys.platform.startswith("linux"):
         return
-    tid = threading.get_native_id()
-    if MEDIA_THREAD_NICENESS > 0:
-        try:
-            current = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, current + int(MEDIA_THREAD_NICENESS)))
-        except OSError:
-            pass
-    if MEDIA_THREAD_IDLE and hasattr(os, "SCHED_IDLE"):
-        try:
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-            _idle_thread_id = tid
-        except OSError:
-            pass
-
-
-def _starved(tid: int, cpu_before: float | None) -> tuple[bool, float | None]:
-    """Whether thread ``tid`` of this process is runnable but got under a tenth of a core
-    since ``cpu_before`` (its CPU seconds :data:`STARVED_CHECK_S` ago), and its CPU seconds now.
-
-    Read from ``/proc/self/task/<tid>/stat`` (state) and ``schedstat`` (time on a CPU, ns):
-    no library reports another thread's scheduling state."""
     try:
-        with open(f"/proc/self/task/{tid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        with open(f"/proc/self/task/{tid}/schedstat") as f:
-            cpu = int(f.read().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return False, None
-    starved = cpu_before is not None and state == "R" and cpu - cpu_before < 0.1 * STARVED_CHECK_S
-    return starved, cpu
-
-
-def _drain() -> ThreadPoolExecutor:
-    """The drain thread (started by the training thread, so at training's priority)."""
-    global _drain_executor
-    if _drain_executor is None:
-        _drain_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detlens-media-drain")
-    return _drain_executor
-
-
-def _wait_for(item: _Pending) -> tuple[Media, dict[str, Any], list[str]]:
-    """``item``'s built payload, waiting at most :data:`DRAIN_TIMEOUT_S` (then ``FutureTimeout``).
-
-    A build running on the ``SCHED_IDLE`` media thread that is starved
-    (:data:`MEDIA_THREAD_IDLE`) is started again on the drain thread; the first of the two
-    to finish is used and the other's files are removed when it finishes."""
-    tid = _idle_thread_id if item.build is not None else None
-    if tid is None:
-        return item.result.result(timeout=DRAIN_TIMEOUT_S)
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    _, cpu = _starved(tid, None)
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            return item.result.result(timeout=max(0.0, min(remaining, STARVED_CHECK_S)))
-        except FutureTimeout:
-            if remaining <= STARVED_CHECK_S:
-                raise
-        starved, cpu = _starved(tid, cpu)
-        if starved and item.build is not None:
-            break
-    build, item.build = item.build, None
-    if item.result.cancel():  # queued behind the starved build: it just moves
-        item.result = _drain().submit(_build, build)
-        return item.result.result(timeout=max(0.0, deadline - time.monotonic()))
-    running, again = item.result, _drain().submit(_build, build)
-    done, _ = wait_for_first([running, again], timeout=max(0.0, deadline - time.monotonic()),
-                             return_when=FIRST_COMPLETED)
-    first = running if running in done else again if again in done else None
-    if first is None:
-        item.result = again
-        running.add_done_callback(_remove_files_of)
-        raise FutureTimeout()
-    item.result = first
-    (again if first is running else running).add_done_callback(_remove_files_of)
-    return first.result()
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + int(MEDIA_THREAD_NICENESS)))
+    except OSError:
+        pass
 
 
 def log_media(
@@ -417,7 +311,7 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
                 _hand_queued_builds_to_the_drain_thread([item, *_pending])
         done += 1
         try:
-            media, payload, files = _wait_for(item) if wait else item.result.result(timeout=0)
+            media, payload, files = item.result.result(timeout=DRAIN_TIMEOUT_S if wait else 0)
         except FutureTimeout:
             if not item.result.cancel():  # already running on the media thread: its PNGs come later
                 item.result.add_done_callback(_remove_files_of)
@@ -462,10 +356,13 @@ def _hand_queued_builds_to_the_drain_thread(items: list[_Pending]) -> None:
     when the fit ended; the entropy heatmap and the box embeddings' t-SNE, scatter plot and
     table (0.7 s) moved, were built beside them, and the fit's teardown waited 0.9 s.
     """
+    global _drain_executor
     for item in items:
         if item.build is None or not item.result.cancel():
             continue
-        item.result = _drain().submit(_build, item.build)
+        if _drain_executor is None:
+            _drain_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detlens-media-drain")
+        item.result = _drain_executor.submit(_build, item.build)
         item.build = None
 
 
