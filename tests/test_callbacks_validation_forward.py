@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from test_callbacks_attention import faster_rcnn, no_hooks_left, tiny_detr  # the attention tests' helpers (64 px)
 from torch.utils.data import DataLoader
 
 from detlens.adapters import adapter_for
@@ -27,7 +28,7 @@ from detlens.adapters.observe import ForwardObserver
 from detlens.callbacks import AttentionEntropyCallback, BoxEmbeddingCallback, GradCAMCallback, PredictionOverlayCallback
 from detlens.data import SyntheticDataModule, collate_detection
 from detlens.explainers.api import explain, gradcam_explanations
-from detlens.lightning_modules import DETR, TorchvisionDetector
+from detlens.lightning_modules import TorchvisionDetector
 
 SIZE = 64
 torch.set_num_threads(1)
@@ -46,25 +47,11 @@ def scenes(root: str, batch_size: int = 4) -> SyntheticDataModule:
     )
 
 
-def detector(dm: SyntheticDataModule, **overrides: Any) -> TorchvisionDetector:
-    kwargs: dict[str, Any] = dict(
-        num_classes=dm.num_classes, class_names=dm.class_names, min_size=SIZE,
+def detector(dm: SyntheticDataModule) -> TorchvisionDetector:
+    return TorchvisionDetector(
+        "fasterrcnn_resnet18_fpn", num_classes=dm.num_classes, class_names=dm.class_names, min_size=SIZE,
         max_size=SIZE, fpn_channels=16, representation_size=32, rpn_proposals_train=50, rpn_proposals_test=20,
         box_batch_size_per_image=16, anchor_sizes=[8, 16, 32, 64, 128], score_thresh=0.0, warmup_steps=1,
-    )
-    kwargs.update(overrides)
-    return TorchvisionDetector("fasterrcnn_resnet18_fpn", **kwargs)
-
-
-def with_attention(dm: SyntheticDataModule) -> TorchvisionDetector:
-    return detector(dm, attention_stage="layer3", attention_heads=2)
-
-
-def tiny_detr(dm: SyntheticDataModule) -> DETR:
-    return DETR(
-        num_classes=dm.num_classes, class_names=dm.class_names, backbone="resnet18", backbone_stage="layer3",
-        hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64, dropout=0.0, num_queries=8,
-        image_size=SIZE, score_thresh=0.0, warmup_steps=1,
     )
 
 
@@ -144,7 +131,7 @@ def test_attention_entropy_read_from_the_validation_forward_equals_the_callbacks
     dm = scenes(scenes_root)
     callback = recording(AttentionEntropyCallback)(every_n_train_steps=None, num_probe_images=3)
 
-    model = fit(dm, [callback], make_model=with_attention)
+    model = fit(dm, [callback], make_model=faster_rcnn)
 
     assert callback.explained == []  # per-image sums of the validation batch (4 images of one size)
     (results,) = callback.logged
@@ -155,10 +142,7 @@ def test_attention_entropy_read_from_the_validation_forward_equals_the_callbacks
         for name, (entropy_sum, rows) in ref.items():
             torch.testing.assert_close(read[name][0], entropy_sum, rtol=1e-5, atol=1e-5)
             assert read[name][1].item() == rows.item() > 0
-    assert all(
-        not m._forward_hooks and not m._forward_pre_hooks and not getattr(m, "detlens_attention_probe", False)
-        for m in model.modules()
-    )
+    assert no_hooks_left(model)  # nor a probe flag or stored weights
 
 
 def test_attention_entropy_of_encoder_layers_runs_its_own_forward_so_validation_outputs_do_not_change(scenes_root):
