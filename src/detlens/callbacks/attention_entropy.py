@@ -247,15 +247,19 @@ class AttentionEntropyCallback(ProbeCallback):
         record_entropy(self, trainer, entropies, origin="train", step=step)  # detlens focus record
 
     # ------------------------------------------------------------------ probe set
-    reads_validation_forward = True
-
-    def validation_observer(self, pl_module: pl.LightningModule) -> ForwardObserver | None:
+    def _probe_monitor_of(self, pl_module: pl.LightningModule) -> EntropyMonitor:
         if self._probe_monitor is None:
             self._attach(pl_module)
         assert self._probe_monitor is not None
-        if self._probe_monitor.changes_inference_forward:  # the validation outputs must not change
+        return self._probe_monitor
+
+    reads_validation_forward = True
+
+    def validation_observer(self, pl_module: pl.LightningModule) -> ForwardObserver | None:
+        monitor = self._probe_monitor_of(pl_module)
+        if monitor.changes_inference_forward:  # the validation outputs must not change
             return None
-        return ForwardObserver(pl_module, readers={"entropy": PerImageEntropy(self._probe_monitor)})
+        return ForwardObserver(pl_module, readers={"entropy": PerImageEntropy(monitor)})
 
     def from_validation(self, call: ObservedForward, position: int, target: dict[str, Any]) -> Sums:
         per_image = call.read.get("entropy")
@@ -266,15 +270,13 @@ class AttentionEntropyCallback(ProbeCallback):
     def explain_shard(
         self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
     ) -> list[Sums]:
-        if self._probe_monitor is None:
-            self._attach(pl_module)
-        assert self._probe_monitor is not None
+        monitor = self._probe_monitor_of(pl_module)
         results = []
         with torch.no_grad():  # entropies only: no graph
             for image in images:  # one image per forward: independent of batching and sharding
-                with self._probe_monitor.armed_for():
+                with monitor.armed_for():
                     pl_module([image])
-                results.append(self._probe_monitor.collect_sums())
+                results.append(monitor.collect_sums())
         return results
 
     def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
