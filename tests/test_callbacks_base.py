@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import gc
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
 import torch
-from test_callbacks_prediction_overlay import detector, scenes, scenes_root, trainer  # noqa: F401 (fixture)
+from test_callbacks_prediction_overlay import SIZE, detector, scenes, scenes_root, trainer  # noqa: F401 (fixture)
 
 from detlens.callbacks import ProbeCallback
-from detlens.callbacks.probe_set import evenly_spaced_indices
+from detlens.callbacks import probe_set
+from detlens.callbacks.probe_set import ProbeItemCache, evenly_spaced_indices
+from detlens.data import SyntheticDataModule
 
 
 @dataclass(frozen=True)
@@ -21,8 +25,8 @@ class FeatureSaliency:
 
 
 class FeatureSaliencyProbe(ProbeCallback):
-    def __init__(self, **kwargs):
-        super().__init__(log_key="saliency", **kwargs)
+    def __init__(self, log_key="saliency", **kwargs):
+        super().__init__(log_key=log_key, **kwargs)
         self.logged: list = []
         self.grad_state_inside: list[tuple[bool, bool]] = []
 
@@ -74,3 +78,82 @@ def test_state_keys_tell_instances_apart_and_state_round_trips():
     b.load_state_dict({"probe_indices": [4, 2], "num_logging_events": 7, "last_epoch": 1, "last_step": 50})
     assert b.state_dict() == {"probe_indices": [4, 2], "num_logging_events": 7, "last_epoch": 1, "last_step": 50}
     assert b.num_logging_events == 7
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """A dataset that counts which items are read."""
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, Counter()
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        self.reads[index] += 1
+        return self.inner[index]
+
+
+class CountingScenes(SyntheticDataModule):
+    """The scenes of ``scenes()``; the probe callbacks' ``val_dataset`` counts reads (the validation
+    loader reads the split's dataset directly, uncounted)."""
+
+    def __init__(self, root):
+        super().__init__(root=root, num_train=8, num_val=4, image_size=SIZE, batch_size=4, horizontal_flip=False)
+        self._counting = None
+
+    @property
+    def val_dataset(self):
+        if self._counting is None:
+            self._counting = CountingDataset(super().val_dataset)
+        return self._counting
+
+
+def test_probe_items_are_read_once_for_every_callback_and_event_and_handed_out_as_copies(scenes_root):
+    dm = CountingScenes(scenes_root)
+    model = detector(dm)
+    first, second = FeatureSaliencyProbe(probe_indices=[0, 2]), FeatureSaliencyProbe(log_key="other", probe_indices=[2, 3])
+    for _ in range(2):
+        trainer(callbacks=[first, second]).validate(model, dm)
+
+    assert dm.val_dataset.reads == {0: 1, 2: 1, 3: 1}, "each probe image read once: two callbacks, two events"
+    for probe in (first, second):
+        assert len(probe.logged) == 2
+        for a, b in zip(*probe.logged):
+            assert a.index == b.index and torch.equal(a.value.saliency, b.value.saliency)
+
+    image, target = first.probe_item(0)
+    original = dm.val_dataset.inner[0]
+    image.zero_()
+    target["boxes"].zero_()
+    again, again_target = second.probe_item(0)
+    assert torch.equal(again, original[0]) and torch.equal(again_target["boxes"], original[1]["boxes"])
+    assert dm.val_dataset.reads[0] == 1
+
+
+def test_probe_item_cache_keeps_to_its_budget_and_goes_with_the_dataset():
+    image = torch.zeros(3, 8, 8)  # 768 bytes
+    cache = ProbeItemCache(max_bytes=2 * image.nbytes)
+    dataset = CountingDataset([(image, {}) for _ in range(3)])
+    assert cache.put(dataset, 0, dataset[0], image.nbytes) and cache.put(dataset, 1, dataset[1], image.nbytes)
+    assert not cache.put(dataset, 2, dataset[2], image.nbytes), "over budget: read each time instead"
+    assert cache.get(dataset, 1)[0] is image and cache.get(dataset, 2) is None
+    assert cache.nbytes() == 2 * image.nbytes
+
+    del dataset
+    gc.collect()
+    assert cache.nbytes() == 0, "the items go when their dataset does"
+
+    unhashable = type("Unhashable", (CountingDataset,), {"__eq__": lambda self, other: False, "__hash__": None})(
+        [(image, {})]
+    )
+    assert not cache.put(unhashable, 0, unhashable[0], image.nbytes) and cache.get(unhashable, 0) is None
+
+
+def test_without_a_cache_budget_probe_items_are_read_at_every_use(scenes_root, monkeypatch):
+    monkeypatch.setattr(probe_set.probe_cache, "max_bytes", 0)
+    dm = CountingScenes(scenes_root)
+    probe = FeatureSaliencyProbe(probe_indices=[1])
+    for _ in range(2):
+        trainer(callbacks=[probe]).validate(detector(dm), dm)
+    assert dm.val_dataset.reads[1] == 2

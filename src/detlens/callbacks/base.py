@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from detlens.adapters.observe import ForwardObserver, ObservedForward
-from detlens.callbacks.probe_set import evenly_spaced_indices, pixel_digest, probe_folder_dataset
+from detlens.callbacks.probe_set import evenly_spaced_indices, pixel_digest, probe_cache, probe_folder_dataset
 from detlens.distributed import RankError, gather_to_rank_zero, shard_indices
 from detlens.guard import explaining
 from detlens.sinks import flush_media
@@ -200,11 +200,20 @@ class ProbeCallback(pl.Callback):
         return self._num_events
 
     def probe_item(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        """``probe_dataset[index]``: ``(FloatTensor[3, H, W], target)`` on the CPU."""
-        if self._dataset is None:
+        """``probe_dataset[index]``: ``(FloatTensor[3, H, W], target)`` on the CPU, a copy the
+        caller may change. Read from the dataset once per process and kept for every callback
+        on it (:class:`~detlens.callbacks.probe_set.ProbeItemCache`, bounded by
+        ``DETLENS_PROBE_CACHE_MIB``)."""
+        dataset = self._dataset
+        if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: the probe dataset is not known yet")
-        with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
-            return self._dataset[index]
+        with torch.inference_mode(False):  # normal tensors, usable by autograd, even inside validation
+            item = probe_cache.get(dataset, index)
+            if item is None:
+                with torch.random.fork_rng(devices=[]):
+                    item = dataset[index]
+                probe_cache.put(dataset, index, item, _tensor_bytes(item))
+            return _map_tensors(item, Tensor.clone)
 
     @staticmethod
     def caption(trainer: pl.Trainer, index: int, target: dict[str, Any] | None = None) -> str:
@@ -472,9 +481,9 @@ class ProbeCallback(pl.Callback):
         try:
             with explaining(pl_module, trainer):
                 device = pl_module.device
-                items = [self._dataset[i] for i in shard]  # type: ignore[index]
-                images = [image.to(device).clone() for image, _ in items]
-                targets = [_map_tensors(t, lambda x: x.to(device).clone()) for _, t in items]
+                items = [self.probe_item(i) for i in shard]  # copies: the explainer may change them
+                images = [image.to(device) for image, _ in items]
+                targets = [_map_tensors(t, lambda x: x.to(device)) for _, t in items]
                 values = self.explain_shard(pl_module, images, targets, list(shard))
             if len(values) != len(shard):
                 raise RuntimeError(f"explain_shard returned {len(values)} results for {len(shard)} images")
@@ -492,6 +501,19 @@ def _image_id(target: Any) -> int | None:
     if isinstance(value, Tensor):
         value = value.item() if value.numel() == 1 else None
     return None if value is None else int(value)
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of tensor data in ``value`` (nested as :func:`_map_tensors` walks it)."""
+    total = 0
+
+    def add(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    _map_tensors(value, add)
+    return total
 
 
 def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:

@@ -7,6 +7,9 @@ DataLoader, so no training or validation iterator (and no sampler's RNG) ever ad
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +17,23 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFolderProbeDataset", "evenly_spaced_indices", "pixel_digest", "probe_folder_dataset"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "PROBE_CACHE_MIB",
+    "ImageFolderProbeDataset",
+    "ProbeItemCache",
+    "evenly_spaced_indices",
+    "pixel_digest",
+    "probe_cache",
+    "probe_folder_dataset",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+PROBE_CACHE_MIB = float(os.environ.get("DETLENS_PROBE_CACHE_MIB", "256"))
+"""How much memory (MiB, per process) the probe items read from datasets may keep, all
+callbacks together (``DETLENS_PROBE_CACHE_MIB``; ``0`` reads every item from its dataset at
+every use). See :class:`ProbeItemCache`."""
 
 
 def evenly_spaced_indices(dataset_size: int, count: int) -> list[int]:
@@ -96,3 +113,56 @@ def probe_folder_dataset(folder: str | Path) -> Dataset:
 
         return CocoDetectionDataset(images_dir=folder, annotation_file=annotations[0])
     return ImageFolderProbeDataset(folder)
+
+
+class ProbeItemCache:
+    """Probe items read from a dataset once per process and shared by every callback reading
+    that dataset object.
+
+    Each callback used to read ``dataset[i]`` at every logging event (its explaining pass, its
+    overlays, thumbnails and focus record), and five callbacks on one validation set read
+    most images five times: JPEG decoding on the training thread, 0.3 s per demo fit of
+    160 px PNGs and tens of milliseconds per image at detection resolutions. Items are kept
+    per dataset object (weakly: they go with the dataset), in the form the dataset returned
+    them, until ``max_bytes`` is used; later items are read each time. A dataset that is not
+    hashable or not weakly referenceable is read each time. The items are assumed not to
+    change while the dataset object lives (as the probe set's image ids and pixel digests
+    already are); callers get the cached item itself and must not change it in place.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._items: weakref.WeakKeyDictionary[Any, dict[int, tuple[Any, int]]] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, dataset: Any, index: int) -> Any | None:
+        """The item of ``dataset[index]`` if kept, else ``None``."""
+        with self._lock:
+            try:
+                entry = self._items.get(dataset, {}).get(index)
+            except TypeError:  # not hashable, or not weakly referenceable
+                return None
+        return None if entry is None else entry[0]
+
+    def put(self, dataset: Any, index: int, item: Any, nbytes: int) -> bool:
+        """Keeps ``item`` (``nbytes`` of tensor data) if the budget allows; whether it was kept."""
+        with self._lock:
+            if self.nbytes() + nbytes > self.max_bytes:
+                return False
+            try:
+                self._items.setdefault(dataset, {})[index] = (item, int(nbytes))
+            except TypeError:
+                return False
+        return True
+
+    def nbytes(self) -> int:
+        """Tensor bytes kept for the datasets still alive."""
+        return sum(size for per_dataset in list(self._items.values()) for _, size in per_dataset.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items = weakref.WeakKeyDictionary()
+
+
+probe_cache = ProbeItemCache(int(PROBE_CACHE_MIB * 2**20))
+"""The process's :class:`ProbeItemCache`, used by :meth:`detlens.callbacks.ProbeCallback.probe_item`."""
