@@ -112,7 +112,7 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
             for field in ("ru_utime", "ru_stime")
         )
 
-    from detlens.sinks.fanout import media_thread_seconds
+    from detlens.sinks.fanout import media_thread_cpu_seconds, media_thread_seconds
 
     start, cpu_start = time.perf_counter(), cpu_s()
     cli = build_cli(["fit", "--config", config_path])
@@ -156,7 +156,8 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
         json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak_kib / 1024,
                     "media_process_peak_rss_mib": media_process_peak_mib, "metrics": metrics,
                     "hooks_s": hooks_s, "hooks_by_callback_s": per_callback, "hooks_by_hook_s": per_hook,
-                    "media_thread_s": media_thread_seconds(), "phases_s": phases, "batches_s": batches_s})
+                    "media_thread_s": media_thread_seconds(), "media_thread_cpu_s": media_thread_cpu_seconds(),
+                    "phases_s": phases, "batches_s": batches_s})
     )
 
 
@@ -267,7 +268,9 @@ def main() -> None:
               + ", ".join(f"{p:+.1f}%" for p in paired) + f" (median {statistics.median(paired):+.1f}%)")
         print(f"training thread inside detlens hooks: median {median(name, 'hooks_s'):.1f} s per fit "
               f"({100.0 * median(name, 'hooks_s') / base_wall:.1f}% of the fit without callbacks); "
-              f"media worker building W&B media: {median(name, 'media_thread_s'):.1f} s per fit")
+              f"media worker building W&B media: {median(name, 'media_thread_s'):.1f} s per fit"
+              + (f" ({median(name, 'media_thread_cpu_s'):.1f} s of CPU on the media thread)"
+                 if median(name, 'media_thread_cpu_s') > 0 else ""))
         by_callback = {
             c: statistics.median(r["hooks_by_callback_s"].get(c, 0.0) for r in runs[name]) for c in DETLENS_CALLBACKS
         }
