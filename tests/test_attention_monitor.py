@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from detlens.explainers.attention import AttentionCapture, EntropyMonitor, PerImageEntropy
+from detlens.explainers.attention import AttentionCapture, EntropyMonitor, PerImageAttention, PerImageEntropy
 from detlens.explainers.entropy import attention_entropy
 from detlens.lightning_modules.attention import SpatialSelfAttention
 
@@ -229,3 +229,39 @@ def test_overlapping_readers_of_a_probe_module_all_read_it_and_leave_its_flag_as
 def test_bad_chunk_size_is_refused():
     with pytest.raises(ValueError, match="chunk_elements"):
         EntropyMonitor(TinyDETRLike(), chunk_elements=0)
+
+
+def test_per_image_attention_of_a_batch_equals_each_images_own_capture_and_refuses_mixed_sizes():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), SpatialSelfAttention(16, heads=2)).eval()
+    images = [torch.rand(3, 6, 5) for _ in range(3)]
+    reader = PerImageAttention(net, ["1"])
+    handles = reader.install()
+    with torch.no_grad():
+        batch_out = net(torch.stack(images))
+    per_image = reader.read(images)
+    assert per_image is not None and len(per_image) == 3
+    for handle in handles:
+        handle.remove()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+    with torch.no_grad():
+        assert torch.equal(net(torch.stack(images)), batch_out)  # reading did not change the forward
+
+    for image, read in zip(images, per_image):
+        with AttentionCapture(net, ["1"]) as alone, torch.no_grad():
+            net(image[None])
+        weights, grid = read["1"]
+        assert grid == (6, 5) and weights.shape == (2, 30, 30)
+        torch.testing.assert_close(weights, alone.weights["1"][0], rtol=1e-5, atol=1e-6)
+
+    handles = reader.install()
+    with torch.no_grad():
+        net(torch.stack(images))
+    assert reader.read([images[0], torch.rand(3, 6, 4)]) is None  # padding would differ
+    reader.reset()
+    with torch.no_grad():
+        net(torch.stack(images))
+        net(torch.stack(images))
+    assert reader.read(images) is None  # the block ran twice: which call is whose is unknown
+    for handle in handles:
+        handle.remove()

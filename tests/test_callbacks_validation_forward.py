@@ -1,8 +1,9 @@
 """Callbacks that read the probe images from the validation loop's own forward.
 
 The prediction overlays, the probe-set attention entropy (where reading cannot change the
-validation outputs) and, on two-stage detectors, the box embeddings and the Grad-CAM
-maps (gradient methods on the per-detection FPN level) take the probe images the
+validation outputs) and, on two-stage detectors, the box embeddings, the Grad-CAM
+maps (gradient methods on the per-detection FPN level) and the attention maps of
+attention-probe blocks take the probe images the
 validation loop ran from its forward instead of running the detector again:
 the results must be those the callback's own forward gives, the images the validation
 loop did not run must still be explained, and the observer must leave the model as it was.
@@ -25,7 +26,13 @@ from torch.utils.data import DataLoader
 
 from detlens.adapters import adapter_for
 from detlens.adapters.observe import ForwardObserver
-from detlens.callbacks import AttentionEntropyCallback, BoxEmbeddingCallback, GradCAMCallback, PredictionOverlayCallback
+from detlens.callbacks import (
+    AttentionEntropyCallback,
+    AttentionMapCallback,
+    BoxEmbeddingCallback,
+    GradCAMCallback,
+    PredictionOverlayCallback,
+)
 from detlens.data import SyntheticDataModule, collate_detection
 from detlens.explainers.api import explain, gradcam_explanations
 from detlens.lightning_modules import TorchvisionDetector
@@ -143,6 +150,47 @@ def test_attention_entropy_read_from_the_validation_forward_equals_the_callbacks
             torch.testing.assert_close(read[name][0], entropy_sum, rtol=1e-5, atol=1e-5)
             assert read[name][1].item() == rows.item() > 0
     assert no_hooks_left(model)  # nor a probe flag or stored weights
+
+
+@pytest.mark.parametrize("reference_points", ["detections", "grid"])
+def test_attention_maps_read_from_the_validation_forward_equal_the_callbacks_own_forward(scenes_root, reference_points):
+    dm = scenes(scenes_root)
+    maps = recording(AttentionMapCallback)(reference_points=reference_points, grid_size=2, heads="all", top_k=2,
+                                           num_probe_images=3)
+    entropy = recording(AttentionEntropyCallback)(every_n_train_steps=None, num_probe_images=3)  # the same block
+
+    model = fit(dm, [maps, entropy], make_model=faster_rcnn)
+
+    assert maps.explained == [] and entropy.explained == []  # both read the validation batch's attention
+    (results,) = maps.logged
+    assert [r.index for r in results] == maps.probe_indices
+    again = own_forward(maps, model, dm, maps.probe_indices)
+    name = "spatial/backbone.body.layer3_attention"
+    for read, ref in zip((r.value for r in results), again):
+        assert len(read.boxes) == 2
+        torch.testing.assert_close(read.boxes, ref.boxes)
+        torch.testing.assert_close(read.scores, ref.scores)
+        assert torch.equal(read.labels, ref.labels) and torch.equal(read.points, ref.points)
+        found = read.point_maps if reference_points == "grid" else read.detection_maps
+        expected = ref.point_maps if reference_points == "grid" else ref.detection_maps
+        assert sorted(found) == sorted(expected) == [name, f"{name}/head0", f"{name}/head1"]
+        for key, value in expected.items():
+            torch.testing.assert_close(found[key], value, rtol=1e-4, atol=1e-5)
+    assert no_hooks_left(model)
+
+
+def test_attention_maps_of_a_detr_run_their_own_forward(scenes_root):
+    dm = scenes(scenes_root)
+    maps = recording(AttentionMapCallback)(maps=["decoder", "encoder"], num_probe_images=2)
+    overlays = recording(PredictionOverlayCallback)(score_threshold=0.0, num_probe_images=2)
+
+    model = fit(dm, [maps, overlays], make_model=tiny_detr)
+
+    assert maps.explained == [maps.probe_indices] and overlays.explained == []
+    again = own_forward(overlays, model, dm, overlays.probe_indices)
+    (results,) = overlays.logged
+    for read, ref in zip((r.value for r in results), again):  # the validation outputs, as unobserved
+        assert (read.boxes == ref.boxes).all() and (read.scores == ref.scores).all()
 
 
 def test_attention_entropy_of_encoder_layers_runs_its_own_forward_so_validation_outputs_do_not_change(scenes_root):

@@ -221,6 +221,12 @@ class RoIReplay:
     batch_hw: tuple[int, int]  # the padded batch the backbone saw
     original_sizes: list[tuple[int, int]]  # per image, as given to the model
 
+    def geometry(self, position: int) -> ImageGeometry:
+        """How image ``position`` relates to the batch tensor the backbone saw."""
+        return ImageGeometry(
+            original_size=self.original_sizes[position], input_size=self.image_shapes[position], batch_size=self.batch_hw
+        )
+
     def output(self, position: int, detections: Detections, top_k: int | None, score_threshold: float) -> AdapterOutput:
         """Image ``position``'s output; ``detections`` are its detections from the observed forward
         (:attr:`ObservedForward.detections`, highest score first), filtered as ``run`` filters them."""
@@ -235,7 +241,7 @@ class RoIReplay:
         # Every image size given, as in the forward (RoIAlign infers its level scales from the largest).
         pooled = pooler(features, [rois], self.image_shapes).detach().to(dtype)  # [K, C, P, P]
         shape = self.image_shapes[position]
-        geometry = [ImageGeometry(original_size=self.original_sizes[position], input_size=shape, batch_size=self.batch_hw)]
+        geometry = [self.geometry(position)]
         score_fn = _score_fn(rh, [shape], geometry)
         low = next(iter(self.features.values())).dtype
         if low in (torch.bfloat16, torch.float16) and low != dtype:  # the forward ran under autocast: so does the box head

@@ -33,9 +33,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from detlens.adapters import DetrAdapter, ImageGeometry, adapter_for
+from detlens.adapters import Detections, DetrAdapter, ImageGeometry, adapter_for
+from detlens.adapters.base import filter_detections
+from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.base import ProbeCallback, ProbeResult
-from detlens.explainers.attention import PROBE_FLAG, AttentionCapture, find_attention_modules
+from detlens.explainers.attention import PROBE_FLAG, AttentionCapture, PerImageAttention, find_attention_modules
 from detlens.explainers.rollout import (
     attention_rollout,
     decoder_rollout,
@@ -272,28 +274,70 @@ class AttentionMapCallback(ProbeCallback):
             out = adapter.run(
                 images, grid_layers, top_k=self.top_k, score_threshold=self.score_threshold, with_grad=False
             )
-        weights = capture.weights
-        detections = out.detections
+        grids = {name: (int(a.shape[-2]), int(a.shape[-1])) for name, a in out.activations.items()}
+        return self._results(plan, capture.weights, capture.key_padding_masks, grids, out.geometry, out.detections)
+
+    # ------------------------------------------------------------------ or read from the validation forward
+    reads_validation_forward = True
+
+    def validation_observer(self, pl_module: pl.LightningModule) -> ForwardObserver | None:
+        # Attention-probe blocks of two-stage detectors (the image geometry comes from the
+        # observed forward's RoI replay). DETR's maps keep the probe forward: a hook inside an
+        # nn.TransformerEncoderLayer turns off its fused inference kernel and moves its outputs.
+        plan = self._plan if self._plan is not None else self._make_plan(pl_module)
+        self._plan = plan
+        if plan.grid_layer is not None or not plan.spatial:
+            return None
+        adapter = adapter_for(pl_module)
+        observer = ForwardObserver(
+            adapter.model, adapter=adapter, readers={"attention": PerImageAttention(adapter.model, plan.spatial)}
+        )
+        return observer if observer.replays_roi else None
+
+    def from_validation(self, call: ObservedForward, position: int, target: dict[str, Any]) -> AttentionMapResult:
+        per_image = call.read.get("attention")
+        if per_image is None or call.replay is None or call.detections is None or self._plan is None:
+            raise RuntimeError("the validation batch cannot be read per image")  # the probe forward explains it
+        read = per_image[position]
+        return self._results(
+            self._plan,
+            {name: weights[None] for name, (weights, _) in read.items()},
+            {},
+            {name: grid for name, (_, grid) in read.items()},
+            [call.replay.geometry(position)],
+            [filter_detections(call.detections[position], self.top_k, self.score_threshold)],
+        )[0]
+
+    def _results(
+        self,
+        plan: _Plan,
+        weights: dict[str, Tensor],
+        key_padding_masks: dict[str, Tensor | None],
+        grids: dict[str, tuple[int, int]],
+        geometry: list[ImageGeometry],
+        detections: list[Detections],
+    ) -> list[AttentionMapResult]:
+        """The maps of ``B`` images from their attention (``weights``: module -> ``[B, heads, Q, K]``),
+        the token grid of each module (``grids``), their geometry and kept detections."""
         # Maps are computed at a reduced size (the image's aspect, longer side <= 256 px).
-        scales = [min(1.0, _MAX_MAP_SIDE / max(g.original_size)) for g in out.geometry]
+        scales = [min(1.0, _MAX_MAP_SIDE / max(g.original_size)) for g in geometry]
         map_sizes = [(max(1, round(g.original_size[0] * s)), max(1, round(g.original_size[1] * s)))
-                     for g, s in zip(out.geometry, scales)]
+                     for g, s in zip(geometry, scales)]
         centres = [_box_centres(d.boxes) * s for d, s in zip(detections, scales)]
-        grid_points = [_grid_points(g.original_size, self.grid_size) for g in out.geometry]
+        grid_points = [_grid_points(g.original_size, self.grid_size) for g in geometry]
         use_grid = self.reference_points == "grid"
         refs = [p * s for p, s in zip(grid_points, scales)] if use_grid else centres
-        per_image: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = [({}, {}) for _ in images]
+        per_image: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = [({}, {}) for _ in detections]
 
         def put(key: str, maps: list[Any], at_points: bool) -> None:
             for b, m in enumerate(maps):
                 per_image[b][1 if at_points else 0][key] = m.display.float().cpu()
 
         if plan.grid_layer is not None:  # DETR: one token grid for every transformer map
-            grid = out.activations[plan.grid_layer]
-            feature_size = (int(grid.shape[-2]), int(grid.shape[-1]))
+            feature_size = grids[plan.grid_layer]
             any_name = next(iter([*plan.decoder.values(), *plan.rollout, *([plan.encoder[1]] if plan.encoder else [])]))
-            padding = capture.key_padding_masks.get(any_name)
-            padding = None if padding is None else padding.reshape(len(images), *feature_size)
+            padding = key_padding_masks.get(any_name)
+            padding = None if padding is None else padding.reshape(len(detections), *feature_size)
             queries = [d.origin for d in detections]
             for layer, name in plan.decoder.items():
                 self._query_maps(put, f"decoder/layer{layer}", weights[name], feature_size, map_sizes, queries, padding)
@@ -304,9 +348,8 @@ class AttentionMapCallback(ProbeCallback):
                 layer, name = plan.encoder
                 self._point_maps(put, f"encoder/layer{layer}", weights[name], refs, feature_size, map_sizes, padding, use_grid)
         for name in plan.spatial:
-            grid = out.activations[name]
-            feature_size = (int(grid.shape[-2]), int(grid.shape[-1]))
-            padding = _feature_padding_mask(out.geometry, feature_size)
+            feature_size = grids[name]
+            padding = _feature_padding_mask(geometry, feature_size)
             self._point_maps(put, f"spatial/{name}", weights[name], refs, feature_size, map_sizes, padding, use_grid)
 
         return [

@@ -68,6 +68,7 @@ __all__ = [
     "AttentionUnavailable",
     "AttentionUnavailableWarning",
     "EntropyMonitor",
+    "PerImageAttention",
     "PerImageEntropy",
     "find_attention_modules",
     "mha_attention_weights",
@@ -823,6 +824,70 @@ class PerImageEntropy:
             self.monitor.collect_sums()
             return None
         return self.monitor.collect_per_image(len(images))
+
+
+class PerImageAttention:
+    """Per-image attention weights of a batched eval forward, read while it runs: a
+    :class:`~detlens.adapters.observe.ForwardReader` for
+    :class:`~detlens.adapters.observe.ForwardObserver`
+    (``readers={"attention": PerImageAttention(model, names)}``).
+
+    :meth:`read` returns, per image, ``{module name: (weights [heads, Q, K], grid (h, w))}``:
+    what :class:`AttentionCapture` records for that image and the spatial size of the
+    module's ``[B, C, h, w]`` output. ``None`` when that cannot be read from this batch:
+    images of different sizes (padding to a common size changes what an image's attention
+    sees), or a module that did not run exactly once with the images as its batch. Only for
+    modules whose weights can be read without changing their outputs (probe-protocol
+    blocks; not the self-attention of an ``nn.TransformerEncoderLayer``, see
+    :attr:`EntropyMonitor.changes_inference_forward`).
+
+    Args:
+        model: the network the names are relative to.
+        modules: names of the attention modules to read.
+
+    Raises:
+        AttentionUnavailable: on install, a module whose weights cannot be read.
+    """
+
+    def __init__(self, model: nn.Module, modules: list[str]) -> None:
+        self.capture = AttentionCapture(model, modules, on_unavailable="raise")
+        self._grids: dict[str, tuple[int, int] | None] = {}
+
+    def install(self) -> list[Any]:
+        self.capture.__enter__()
+        handles: list[Any] = [self]
+        for name, module in self.capture.modules.items():
+            handles.append(module.register_forward_hook(functools.partial(self._record_grid, name)))
+        return handles
+
+    def remove(self) -> None:
+        """Takes the capture's hooks off (the observer's handle)."""
+        try:
+            self.capture.__exit__(None, None, None)
+        except AttentionUnavailable:  # found during a forward: that read already returned None
+            pass
+        self.reset()
+
+    def reset(self) -> None:
+        for found in (self.capture.weights, self.capture.key_padding_masks, self.capture.query_padding_masks,
+                      self.capture.num_calls, self._grids):
+            found.clear()
+
+    def _record_grid(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        self._grids[name] = (int(out.shape[-2]), int(out.shape[-1])) if isinstance(out, Tensor) and out.dim() == 4 else None
+
+    def read(self, images: list[Tensor]) -> list[dict[str, tuple[Tensor, tuple[int, int]]]] | None:
+        """``[{module name: (weights [heads, Q, K], (h, w))}]``, one per image, or ``None``."""
+        if len({tuple(image.shape) for image in images}) != 1:
+            return None
+        found: dict[str, tuple[Tensor, tuple[int, int]]] = {}
+        for name in self.capture.modules:
+            weights, grid = self.capture.weights.get(name), self._grids.get(name)
+            if weights is None or grid is None or self.capture.num_calls.get(name) != 1 or weights.shape[0] != len(images):
+                return None
+            found[name] = (weights, grid)
+        return [{name: (weights[b], grid) for name, (weights, grid) in found.items()} for b in range(len(images))]
 
 
 def _device_type(module: nn.Module, weights: Tensor | None) -> str:
