@@ -839,7 +839,11 @@ class PerImageAttention:
     sees), or a module that did not run exactly once with the images as its batch. Only for
     modules whose weights can be read without changing their outputs (probe-protocol
     blocks; not the self-attention of an ``nn.TransformerEncoderLayer``, see
-    :attr:`EntropyMonitor.changes_inference_forward`).
+    :attr:`EntropyMonitor.changes_inference_forward`). Memory: each module's weights of the
+    whole batch (``[B, heads, Q, K]``, float32, on the model's device) are kept from the
+    module's call until the observer lets go of the call (the end of that validation batch
+    in detlens' callbacks), as :class:`AttentionCapture` keeps them for a forward of its
+    own; the block itself materialises the same matrix in its forward.
 
     Args:
         model: the network the names are relative to.
