@@ -209,6 +209,12 @@ class AttentionMapCallback(ProbeCallback):
         self._plan = self._make_plan(pl_module)  # model errors first: they are the likelier mistake
         super().setup(trainer, pl_module, stage)
 
+    def _plan_for(self, pl_module: nn.Module) -> _Plan:
+        """The plan made at setup, or made now (a callback used without ``setup``)."""
+        if self._plan is None:
+            self._plan = self._make_plan(pl_module)
+        return self._plan
+
     def _make_plan(self, pl_module: nn.Module) -> _Plan:
         who = type(self).__name__
         readable, unavailable = find_attention_modules(pl_module)
@@ -262,8 +268,7 @@ class AttentionMapCallback(ProbeCallback):
     def explain_shard(
         self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
     ) -> list[AttentionMapResult]:
-        plan = self._plan if self._plan is not None else self._make_plan(pl_module)
-        self._plan = plan
+        plan = self._plan_for(pl_module)
         adapter = adapter_for(pl_module)
         modules = sorted({*plan.decoder.values(), *plan.rollout, *plan.spatial}
                          | ({plan.encoder[1]} if plan.encoder else set())
@@ -284,8 +289,7 @@ class AttentionMapCallback(ProbeCallback):
         # Attention-probe blocks of two-stage detectors (the image geometry comes from the
         # observed forward's RoI replay). DETR's maps keep the probe forward: a hook inside an
         # nn.TransformerEncoderLayer turns off its fused inference kernel and moves its outputs.
-        plan = self._plan if self._plan is not None else self._make_plan(pl_module)
-        self._plan = plan
+        plan = self._plan_for(pl_module)
         if plan.grid_layer is not None or not plan.spatial:
             return None
         adapter = adapter_for(pl_module)

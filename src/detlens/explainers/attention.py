@@ -570,12 +570,16 @@ class AttentionCapture:
             if self.on_unavailable == "raise":
                 raise AttentionUnavailable(self.unavailable)
             warnings.warn(str(AttentionUnavailable(self.unavailable)), AttentionUnavailableWarning, stacklevel=2)
+        self.clear()
+        self._hooks.install()
+        return self
+
+    def clear(self) -> None:
+        """Forgets what earlier forwards recorded (weights, padding masks, call counts)."""
         self.weights.clear()
         self.key_padding_masks.clear()
         self.query_padding_masks.clear()
         self.num_calls.clear()
-        self._hooks.install()
-        return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._hooks.remove()
@@ -820,7 +824,7 @@ class PerImageEntropy:
 
     def read(self, images: list[Tensor]) -> list[dict[str, tuple[Tensor, Tensor]]] | None:
         """``[{module name: (entropy_sum [heads], row_count [])}]``, one per image, or ``None``."""
-        if len({tuple(image.shape) for image in images}) != 1:
+        if not _one_size(images):
             self.monitor.collect_sums()
             return None
         return self.monitor.collect_per_image(len(images))
@@ -873,9 +877,8 @@ class PerImageAttention:
         self.reset()
 
     def reset(self) -> None:
-        for found in (self.capture.weights, self.capture.key_padding_masks, self.capture.query_padding_masks,
-                      self.capture.num_calls, self._grids):
-            found.clear()
+        self.capture.clear()
+        self._grids.clear()
 
     def _record_grid(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
@@ -883,7 +886,7 @@ class PerImageAttention:
 
     def read(self, images: list[Tensor]) -> list[dict[str, tuple[Tensor, tuple[int, int]]]] | None:
         """``[{module name: (weights [heads, Q, K], (h, w))}]``, one per image, or ``None``."""
-        if len({tuple(image.shape) for image in images}) != 1:
+        if not _one_size(images):
             return None
         found: dict[str, tuple[Tensor, tuple[int, int]]] = {}
         for name in self.capture.modules:
@@ -892,6 +895,12 @@ class PerImageAttention:
                 return None
             found[name] = (weights, grid)
         return [{name: (weights[b], grid) for name, (weights, grid) in found.items()} for b in range(len(images))]
+
+
+def _one_size(images: list[Tensor]) -> bool:
+    """Whether every image has one shape: a batch read per image only then (padding to a
+    common size changes what an image's attention sees)."""
+    return len({tuple(image.shape) for image in images}) == 1
 
 
 def _device_type(module: nn.Module, weights: Tensor | None) -> str:
