@@ -150,7 +150,9 @@ def test_faster_rcnn_attention_block_is_mapped_from_a_point_grid_and_its_entropy
         for file in event.image_files(run):
             pixels = torch.from_numpy(np.asarray(Image.open(file).convert("RGB")))
             assert pixels.shape == (mosaic, mosaic, 3)
-            assert (pixels[SIZE : SIZE + 2] == 255).all() and (pixels[:, SIZE : SIZE + 2] == 255).all()  # the gaps
+            assert file.suffix == ".jpg"  # an overlay on a photograph: JPEG, so the white gaps are near-white
+            for gap in (pixels[SIZE : SIZE + 2], pixels[:, SIZE : SIZE + 2]):  # the white gaps between panels
+                assert gap.float().mean() > 245, gap.float().mean()
             panels = [pixels[r : r + SIZE, c : c + SIZE].float() for r in (0, SIZE + 2) for c in (0, SIZE + 2)]
             assert all(p.std() > 0 for p in panels)  # each panel is an overlay, not blank
     assert entropy.watched_layers == [block]

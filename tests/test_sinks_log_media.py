@@ -116,11 +116,17 @@ def test_wandb_media_are_logged_in_order_with_their_steps_and_the_queue_stays_bo
     assert [(row["trainer/global_step"], row["s"]) for row in run.history if "s" in row] == [(s, float(s)) for s in steps]
 
 
-def test_logged_pngs_hold_the_exact_pixels_and_the_staged_files_are_removed(tmp_path, finish_wandb, monkeypatch):
+def test_logged_pngs_hold_the_exact_pixels_jpegs_close_ones_and_the_staged_files_are_removed(
+    tmp_path, finish_wandb, monkeypatch
+):
     trainer = pl.Trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), accelerator="cpu",
                          enable_progress_bar=False)
     pixels = np.random.default_rng(0).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
     image = dataclasses.replace(probe_image(4), pixels=pixels)
+    # an overlay-like picture (smooth colour ramps) as JPEG: colour kept at full resolution
+    yy, xx = np.mgrid[0:48, 0:64]
+    smooth = np.stack([xx * 4, yy * 5, 255 - xx * 2], axis=-1).astype(np.uint8)
+    photo = dataclasses.replace(probe_image(5), pixels=smooth, file_type="jpg")
     table = MediaTable(columns=("thumb", "n"), rows=[[image, 1], [image, 2]])
     decoded = []
     load = PIL.ImageFile.ImageFile.load
@@ -130,8 +136,8 @@ def test_logged_pngs_hold_the_exact_pixels_and_the_staged_files_are_removed(tmp_
         return load(self)
 
     monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", counting_load)
-    staged_before = set(Path(media_dir()).glob("*.png"))
-    log_media(trainer, images={"p/probe": [image, image]}, tables={"p/table": table}, step=4)
+    staged_before = set(Path(media_dir()).glob("*"))
+    log_media(trainer, images={"p/probe": [image, image], "p/photo": [photo]}, tables={"p/table": table}, step=4)
     flush_media()
     monkeypatch.undo()
     wandb.finish()
@@ -141,11 +147,17 @@ def test_logged_pngs_hold_the_exact_pixels_and_the_staged_files_are_removed(tmp_
     # the table's two cells (plain wandb.Image, so W&B types the column as images)
     assert threading.main_thread().name not in decoded and len(decoded) == 2
 
-    assert set(Path(media_dir()).glob("*.png")) <= staged_before  # moved into the run by wandb.log, or removed
+    assert set(Path(media_dir()).glob("*")) <= staged_before  # moved into the run by wandb.log, or removed
     run = newest_offline_run(tmp_path)
     (event,) = image_events(run, "p/probe")
     for path in event.image_files(run):
+        assert path.suffix == ".png"
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), pixels)  # lossless, RGB order kept
+    (event,) = image_events(run, "p/photo")
+    (path,) = event.image_files(run)
+    assert path.suffix == ".jpg"
+    error = np.abs(np.asarray(Image.open(path).convert("RGB")).astype(int) - smooth)  # RGB order kept, close
+    assert error.mean() < 1.5 and error.max() <= 12, (error.mean(), error.max())
     (table_copy,) = [f for f in run.files if f.name.endswith(".table.json")]
     assert json.loads(table_copy.read_text())["data"] == [["Image", 1], ["Image", 2]]
 

@@ -124,6 +124,7 @@ class PredictionOverlayCallback(ProbeCallback):
                     pred_labels=prediction.labels,
                     pred_scores=prediction.scores,
                     class_names=class_names,
+                    file_type="jpg",
                 )
             )
             all_scores.append(prediction.scores)

@@ -60,6 +60,7 @@ def gradcam_media(
             pred_labels=_numpy(p["labels"]),
             pred_scores=_numpy(p["scores"]),
             class_names=dict(class_names) if class_names else None,
+            file_type="jpg",
         )
         for p in probes
     ]
@@ -103,7 +104,7 @@ def attention_map_media(
                 detail = f"det {j} {name} {score:.2f}"
                 if key.startswith(("encoder/", "spatial/")):
                     detail += " (from its box centre)"
-                panels.setdefault(keys[key], []).append(MediaImage(pixels, caption=f"{head} · {detail} · {step_text}"))
+                panels.setdefault(keys[key], []).append(MediaImage(pixels, caption=f"{head} · {detail} · {step_text}", file_type="jpg"))
         # Point maps: one mosaic per image and key (a 3x3 grid of every head was 36 W&B images
         # per probe image; one picture also shows at a glance how attention moves over the image).
         columns = max(1, int(p.get("grid_size") or 1))
@@ -116,7 +117,7 @@ def attention_map_media(
             rows = -(-n // columns)
             detail = f"from {rows}x{min(columns, n)} reference points (marked), row by row"
             panels.setdefault(keys[key], []).append(
-                MediaImage(tile_images(tiles, columns=columns), caption=f"{head} · {detail} · {step_text}")
+                MediaImage(tile_images(tiles, columns=columns), caption=f"{head} · {detail} · {step_text}", file_type="jpg")
             )
     return Media(images=panels)
 
@@ -193,6 +194,7 @@ def embedding_media(
             cells["thumbnail"] = MediaImage(
                 pixels=box_thumbnail(images[source], box, size=thumbnail_size),
                 caption=f"{cells['class']} {cells['score']:.2f} {cells['status']}",
+                file_type="jpg",
             )
         if "embedding" in columns:
             cells["embedding"] = detections.features[row].tolist()

@@ -4,7 +4,7 @@ Rank 0 only (``log_results`` runs there); it runs no collectives. A logger that 
 costs one warning and never an exception into training.
 
 W&B media are built off the training thread (DESIGN.md rule 4): drawing overlays and
-plots, a t-SNE, encoding a PNG per ``wandb.Image``: seconds per logging event, time a GPU
+plots, a t-SNE, encoding an image file per ``wandb.Image``: seconds per logging event, time a GPU
 would otherwise sit idle. They are built in order, either by detlens' media process
 (:mod:`detlens.sinks.media_process`: a separate Python process with its own GIL) or by a
 media thread of this process, both at a lower priority; :data:`MEDIA_PROCESS` says which
@@ -322,7 +322,7 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
         try:
             media, payload, files = item.result.result(timeout=DRAIN_TIMEOUT_S if wait else 0)
         except FutureTimeout:
-            if not item.result.cancel():  # already running on the media thread: its PNGs come later
+            if not item.result.cancel():  # already running on the media thread: its files come later
                 item.result.add_done_callback(_remove_files_of)
             if _process is not None and _process.owns(item.result):
                 _process.kill()  # a stuck worker: the jobs queued behind it fail now instead of timing out one by one
@@ -376,7 +376,7 @@ def _hand_queued_builds_to_the_drain_thread(items: list[_Pending]) -> None:
 
 
 def _remove_files_of(future: Future) -> None:
-    """Removes the PNGs of a dropped build once it has finished anyway."""
+    """Removes the image files of a dropped build once it has finished anyway."""
     if not future.cancelled() and future.exception() is None:
         remove_files(future.result()[2])
 

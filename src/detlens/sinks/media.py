@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Media", "MediaImage", "MediaTable"]
+__all__ = ["FILE_TYPES", "Media", "MediaImage", "MediaTable"]
+
+FILE_TYPES = ("png", "jpg")
+"""The image files W&B media are written as (``MediaImage.file_type``)."""
 
 
 def _optional_array(value: Any, dtype: type, shape_tail: tuple[int, ...], name: str) -> np.ndarray | None:
@@ -32,6 +35,9 @@ class MediaImage:
         gt_boxes, gt_labels: ``float[N, 4]`` xyxy pixels and ``int[N]`` labels ``1..C``.
         pred_boxes, pred_labels, pred_scores: ``float[K, 4]``, ``int[K]``, ``float[K]``.
         class_names: ``{label: name}`` for legends and box captions.
+        file_type: how W&B stores it: ``"png"`` (lossless; rendered plots, whose text and
+            thin lines JPEG would blur) or ``"jpg"`` (overlays on photographs: JPEG quality
+            :data:`~detlens.sinks.wandb_payload.JPEG_QUALITY`, full-resolution colour).
 
     W&B shows the boxes as toggleable overlays; TensorBoard gets them drawn into the pixels.
     """
@@ -44,8 +50,11 @@ class MediaImage:
     pred_labels: np.ndarray | None = None
     pred_scores: np.ndarray | None = None
     class_names: dict[int, str] | None = None
+    file_type: str = "png"
 
     def __post_init__(self) -> None:
+        if self.file_type not in FILE_TYPES:
+            raise ValueError(f"MediaImage.file_type must be one of {FILE_TYPES}, got {self.file_type!r}")
         pixels = np.asarray(self.pixels)
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"MediaImage.pixels must be uint8[H, W, 3] RGB, got {pixels.dtype}{list(pixels.shape)}")
