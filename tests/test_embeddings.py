@@ -12,6 +12,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from detlens.explainers.embeddings import (
+    _KLConverged,
     class_separation,
     embed,
     pca,
@@ -74,6 +75,25 @@ def test_tsne_separates_classes_faithfully_and_is_deterministic_for_a_seed():
     assert first.params["perplexity"] == 30.0 and first.params["pca_dims"] == 50
     assert first.params["negative_gradient_method"] == "bh"  # below 10,000 points
     assert first.params["early_exaggeration_iter"] == 250  # openTSNE's and scikit-learn's with Barnes-Hut
+
+
+def test_barnes_hut_iterations_stop_once_the_kl_divergence_levels_off_at_the_same_quality():
+    x, labels = clusters()
+    stopped = tsne_2d(x, seed=0)
+    full = tsne_2d(x, seed=0, min_kl_decrease=0)  # all 500 iterations after early exaggeration
+    assert not torch.equal(stopped, full), "240 clustered points converge well before 500 iterations"
+    assert torch.equal(stopped, tsne_2d(x, seed=0))
+    assert trustworthiness_score(x, stopped) >= trustworthiness_score(x, full) - 0.002
+    assert class_separation(stopped, labels) > 0.7
+    assert project(x, "tsne", seed=0).params["min_kl_decrease"] == 0.01
+
+    converged = _KLConverged(0.01)  # called every 50 iterations with the KL divergence
+    assert [converged(i, kl, None) for i, kl in ((50, 1.0), (100, 0.9), (150, 0.895), (200, 0.5))] == [
+        False, False, True, False]
+    rising = _KLConverged(0.01)
+    assert [rising(i, kl, None) for i, kl in ((50, 1.0), (100, 1.02))] == [False, True]
+    with pytest.raises(ValueError, match=r"min_kl_decrease must be in \[0, 1\), got 1.0"):
+        tsne_2d(x, min_kl_decrease=1.0)
 
 
 def test_fft_schedule_with_barnes_hut_polish_separates_classes_and_is_deterministic():
