@@ -29,6 +29,10 @@ method's mean trustworthiness, its spread over the seeds and the difference of t
 with its standard error: how far apart two runs of one method land by their seed alone is
 the scale on which "equal" is judged.
 
+``--early-stop 104 300 1000 3000`` instead measures the early stop of detlens' Barnes-Hut t-SNE
+(below 10,000 points, as in a logging event; ``min_kl_decrease``) against all its iterations:
+where it stopped, time and trustworthiness of both, on each ``--data-seeds`` data set.
+
 ``--detector EPOCHS`` instead measures real box features: it trains Faster R-CNN
 (ResNet-18 FPN, from scratch, the demo config's sizes) for ``EPOCHS`` epochs on the
 synthetic scenes (``detlens.data.SyntheticDataModule``), extracts the box-head feature of
@@ -184,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--detector", type=int, default=0, metavar="EPOCHS",
                         help="instead: train Faster R-CNN for EPOCHS on synthetic scenes and measure its box features")
     parser.add_argument("--scatter", default=None, help="with --detector: save the trained model's scatter PNG here")
+    parser.add_argument("--early-stop", type=int, nargs="+", default=None, metavar="POINTS",
+                        help="instead: at each of these sizes (under 10,000: Barnes-Hut throughout) detlens' t-SNE "
+                             "with its KL early stop against all 500 iterations, on each --data-seeds data set")
     args = parser.parse_args(argv)
     if args.detector:
         torch.set_num_threads(args.n_jobs or 1)
@@ -194,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(n_jobs)
     print(environment(n_jobs))
     seeds = args.data_seeds if args.data_seeds is not None else [args.seed]
+    if args.early_stop:
+        early_stop(args, args.early_stop, seeds, n_jobs)
+        return
     runs = [(seed, tsne_seed) for seed in seeds for tsne_seed in (args.tsne_seeds or [seed])]
     results = [compare(args, seed, n_jobs, tsne_seed) for seed, tsne_seed in runs]
     if len(results) > 1:
@@ -214,6 +224,44 @@ def main(argv: list[str] | None = None) -> None:
                 f"(sd {ours.std(ddof=1):.5f}), scikit-learn {theirs.mean():.5f} (sd {theirs.std(ddof=1):.5f}); "
                 f"difference of means {ours.mean() - theirs.mean():+.5f} (standard error {se:.5f})"
             )
+
+
+def early_stop(args: argparse.Namespace, sizes: list[int], seeds: list[int], n_jobs: int) -> None:
+    """``tsne_2d``'s early stop (``min_kl_decrease``, Barnes-Hut below 10,000 points) against
+    all its iterations: where it stopped, the time and the trustworthiness of both."""
+    from detlens.explainers import embeddings
+
+    stopped_at: list[int] = []
+
+    class Watched(embeddings._KLConverged):  # records the iteration at which it stops
+        def __call__(self, iteration: int, error: float, embedding) -> bool:
+            stop = super().__call__(iteration, error, embedding)
+            if stop:
+                stopped_at.append(iteration)
+            return stop
+
+    embeddings._KLConverged = Watched  # tsne_2d looks the class up when it runs
+    full_iter = embeddings._default_n_iter("bh")
+    print(f"Barnes-Hut t-SNE, perplexity {args.perplexity}, {args.dims}-D box features of {args.classes} classes, "
+          f"min_kl_decrease {embeddings.MIN_KL_DECREASE} (checked every {embeddings.KL_CHECK_EVERY} iterations) "
+          f"against all {full_iter} iterations after early exaggeration")
+    for points in sizes:
+        for seed in seeds:
+            features, _ = make_box_features(points, args.dims, args.classes, seed)
+            x = torch.from_numpy(features)
+            runs = []
+            for tol in (embeddings.MIN_KL_DECREASE, 0.0):
+                stopped_at.clear()
+                start = time.perf_counter()
+                coords = embeddings.tsne_2d(x, seed=seed, perplexity=args.perplexity, n_jobs=n_jobs,
+                                            negative_gradient_method="bh", min_kl_decrease=tol)
+                wall = time.perf_counter() - start
+                trust = embeddings.trustworthiness_score(x, coords, max_rows=args.trust_rows, seed=seed)
+                runs.append((wall, trust, stopped_at[0] if stopped_at else full_iter))
+            (wall, trust, iters), (wall_full, trust_full, _) = runs
+            print(f"{points:>6,} points, data seed {seed}: stopped after {iters} of {full_iter} iterations   "
+                  f"{wall:6.2f} s vs {wall_full:6.2f} s ({wall / wall_full:.2f}x the time)   "
+                  f"trustworthiness {trust:.5f} vs {trust_full:.5f} ({trust - trust_full:+.5f})", flush=True)
 
 
 def compare(args: argparse.Namespace, seed: int, n_jobs: int, tsne_seed: int) -> tuple[float, float, float, float]:
