@@ -54,7 +54,7 @@ on a 160 px image). On the demo's media, against PNG level 1: the 484 px attenti
 mosaics 1 ms instead of 13 ms to encode and 85 KiB instead of 380 KiB, the 160 px
 overlays 0.1 ms instead of 1.9 ms and 12 KiB instead of 55 KiB, at a mean absolute pixel
 error of 3-5 levels of 255 (no difference to see side by side). The whole demo run's media
-went from 12 MB to about 2.5 MB: less to ``wandb sync`` and to keep. Plots stay PNG."""
+went from 12 MB to 3.4 MB: less to ``wandb sync`` and to keep. Plots stay PNG."""
 
 _JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
 if hasattr(cv2, "IMWRITE_JPEG_SAMPLING_FACTOR_444"):
