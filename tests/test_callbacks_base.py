@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_callbacks_prediction_overlay import SIZE, detector, scenes, scenes_root, trainer  # noqa: F401 (fixture)
 
+from detlens.adapters.observe import ForwardObserver
 from detlens.callbacks import ProbeCallback
 from detlens.callbacks import probe_set
 from detlens.callbacks.probe_set import ProbeItemCache, evenly_spaced_indices
@@ -157,3 +158,68 @@ def test_without_a_cache_budget_probe_items_are_read_at_every_use(scenes_root, m
     for _ in range(2):
         trainer(callbacks=[probe]).validate(detector(dm), dm)
     assert dm.val_dataset.reads[1] == 2
+
+
+class ForwardReadingProbe(ProbeCallback):
+    """Reads each probe image's detection scores from the validation forward (its own forward
+    only for probe images the validation loop did not run)."""
+
+    reads_validation_forward = True
+
+    def __init__(self, log_key="scores", **kwargs):
+        super().__init__(log_key=log_key, **kwargs)
+        self.logged: list = []
+        self.own_forward: list[list[int]] = []
+
+    def validation_observer(self, pl_module):
+        return ForwardObserver(pl_module)
+
+    def from_validation(self, call, position, target):
+        return call.outputs[position]["scores"].detach()
+
+    def explain_shard(self, pl_module, images, targets, indices):
+        self.own_forward.append(list(indices))
+        with torch.no_grad():
+            return [d["scores"] for d in pl_module(images)]
+
+    def log_results(self, trainer, pl_module, results):
+        self.logged.append({r.index: r.value for r in results})
+
+
+def test_pixel_digests_are_computed_once_for_every_callback_reading_the_validation_forward(scenes_root, monkeypatch):
+    calls = []
+
+    def counting_digest(image):
+        calls.append(tuple(image.shape))
+        return digest(image)
+
+    digest = probe_set.pixel_digest
+    monkeypatch.setattr(probe_set, "pixel_digest", counting_digest)
+    dm = CountingScenes(scenes_root)
+    model = detector(dm)
+    first, second = ForwardReadingProbe(probe_indices=[0, 1, 2, 3]), ForwardReadingProbe(log_key="again", probe_indices=[0, 1, 2, 3])
+    for _ in range(2):
+        trainer(callbacks=[first, second]).validate(model, dm)
+
+    # 4 probe images hashed once from the dataset, and once in each of the two validations'
+    # batches: 12, where each callback hashing its own was 24
+    assert len(calls) == 4 + 2 * 4
+    assert first.own_forward == [] and second.own_forward == [], "every probe image read from the validation forward"
+    assert [sorted(event) for event in first.logged] == [[0, 1, 2, 3]] * 2
+    for a, b in zip(first.logged, second.logged):
+        assert all(torch.equal(a[i], b[i]) for i in a)
+
+
+def test_batch_digests_are_reused_only_for_the_same_unchanged_images_of_the_same_batch():
+    digests = probe_set.BatchDigests()
+    image, stacked = torch.rand(3, 8, 8), torch.rand(2, 3, 8, 8)
+    first = digests.get("batch 1", image)
+    assert digests.get("batch 1", image) is first, "the same image of the same batch: hashed once"
+    assert digests.get("batch 1", image.clone()) == first, "another tensor with the same pixels: hashed, equal"
+    image.add_(1.0)  # changed in place: its version counter moved
+    assert digests.get("batch 1", image) != first and digests.get("batch 1", image) == probe_set.pixel_digest(image)
+    assert digests.get("batch 2", image) is not digests.get("batch 1", image), "another batch: hashed again"
+    assert [digests.get("batch 2", stacked, i) for i in range(2)] == [probe_set.pixel_digest(stacked[i]) for i in range(2)]
+    with torch.inference_mode():  # inference tensors have no version counter: identity and storage only
+        frozen = torch.rand(3, 8, 8)
+        assert digests.get("batch 3", frozen) is digests.get("batch 3", frozen)

@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from detlens.adapters.observe import ForwardObserver, ObservedForward
-from detlens.callbacks.probe_set import evenly_spaced_indices, pixel_digest, probe_cache, probe_folder_dataset
+from detlens.callbacks.probe_set import batch_digests, evenly_spaced_indices, probe_cache, probe_folder_dataset
 from detlens.distributed import RankError, gather_to_rank_zero, shard_indices
 from detlens.guard import explaining
 from detlens.sinks import flush_media
@@ -348,13 +348,17 @@ class ProbeCallback(pl.Callback):
     def _probe_positions(self, batch: Any) -> tuple[list[Tensor], list[Any], dict[int, int]]:
         """``(images, targets, {position in the batch: probe index})`` for the probe images of
         a validation batch ``(list[image], list[target])``, found by ``image_id`` and checked
-        pixel for pixel against the probe dataset by :func:`pixel_digest` (loading the probe
-        images at every validation batch cost 0.5 s per demo fit; other batch layouts: none found)."""
+        pixel for pixel against the probe dataset by
+        :func:`~detlens.callbacks.probe_set.pixel_digest` (loading the probe images at every
+        validation batch cost 0.5 s per demo fit; other batch layouts: none found). Digests
+        are shared by the callbacks: the probe images' through ``probe_cache``, the batch's
+        through ``batch_digests``."""
         if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
             return [], [], {}
         images, targets = batch
-        if isinstance(images, Tensor) and images.dim() == 4:
-            images = list(images.unbind(0))
+        stacked = images if isinstance(images, Tensor) and images.dim() == 4 else None
+        if stacked is not None:
+            images = list(stacked.unbind(0))
         if not isinstance(images, (list, tuple)) or not isinstance(targets, (list, tuple)) or len(images) != len(targets):
             return [], [], {}
         ids = self._probe_image_ids()
@@ -363,7 +367,9 @@ class ProbeCallback(pl.Callback):
             probe = ids.get(_image_id(target)) if isinstance(target, dict) else None
             if probe is None or probe[0] in self._from_validation or not isinstance(image, Tensor):
                 continue
-            if probe[1] == pixel_digest(image):
+            # hashed once per batch for every callback (BatchDigests)
+            digest = batch_digests.get(id(batch), image) if stacked is None else batch_digests.get(id(batch), stacked, pos)
+            if probe[1] == digest:
                 positions[pos] = probe[0]
         return list(images), list(targets), positions
 
@@ -375,14 +381,18 @@ class ProbeCallback(pl.Callback):
             if self._dataset is not None and self._probe_indices is not None and self.probe_dir is None:
                 found = []
                 for i in self._probe_indices:
-                    image, target = self.probe_item(i)
-                    found.append((_image_id(target), (i, pixel_digest(image))))
+                    image_id, digest = probe_cache.digest(self._dataset, i, lambda i=i: self._image_id_and_image(i))
+                    found.append((image_id, (i, digest)))
                 counts: dict[int | None, int] = {}
                 for image_id, _ in found:
                     counts[image_id] = counts.get(image_id, 0) + 1
                 ids = {image_id: probe for image_id, probe in found if image_id is not None and counts[image_id] == 1}
             self._probe_ids = ids
         return self._probe_ids
+
+    def _image_id_and_image(self, index: int) -> tuple[Any, Tensor]:
+        image, target = self.probe_item(index)
+        return _image_id(target), image
 
     def _find_dataset(self, trainer: pl.Trainer, stage: str, *, required: bool) -> Dataset | None:
         name = type(self).__name__

@@ -10,7 +10,7 @@ import hashlib
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,10 @@ from torch.utils.data import Dataset
 __all__ = [
     "IMAGE_SUFFIXES",
     "PROBE_CACHE_MIB",
+    "BatchDigests",
     "ImageFolderProbeDataset",
     "ProbeItemCache",
+    "batch_digests",
     "evenly_spaced_indices",
     "pixel_digest",
     "probe_cache",
@@ -133,7 +135,28 @@ class ProbeItemCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
         self._items: weakref.WeakKeyDictionary[Any, dict[int, tuple[Any, int]]] = weakref.WeakKeyDictionary()
+        self._digests: weakref.WeakKeyDictionary[Any, dict[int, tuple[Any, tuple]]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+
+    def digest(self, dataset: Any, index: int, read: Callable[[], tuple[Any, torch.Tensor]]) -> tuple[Any, tuple]:
+        """``(image_id, pixel_digest(image))`` of ``dataset[index]``, computed once per dataset
+        object and index (outside the byte budget: a few dozen bytes each). ``read()`` gives
+        ``(image_id, image)`` when it is not known yet. Every callback on a dataset checks the
+        validation batches against the same probe digests (30 ms of hashing per 800 x 1,333
+        image each)."""
+        with self._lock:
+            try:
+                known = self._digests.get(dataset, {}).get(index)
+            except TypeError:  # not hashable, or not weakly referenceable
+                known, dataset = None, None
+        if known is not None:
+            return known
+        image_id, image = read()
+        found = (image_id, pixel_digest(image))
+        if dataset is not None:
+            with self._lock:
+                self._digests.setdefault(dataset, {})[index] = found
+        return found
 
     def get(self, dataset: Any, index: int) -> Any | None:
         """The item of ``dataset[index]`` if kept, else ``None``."""
@@ -162,7 +185,48 @@ class ProbeItemCache:
     def clear(self) -> None:
         with self._lock:
             self._items = weakref.WeakKeyDictionary()
+            self._digests = weakref.WeakKeyDictionary()
+
+
+class BatchDigests:
+    """:func:`pixel_digest` of the images of the validation batch the callbacks are looking
+    at, computed once for all of them: every detlens callback that reads the validation
+    forward checks the same probe images of a batch against its probe set (30 ms of hashing,
+    and a device-to-host copy, per 800 x 1,333 image and callback).
+
+    Kept for one batch at a time (``key``: the batch object and its index, as Lightning
+    hands them to each callback's ``on_validation_batch_start``), for image tensors that are
+    still the same live objects (weakly referenced, same storage, and, outside inference
+    mode, not changed in place since: same version counter); anything else is hashed again."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._digests: dict[tuple[int, int | None], tuple[weakref.ref, tuple, tuple]] = {}
+
+    def get(self, key: Any, source: torch.Tensor, position: int | None = None) -> tuple:
+        """``pixel_digest`` of an image of the batch ``key``: ``source`` itself, or with
+        ``position`` the image ``source[position]`` of a stacked ``[B, 3, H, W]`` batch."""
+        if key != self._key:
+            self._key, self._digests = key, {}
+        stamp = (source.data_ptr(), _version(source))
+        known = self._digests.get((id(source), position))
+        if known is not None and known[0]() is source and known[1] == stamp:
+            return known[2]
+        digest = pixel_digest(source if position is None else source[position])
+        self._digests[(id(source), position)] = (weakref.ref(source), stamp, digest)
+        return digest
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; ``None`` for inference tensors, which have none."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return None
 
 
 probe_cache = ProbeItemCache(int(PROBE_CACHE_MIB * 2**20))
 """The process's :class:`ProbeItemCache`, used by :meth:`detlens.callbacks.ProbeCallback.probe_item`."""
+
+batch_digests = BatchDigests()
+"""The process's :class:`BatchDigests`, used by the callbacks' ``on_validation_batch_start`` (main thread)."""
