@@ -194,13 +194,13 @@ class BatchDigests:
     forward checks the same probe images of a batch against its probe set (30 ms of hashing,
     and a device-to-host copy, per 800 x 1,333 image and callback).
 
-    Kept for one batch at a time (``key``: the batch object and its index, as Lightning
-    hands them to each callback's ``on_validation_batch_start``), for image tensors that are
+    Kept for one batch at a time (``key``: ``id`` of the batch object Lightning hands to each
+    callback's ``on_validation_batch_start``; a digest is never taken on the key alone), for image tensors that are
     still the same live objects (weakly referenced, same storage, and, outside inference
     mode, not changed in place since: same version counter); anything else is hashed again."""
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
+        self._key: Any = None
         self._digests: dict[tuple[int, int | None], tuple[weakref.ref, tuple, tuple]] = {}
 
     def get(self, key: Any, source: torch.Tensor, position: int | None = None) -> tuple:
