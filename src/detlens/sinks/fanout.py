@@ -215,11 +215,16 @@ def _fan_out(loggers: list[Logger], media: Media, step: int) -> None:
 
 
 def _build(build: Callable[[], Media]) -> tuple[Media, dict[str, Any]]:
-    """Runs on the media thread."""
+    """Runs on the media thread (or the drain thread)."""
+    return _build_timed(build_payload, build)
+
+
+def _build_timed(fn: Callable[[Any], Any], arg: Any) -> Any:
+    """``fn(arg)``, its wall and CPU time added to this process's media build time."""
     global _build_seconds, _build_cpu_seconds
     start, start_cpu = time.perf_counter(), time.thread_time()
     try:
-        return build_payload(build)
+        return fn(arg)
     finally:
         with _seconds_lock:  # the media thread and, at a stage end, the drain thread
             _build_seconds += time.perf_counter() - start
@@ -352,27 +357,50 @@ def flush_media(wait: bool = True, limit: int | None = None) -> int:
 
 def _hand_queued_builds_to_the_drain_thread(items: list[_Pending]) -> None:
     """At a stage end (the training thread waits for every payload): the builds still queued
-    on the media thread move to a second thread, so that they are built beside the one the
-    media thread is busy with, on the core training no longer uses.
+    on the media thread or for the media process move to a second thread, so that they are
+    built beside the one the media worker is busy with, on the core training no longer uses.
 
     The drain thread is started by the training thread and keeps its priority (not the
-    media thread's ``nice``): its work is what training is waiting for. Only builds the
-    media thread has not started move (``Future.cancel`` succeeds on those alone); the
-    media process's jobs stay where they are. Logging order is unchanged: payloads are
-    still logged oldest first. Call with ``_lock`` held, on the items still to be logged.
+    media worker's ``nice``): its work is what training is waiting for. Only builds the
+    media thread has not started move (``Future.cancel`` succeeds on those alone); of the
+    media process's jobs, those it has not been sent yet (it gets one at a time,
+    :data:`~detlens.sinks.media_process.MAX_IN_FLIGHT`) are shared: the drain thread takes
+    the oldest of them whenever it is free, and the process goes on with the next one when
+    it has answered (:func:`_help_the_media_process`). Logging order is unchanged: payloads
+    are still logged oldest first. Call with ``_lock`` held, on the items still to be logged.
 
     On the demo's last logging event the attention maps (108 PNGs, 0.7 s) were being built
     when the fit ended; the entropy heatmap and the box embeddings' t-SNE, scatter plot and
     table (0.7 s) moved, were built beside them, and the fit's teardown waited 0.9 s.
     """
-    global _drain_executor
     for item in items:
         if item.build is None or not item.result.cancel():
             continue
-        if _drain_executor is None:
-            _drain_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detlens-media-drain")
-        item.result = _drain_executor.submit(_build, item.build)
+        item.result = _drain().submit(_build, item.build)
         item.build = None
+    if _process is not None and _process.has_unsent():
+        _drain().submit(_help_the_media_process, _process)
+
+
+def _drain() -> ThreadPoolExecutor:
+    global _drain_executor
+    if _drain_executor is None:
+        _drain_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detlens-media-drain")
+    return _drain_executor
+
+
+def _help_the_media_process(process: MediaProcess) -> None:
+    """Runs on the drain thread: builds the media process's jobs that it has not been sent
+    yet, oldest first, until none is left (the process builds the others in the meantime).
+    A job that raises fails its own future, as on the media thread."""
+    while (job := process.take_unsent()) is not None:
+        fn, arg, future = job
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(_build_timed(fn, arg))
+        except BaseException as err:  # noqa: BLE001 - reported through the future, like a thread build
+            future.set_exception(err)
 
 
 def _remove_files_of(future: Future) -> None:

@@ -13,6 +13,10 @@ process that has run torch ops, or by ``spawn``/``forkserver``, which re-run the
 as stdin/stdout and sends ``(job_id, pickle.dumps((fn, arg)))``; the worker answers
 ``(job_id, status, value, seconds)`` in order, one job at a time. A writer and a reader
 thread in the parent move the bytes, so the training thread never waits on a pipe. The
+writer sends a job only once the worker has answered the one before
+(:data:`MAX_IN_FLIGHT`): the jobs behind it stay in the parent, where
+:meth:`MediaProcess.take_unsent` can hand them to a thread of the parent instead (at the
+end of a stage, when training waits for every job and its cores are free). The
 worker's own ``sys.stdout`` goes to stderr, so a stray ``print`` cannot corrupt the
 stream.
 
@@ -36,16 +40,22 @@ import atexit
 import itertools
 import os
 import pickle
-import queue
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MediaJobError", "MediaProcess", "MediaProcessDied", "main"]
+__all__ = ["MAX_IN_FLIGHT", "MediaJobError", "MediaProcess", "MediaProcessDied", "main"]
+
+MAX_IN_FLIGHT = 1
+"""Jobs sent to the worker and not answered yet. The rest wait in the parent, where a
+thread of the parent can take them (:meth:`MediaProcess.take_unsent`); one is enough to
+keep the worker busy, as sending a job takes milliseconds and building one tenths of a second."""
 
 _WORKER_CODE = "from detlens.sinks.media_process import main; main()"
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -57,6 +67,16 @@ class MediaJobError(RuntimeError):
 
 class MediaProcessDied(RuntimeError):
     """The media process exited before it answered a job."""
+
+
+@dataclass
+class _Channel:
+    """The parent's side of one worker: the jobs not sent yet, and how many are sent and unanswered."""
+
+    unsent: deque = field(default_factory=deque)  # (job_id, blob), oldest first
+    in_flight: int = 0
+    closing: bool = False  # close(): send what is left, then close the worker's stdin
+    gone: bool = False  # the worker exited: the writer stops
 
 
 class MediaProcess:
@@ -76,11 +96,12 @@ class MediaProcess:
         self.broken: str | None = None  # why no worker can be started (then submit raises OSError)
         self._killed: set[subprocess.Popen] = set()  # the workers kill() stopped
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # the writer waits on it for a job and a free slot
         self._ids = itertools.count()
         self._proc: subprocess.Popen | None = None
-        # job id -> (future, fallback, the worker it was sent to)
+        # job id -> (future, fallback, the worker it was queued for)
         self._jobs: dict[int, tuple[Future, Callable[[], Future] | None, subprocess.Popen]] = {}
-        self._outbox: queue.Queue[tuple[int, bytes] | None] | None = None
+        self._channel: _Channel | None = None
         atexit.register(self.close)
 
     @property
@@ -109,9 +130,35 @@ class MediaProcess:
             proc = self._ensure_started()
             job_id = next(self._ids)
             self._jobs[job_id] = (future, fallback, proc)
-            assert self._outbox is not None
-            self._outbox.put((job_id, blob))
+            assert self._channel is not None
+            self._channel.unsent.append((job_id, blob))
+            self._wake.notify_all()
         return future
+
+    def has_unsent(self) -> bool:
+        """Whether any job waits in the parent, not sent to the worker yet (see :meth:`take_unsent`)."""
+        with self._lock:
+            return self._channel is not None and bool(self._channel.unsent)
+
+    def take_unsent(self) -> tuple[Callable[[Any], Any], Any, Future] | None:
+        """The oldest job not sent to the worker yet, taken back: ``(fn, arg, future)``,
+        which the caller now runs (and settles the future of); ``None`` when there is none.
+
+        For the end of a stage: the worker goes on with the job it has, and a thread of the
+        parent, at training's priority and on a core training no longer uses, builds the
+        ones behind it. ``fn`` and ``arg`` are unpickled from the bytes :meth:`submit`
+        made, so they are what the worker would have run.
+        """
+        with self._lock:
+            channel = self._channel
+            while channel is not None and channel.unsent:
+                job_id, blob = channel.unsent.popleft()
+                future, _, _ = self._jobs.pop(job_id, (None, None, None))
+                if future is None or future.cancelled():
+                    continue
+                fn, arg = pickle.loads(blob)  # noqa: S301 - bytes this process pickled itself
+                return fn, arg, future
+        return None
 
     def owns(self, future: Future) -> bool:
         """Whether ``future`` is a job of this worker that it has not answered yet."""
@@ -128,14 +175,15 @@ class MediaProcess:
             proc.kill()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stops the worker after the jobs already sent (waits at most ``timeout`` s, then kills it)."""
+        """Stops the worker after the jobs already submitted (waits at most ``timeout`` s, then kills it)."""
         with self._lock:
-            proc, outbox = self._proc, self._outbox
-            self._proc = self._outbox = None
+            proc, channel = self._proc, self._channel
+            self._proc = self._channel = None
+            if channel is not None:
+                channel.closing = True  # the writer sends what is left, then closes the worker's stdin
+                self._wake.notify_all()
         if proc is None:
             return
-        if outbox is not None:
-            outbox.put(None)  # the writer closes the worker's stdin: it exits after its queue
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -159,16 +207,29 @@ class MediaProcess:
             env=env,
         )
         self._proc = proc
-        self._outbox = outbox = queue.Queue()
+        self._channel = channel = _Channel()
         self.starts += 1
-        threading.Thread(target=self._write, args=(proc, outbox), name="detlens-media-writer", daemon=True).start()
-        threading.Thread(target=self._read, args=(proc,), name="detlens-media-reader", daemon=True).start()
+        threading.Thread(target=self._write, args=(proc, channel), name="detlens-media-writer", daemon=True).start()
+        threading.Thread(target=self._read, args=(proc, channel), name="detlens-media-reader", daemon=True).start()
         return proc
 
-    def _write(self, proc: subprocess.Popen, outbox: queue.Queue) -> None:
+    def _next_to_send(self, channel: _Channel) -> tuple[int, bytes] | None:
+        """Waits for a job to send and a free slot (:data:`MAX_IN_FLIGHT`); ``None``: stop."""
+        with self._wake:
+            while True:
+                if channel.gone:
+                    return None
+                if channel.unsent and channel.in_flight < MAX_IN_FLIGHT:
+                    channel.in_flight += 1
+                    return channel.unsent.popleft()
+                if channel.closing and not channel.unsent:
+                    return None
+                self._wake.wait()
+
+    def _write(self, proc: subprocess.Popen, channel: _Channel) -> None:
         assert proc.stdin is not None
         try:
-            while (item := outbox.get()) is not None:
+            while (item := self._next_to_send(channel)) is not None:
                 pickle.dump(item, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
                 proc.stdin.flush()
         except (BrokenPipeError, OSError):
@@ -179,7 +240,7 @@ class MediaProcess:
             except OSError:
                 pass
 
-    def _read(self, proc: subprocess.Popen) -> None:
+    def _read(self, proc: subprocess.Popen, channel: _Channel) -> None:
         assert proc.stdout is not None
         answered = 0
         while True:
@@ -189,6 +250,8 @@ class MediaProcess:
                 break
             answered += 1
             with self._lock:
+                channel.in_flight -= 1
+                self._wake.notify_all()  # the writer may send the next job
                 future, fallback, _ = self._jobs.pop(job_id, (None, None, None))
             if future is None:
                 continue
@@ -201,9 +264,12 @@ class MediaProcess:
                 _settle(future, error=MediaJobError(value))
         code = proc.wait()
         with self._lock:
+            channel.gone = True
+            channel.unsent.clear()  # these jobs fail (or fall back) below, with the ones it had
+            self._wake.notify_all()
             if self._proc is proc:
                 self._proc = None
-                self._outbox = None
+                self._channel = None
             orphans = [self._jobs.pop(k)[:2] for k, job in list(self._jobs.items()) if job[2] is proc]
             killed = proc in self._killed
             self._killed.discard(proc)
