@@ -14,7 +14,7 @@ themselves stay on the training thread (``wandb.log`` is not thread-safe,
 wandb/wandb#1824): finished payloads are logged at the next ``log_media`` or
 :func:`flush_media` call, which every detlens callback makes after each training batch,
 and all of them at the end of a stage or on an exception (then the builds the media
-thread has not started move to a drain thread at training's priority, built beside the
+worker has not started move to a drain thread at training's priority, built beside the
 one it is busy with). Rows keep the step they were
 made at (``trainer/global_step``), so a later ``log`` call changes nothing on the
 dashboard. The queued media of at most :data:`MAX_PENDING` logging events (distinct
