@@ -153,21 +153,29 @@ def test_a_job_the_process_cannot_import_is_built_on_the_media_thread_instead(tm
     assert [e.global_step for e in image_events(newest_offline_run(tmp_path), "where")] == [7]
 
 
-def test_a_failing_job_and_a_dying_process_cost_a_warning_and_the_next_event_is_logged(tmp_path, trainer, finish_wandb):
+def test_a_failing_job_and_a_dying_process_cost_a_warning_and_the_jobs_behind_them_are_logged(tmp_path, trainer, finish_wandb):
+    pids: dict[int, int] = {}
+
+    def keep(step: int):
+        return lambda media: pids.__setitem__(step, media.extra["pid"])
+
     with pytest.warns(UserWarning) as record:
+        log_media_later(trainer, functools.partial(where_built, 0), step=0, then=keep(0))
         log_media_later(trainer, functools.partial(diverges, 0), step=1)
         log_media_later(trainer, functools.partial(dies, 0), step=2)
-        flush_media(limit=2)  # mid-stage: a stage end could build the second job in this process, and die of it
+        log_media_later(trainer, functools.partial(where_built, 3), step=3, then=keep(3))
+        flush_media(limit=4)  # mid-stage: a stage end could build the later jobs in this process, and die of one
     messages = [str(w.message) for w in record]
     assert any("step 1 failed" in m and "ValueError: t-SNE diverged" in m for m in messages)
     assert any("step 2 failed" in m and "media process exited (code 3)" in m for m in messages)
-    starts = fanout._process.starts
+    assert not any("step 3" in m for m in messages)
+    assert pids[3] not in (pids[0], os.getpid())  # not sent to the worker that died: a new worker built it
 
-    log_media_later(trainer, functools.partial(where_built, 4), step=4)  # a new worker takes over
+    log_media_later(trainer, functools.partial(where_built, 4), step=4, then=keep(4))  # which goes on
     flush_media()
     wandb.finish()
-    assert fanout._process.starts == starts + 1 and not fanout._pending
-    assert [e.global_step for e in image_events(newest_offline_run(tmp_path), "where")] == [4]
+    assert pids[4] == pids[3] and not fanout._pending
+    assert [e.global_step for e in image_events(newest_offline_run(tmp_path), "where")] == [0, 3, 4]
 
 
 def test_a_worker_that_cannot_start_hands_its_jobs_back_and_is_not_restarted(monkeypatch):

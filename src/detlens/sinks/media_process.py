@@ -27,8 +27,9 @@ What can go wrong, and what happens:
 * the worker cannot unpickle it (a function from a module it cannot import, e.g. the
   user's ``__main__``): the job's ``fallback`` runs it in the parent;
 * the job raises: its future raises :class:`MediaJobError` with the worker's message;
-* the worker dies (killed, out of memory): every unfinished job's future raises
-  :class:`MediaProcessDied`; the next :meth:`~MediaProcess.submit` starts a new worker;
+* the worker dies (killed, out of memory): the job it was building fails with
+  :class:`MediaProcessDied`, and a new worker starts for the jobs it had not been sent
+  yet (nothing of them ran; the next :meth:`~MediaProcess.submit` would start one too);
 * a worker dies before answering its first job (it cannot import detlens, say): its
   jobs run through their ``fallback`` and :meth:`~MediaProcess.submit` raises ``OSError``
   from then on (the caller builds on a thread).
@@ -166,7 +167,8 @@ class MediaProcess:
             return any(f is future for f, _, _ in self._jobs.values())
 
     def kill(self) -> None:
-        """Kills the worker now; its unfinished jobs fail with :class:`MediaProcessDied`, the next job starts a new one."""
+        """Kills the worker now: the job it was building fails with :class:`MediaProcessDied`,
+        the ones it had not been sent go to a new worker."""
         with self._lock:
             proc = self._proc
             if proc is not None:
@@ -265,21 +267,42 @@ class MediaProcess:
         code = proc.wait()
         with self._lock:
             channel.gone = True
-            channel.unsent.clear()  # these jobs fail (or fall back) below, with the ones it had
+            unsent = list(channel.unsent)
+            channel.unsent.clear()
             self._wake.notify_all()
             if self._proc is proc:
                 self._proc = None
                 self._channel = None
-            orphans = [self._jobs.pop(k)[:2] for k, job in list(self._jobs.items()) if job[2] is proc]
             killed = proc in self._killed
             self._killed.discard(proc)
             if not answered and not killed:  # it never worked (cannot import detlens, say)
                 self.broken = f"it exited with code {code} before answering any job"
+            if not self.broken and not channel.closing:
+                self._resend(unsent)  # never sent: nothing of them ran, so a new worker builds them
+            # the jobs it had, and those it had not been sent that no worker takes, fail (or fall back)
+            orphans = [self._jobs.pop(k)[:2] for k, job in list(self._jobs.items()) if job[2] is proc]
         for future, fallback in orphans:
             if self.broken and fallback is not None:
                 _chain(fallback, future)
             else:
                 _settle(future, error=MediaProcessDied(f"detlens' media process exited (code {code}) before finishing"))
+
+    def _resend(self, jobs: list[tuple[int, bytes]]) -> None:
+        """Queues jobs a dead worker was never sent for a new worker (started now, if none
+        runs); if none can start they stay tied to the dead one. Call with ``_lock`` held."""
+        jobs = [(job_id, blob) for job_id, blob in jobs if job_id in self._jobs]
+        if not jobs:
+            return
+        try:
+            proc = self._ensure_started()
+        except OSError:
+            return
+        assert self._channel is not None
+        for job_id, blob in jobs:
+            future, fallback, _ = self._jobs[job_id]
+            self._jobs[job_id] = (future, fallback, proc)
+            self._channel.unsent.append((job_id, blob))
+        self._wake.notify_all()
 
 
 def _settle(future: Future, value: Any = None, error: BaseException | None = None) -> None:
