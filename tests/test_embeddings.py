@@ -15,6 +15,7 @@ from detlens.explainers.embeddings import (
     _KLConverged,
     class_separation,
     embed,
+    library_threads,
     pca,
     pca_2d,
     project,
@@ -166,6 +167,41 @@ def test_embed_bounds_the_rows_and_reports_stable_scalars():
         "embeddings/projection_seconds", "embeddings/points",
     }
     assert scalars["embeddings/points"] == 150 and 0.5 < scalars["embeddings/trustworthiness"] <= 1.0
+
+
+def test_a_projection_keeps_the_native_libraries_to_its_n_jobs_threads_and_gives_them_back(monkeypatch):
+    """n_jobs=1 (the callbacks') must mean one thread in BLAS and OpenMP too, not a pool
+    as large as the machine beside training; the caller's settings come back afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import detlens.explainers.embeddings as embeddings
+
+    def threads() -> dict[tuple[str, str], int]:
+        return {(i["user_api"], i["filepath"]): i["num_threads"] for i in threadpool_info()}
+
+    seen: list[dict[tuple[str, str], int]] = []
+    real_score = embeddings.trustworthiness_score
+
+    def spy(*args, **kwargs):  # runs inside the projection, on its thread
+        seen.append(threads())
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(embeddings, "trustworthiness_score", spy)
+    x, labels = clusters(n_per_class=20)
+    with threadpool_limits(limits=3, user_api="blas"), threadpool_limits(limits=3, user_api="openmp"):
+        before = threads()
+        assert any(api == "blas" for api, _ in before)  # numpy's OpenBLAS at least
+        embed(x, labels, method="tsne", n_jobs=1)
+        project(x, method="pca", n_jobs=1)
+        assert threads() == before
+    assert len(seen) == 2 and all(set(s.values()) == {1} and set(s) == set(before) for s in seen)
+    with threadpool_limits(limits=3, user_api="blas"):
+        blas = lambda: {n for (api, _), n in threads().items() if api == "blas"}  # noqa: E731
+        with library_threads(2):
+            assert blas() == {2}
+        with library_threads(0):  # n_jobs < 1 (all cores in openTSNE's terms): no cap
+            assert blas() == {3}
+        assert blas() == {3}
 
 
 def test_too_few_points_for_tsne_fall_back_to_pca_and_say_so():

@@ -18,6 +18,7 @@ background thread. Same input, same seed, same thread count: same output.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import math
@@ -26,7 +27,7 @@ import sys
 import time
 from types import ModuleType
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ __all__ = [
     "RowSample",
     "class_separation",
     "embed",
+    "library_threads",
     "pca",
     "pca_2d",
     "project",
@@ -625,59 +627,60 @@ def project(
     is measured against the original ``D``-dimensional features with ``n_neighbors``,
     on at most ``trustworthiness_rows`` points.
     """
-    _check_method(method)
-    x = _as_features(features).cpu()
-    n = x.shape[0]
-    note = ""
-    params: dict[str, Any] = {"seed": int(seed), "points": n}
-    start = time.perf_counter()
-    if method == "tsne" and n >= MIN_TSNE_ROWS:
-        distinct = int(torch.unique(x, dim=0).shape[0])  # 0.1 s for 10,000 x 1,024
-        if distinct < MIN_TSNE_ROWS:
-            # t-SNE's affinities and its PCA initialisation (scaled by the first score's std)
-            # are undefined on identical points: seen with a box head whose ReLUs were all off.
-            note = f"only {distinct} distinct feature vectors among {n} points: t-SNE is undefined, PCA shown instead"
-            method = "pca"
-    if method == "tsne" and n >= MIN_TSNE_ROWS:
-        coords = tsne_2d(
-            x, seed=seed, perplexity=perplexity, pca_dims=pca_dims, n_jobs=n_jobs, n_iter=n_iter,
-            negative_gradient_method=negative_gradient_method,
-        )
-        gradient = _gradient_method(negative_gradient_method, n)
-        params.update(
-            perplexity=min(float(perplexity), (n - 1) / 3.0),
-            pca_dims=min(pca_dims, x.shape[1], n),
-            n_jobs=n_jobs,
-            early_exaggeration_iter=_default_early_exaggeration_iter(gradient),
-            n_iter=n_iter if n_iter is not None else _default_n_iter(gradient),
-            negative_gradient_method=gradient,
-        )
-        if gradient == "bh":  # the early stop of tsne_2d's iterations after early exaggeration
-            params.update(min_kl_decrease=MIN_KL_DECREASE, kl_check_every=KL_CHECK_EVERY)
-        if gradient == "fft":  # the Barnes-Hut iterations that end the FFT schedule, as tsne_2d ran them
-            params.update(
-                polish_iter=_polish_iterations(POLISH_ITER, params["n_iter"]),
-                polish_momentum=POLISH_MOMENTUM,
-                polish_learning_rate=_polish_learning_rate(None, n),
+    with library_threads(n_jobs):  # every library the projection and its score call
+        _check_method(method)
+        x = _as_features(features).cpu()
+        n = x.shape[0]
+        note = ""
+        params: dict[str, Any] = {"seed": int(seed), "points": n}
+        start = time.perf_counter()
+        if method == "tsne" and n >= MIN_TSNE_ROWS:
+            distinct = int(torch.unique(x, dim=0).shape[0])  # 0.1 s for 10,000 x 1,024
+            if distinct < MIN_TSNE_ROWS:
+                # t-SNE's affinities and its PCA initialisation (scaled by the first score's std)
+                # are undefined on identical points: seen with a box head whose ReLUs were all off.
+                note = f"only {distinct} distinct feature vectors among {n} points: t-SNE is undefined, PCA shown instead"
+                method = "pca"
+        if method == "tsne" and n >= MIN_TSNE_ROWS:
+            coords = tsne_2d(
+                x, seed=seed, perplexity=perplexity, pca_dims=pca_dims, n_jobs=n_jobs, n_iter=n_iter,
+                negative_gradient_method=negative_gradient_method,
             )
-    else:
-        if method == "tsne":
-            note = f"t-SNE needs at least {MIN_TSNE_ROWS} points, got {n}: PCA shown instead"
-            method = "pca"
-        coords = pca_2d(x, seed=seed).float()
-    seconds = time.perf_counter() - start
-    rows = min(n, trustworthiness_rows)
-    trust = trustworthiness_score(x, coords, n_neighbors=n_neighbors, max_rows=trustworthiness_rows, seed=seed)
-    params.update(trustworthiness_neighbors=n_neighbors)
-    return Projection(
-        coords=coords.contiguous(),
-        method=method,
-        trustworthiness=trust,
-        seconds=seconds,
-        trustworthiness_rows=rows,
-        params=params,
-        note=note,
-    )
+            gradient = _gradient_method(negative_gradient_method, n)
+            params.update(
+                perplexity=min(float(perplexity), (n - 1) / 3.0),
+                pca_dims=min(pca_dims, x.shape[1], n),
+                n_jobs=n_jobs,
+                early_exaggeration_iter=_default_early_exaggeration_iter(gradient),
+                n_iter=n_iter if n_iter is not None else _default_n_iter(gradient),
+                negative_gradient_method=gradient,
+            )
+            if gradient == "bh":  # the early stop of tsne_2d's iterations after early exaggeration
+                params.update(min_kl_decrease=MIN_KL_DECREASE, kl_check_every=KL_CHECK_EVERY)
+            if gradient == "fft":  # the Barnes-Hut iterations that end the FFT schedule, as tsne_2d ran them
+                params.update(
+                    polish_iter=_polish_iterations(POLISH_ITER, params["n_iter"]),
+                    polish_momentum=POLISH_MOMENTUM,
+                    polish_learning_rate=_polish_learning_rate(None, n),
+                )
+        else:
+            if method == "tsne":
+                note = f"t-SNE needs at least {MIN_TSNE_ROWS} points, got {n}: PCA shown instead"
+                method = "pca"
+            coords = pca_2d(x, seed=seed).float()
+        seconds = time.perf_counter() - start
+        rows = min(n, trustworthiness_rows)
+        trust = trustworthiness_score(x, coords, n_neighbors=n_neighbors, max_rows=trustworthiness_rows, seed=seed)
+        params.update(trustworthiness_neighbors=n_neighbors)
+        return Projection(
+            coords=coords.contiguous(),
+            method=method,
+            trustworthiness=trust,
+            seconds=seconds,
+            trustworthiness_rows=rows,
+            params=params,
+            note=note,
+        )
 
 
 @dataclass(frozen=True)
@@ -743,11 +746,35 @@ def embed(
     sample = sample_rows(x.shape[0], max_rows=max_rows, stratify_by=y if stratify_by is None else stratify_by, seed=seed)
     keep = sample.indices
     x, y = x[keep], y[keep.numpy()]
-    projection = project(x, method=method, seed=seed, **project_kwargs)
-    return EmbeddingSummary(
-        indices=keep,
-        description=sample.description,
-        projection=projection,
-        silhouette_2d=class_separation(projection.coords, y, seed=seed),
-        silhouette_features=class_separation(x, y, seed=seed),
-    )
+    with library_threads(project_kwargs.get("n_jobs", 1)):
+        projection = project(x, method=method, seed=seed, **project_kwargs)
+        return EmbeddingSummary(
+            indices=keep,
+            description=sample.description,
+            projection=projection,
+            silhouette_2d=class_separation(projection.coords, y, seed=seed),
+            silhouette_features=class_separation(x, y, seed=seed),
+        )
+
+
+@contextlib.contextmanager
+def library_threads(n_jobs: int) -> Iterator[None]:
+    """Caps the threads of the native libraries a projection calls at ``n_jobs`` (``< 1``: no cap).
+
+    ``n_jobs`` is openTSNE's thread count, but the neighbour search, trustworthiness and
+    silhouette (scikit-learn) and numpy's matrix products also run on BLAS (OpenBLAS: a
+    pool as large as the machine, whose workers spin for a while after each call) and on
+    OpenMP teams of their own. On the media thread, next to training that keeps every core
+    busy, those helpers took CPU beyond the media thread's own: 0.15 s in one box-embedding
+    job of the demo. As scikit-learn's own estimators do (``KMeans``), with threadpoolctl:
+    BLAS is capped process-wide while the projection runs (numpy's, SciPy's and OpenCV's
+    OpenBLAS; PyTorch's BLAS is built into it and not touched), OpenMP (PyTorch's and
+    scikit-learn's) for the calling thread only.
+    """
+    if n_jobs is None or int(n_jobs) < 1:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(n_jobs), user_api="blas"), threadpool_limits(limits=int(n_jobs), user_api="openmp"):
+        yield
