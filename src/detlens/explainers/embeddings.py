@@ -746,8 +746,8 @@ def embed(
     sample = sample_rows(x.shape[0], max_rows=max_rows, stratify_by=y if stratify_by is None else stratify_by, seed=seed)
     keep = sample.indices
     x, y = x[keep], y[keep.numpy()]
-    with library_threads(project_kwargs.get("n_jobs", 1)):
-        projection = project(x, method=method, seed=seed, **project_kwargs)
+    projection = project(x, method=method, seed=seed, **project_kwargs)  # caps its own threads
+    with library_threads(project_kwargs.get("n_jobs", 1)):  # the silhouettes' (scikit-learn)
         return EmbeddingSummary(
             indices=keep,
             description=sample.description,
