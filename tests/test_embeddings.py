@@ -105,6 +105,7 @@ def test_fft_schedule_with_barnes_hut_polish_separates_classes_and_is_determinis
     again = project(x, "tsne", seed=0, negative_gradient_method="fft")
     assert first.shape == (240, 2) and torch.isfinite(first).all()
     assert torch.equal(first, again.coords)
+    assert again.params["negative_gradient_method"] == "fft"
     assert again.params["n_iter"] == 220 and again.params["polish_iter"] == 120
     assert again.params["early_exaggeration_iter"] == 150
     assert again.params["polish_momentum"] == 0.9 and again.params["polish_learning_rate"] == 480.0
@@ -116,6 +117,27 @@ def test_fft_schedule_with_barnes_hut_polish_separates_classes_and_is_determinis
         tsne_2d(x, negative_gradient_method="fft", polish_learning_rate=0)
     with pytest.raises(ValueError, match="early_exaggeration_iter must be >= 0, got -1"):
         tsne_2d(x, early_exaggeration_iter=-1)
+
+
+def test_p3m_schedule_separates_classes_is_deterministic_and_the_same_on_any_number_of_threads():
+    # The path taken from 10,000 points (early exaggeration on FFT gradients, then P3M
+    # gradients: 100 iterations at openTSNE's momentum, 250 at 0.9 and 2 N), forced here.
+    x, labels = clusters()
+    one = project(x, "tsne", seed=0, negative_gradient_method="p3m", n_jobs=1)
+    two = tsne_2d(x, seed=0, negative_gradient_method="p3m", n_jobs=2)
+    assert torch.equal(one.coords, two), "every per-point sum runs in a fixed order"
+    assert torch.equal(one.coords, tsne_2d(x, seed=0, negative_gradient_method="p3m"))
+    assert not torch.equal(one.coords, tsne_2d(x, seed=1, negative_gradient_method="p3m"))
+    assert one.params["negative_gradient_method"] == "p3m"
+    assert one.params["n_iter"] == 350 and one.params["polish_iter"] == 250
+    assert one.params["early_exaggeration_iter"] == 150 and one.params["polish_learning_rate"] == 480.0
+    assert one.trustworthiness > 0.9
+    assert class_separation(one.coords, labels) > 0.7
+    # polish_iter covers every iteration, or none of them
+    assert torch.isfinite(tsne_2d(x, seed=0, negative_gradient_method="p3m", n_iter=50, polish_iter=80)).all()
+    assert torch.isfinite(tsne_2d(x, seed=0, negative_gradient_method="p3m", n_iter=50, polish_iter=0)).all()
+    with pytest.raises(ValueError, match="negative_gradient_method must be 'auto', 'p3m', 'fft' or 'bh', got 'exact'"):
+        tsne_2d(x, negative_gradient_method="exact")
 
 
 def test_trustworthiness_is_one_for_an_exact_picture_and_low_for_noise():
@@ -240,6 +262,7 @@ RNG_SCRIPT = textwrap.dedent(
     labels = [1] * 40 + [2] * 40
     embed(x, labels, method="tsne", max_rows=60, seed=3)
     project(x, "pca")
+    project(x, "tsne", negative_gradient_method="p3m", n_iter=20)  # numba's first import and compilation too
     after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
     assert before[0] == after[0], "python random moved"
     assert np.array_equal(before[1], after[1]), "numpy global RNG moved"
