@@ -77,6 +77,7 @@ def make_box_features(points: int, dims: int, classes: int, seed: int) -> tuple[
 
 
 def environment(n_jobs: int) -> str:
+    import numba
     import openTSNE
     import sklearn
 
@@ -87,7 +88,7 @@ def environment(n_jobs: int) -> str:
         f"cores available {cores} (os.cpu_count {os.cpu_count()}) | load avg {load} | n_jobs {n_jobs} | "
         f"torch threads {torch.get_num_threads()}\n"
         f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-        f"scikit-learn {sklearn.__version__}, openTSNE {openTSNE.__version__}"
+        f"scikit-learn {sklearn.__version__}, openTSNE {openTSNE.__version__}, numba {numba.__version__}"
     )
 
 
@@ -176,10 +177,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="random states of both t-SNEs, one run each per data set; default: the data seed")
     parser.add_argument("--trust-rows", type=int, default=5_000)
     parser.add_argument("--n-jobs", type=int, default=0, help="threads for both (0: all available cores)")
+    parser.add_argument("--gradient", choices=("p3m", "fft"), default="p3m",
+                        help="detlens' schedule from 10,000 points: p3m (the default: P3M gradients after early "
+                             "exaggeration) or fft (the previous one: FFT gradients, then Barnes-Hut)")
     parser.add_argument("--n-iter", type=int, default=None,
-                        help="openTSNE iterations after early exaggeration (the last --polish-iter Barnes-Hut); "
-                             "default: detlens' (220)")
-    parser.add_argument("--polish-iter", type=int, default=None, help="final Barnes-Hut iterations (default: detlens' 120)")
+                        help="openTSNE iterations after early exaggeration, the last --polish-iter of them closing ones; "
+                             "default: detlens' (300 with p3m, 220 with fft)")
+    parser.add_argument("--polish-iter", type=int, default=None,
+                        help="closing iterations at momentum 0.9 and 2 N, Barnes-Hut with fft (default: detlens' "
+                             "200 with p3m, 120 with fft)")
     parser.add_argument("--early-exaggeration-iter", type=int, default=None,
                         help="early-exaggeration iterations (default: detlens' 150 with FFT gradients)")
     parser.add_argument("--ints-in-interval", type=float, default=None,
@@ -188,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--detector", type=int, default=0, metavar="EPOCHS",
                         help="instead: train Faster R-CNN for EPOCHS on synthetic scenes and measure its box features")
     parser.add_argument("--scatter", default=None, help="with --detector: save the trained model's scatter PNG here")
+    parser.add_argument("--gradient-accuracy", action="store_true",
+                        help="instead: the repulsive forces of P3M, Barnes-Hut and FFT interpolation against the exact "
+                             "O(N^2) sum, and the time of one evaluation, on detlens' layouts of each --data-seeds data set")
     parser.add_argument("--early-stop", type=int, nargs="+", default=None, metavar="POINTS",
                         help="instead: at each of these sizes (under 10,000: Barnes-Hut throughout) detlens' t-SNE "
                              "with its KL early stop against all 500 iterations, on each --data-seeds data set")
@@ -200,7 +209,16 @@ def main(argv: list[str] | None = None) -> None:
     n_jobs = args.n_jobs or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(n_jobs)
     print(environment(n_jobs))
+    if args.gradient == "p3m" and not args.early_stop:
+        from detlens.explainers.tsne_p3m import compile_kernels
+
+        # numba compiles the P3M loops once per environment (cache=True) and loads them after that.
+        print(f"P3M loops compiled or loaded from numba's cache in {compile_kernels():.1f} s (not in the times below)")
     seeds = args.data_seeds if args.data_seeds is not None else [args.seed]
+    if args.gradient_accuracy:
+        for seed in seeds:
+            gradient_accuracy(args, seed, n_jobs)
+        return
     if args.early_stop:
         early_stop(args, args.early_stop, seeds, n_jobs)
         return
@@ -224,6 +242,80 @@ def main(argv: list[str] | None = None) -> None:
                 f"(sd {ours.std(ddof=1):.5f}), scikit-learn {theirs.mean():.5f} (sd {theirs.std(ddof=1):.5f}); "
                 f"difference of means {ours.mean() - theirs.mean():+.5f} (standard error {se:.5f})"
             )
+
+
+def gradient_accuracy(args: argparse.Namespace, seed: int, n_jobs: int) -> None:
+    """Relative error of the repulsive forces ``Σ_j q_ij² (y_i - y_j) / Z`` against the exact
+    sum, and milliseconds per evaluation (median of 5), for each method on two of detlens'
+    layouts of the data set: after early exaggeration and 100 P3M iterations, and the final one."""
+    from openTSNE import _tsne  # openTSNE's own gradient routines, as its optimiser calls them
+    from openTSNE.quad_tree import QuadTree
+
+    from detlens.explainers.embeddings import tsne_2d
+    from detlens.explainers.tsne_p3m import repulsion
+
+    features, _ = make_box_features(args.points, args.dims, args.classes, seed)
+    x = torch.from_numpy(features)
+    layouts = {
+        "after 100 iterations": tsne_2d(x, seed=seed, n_jobs=n_jobs, n_iter=100, polish_iter=0),
+        "final": tsne_2d(x, seed=seed, n_jobs=n_jobs),
+    }
+
+    def exact(y: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(y)
+        forces, z = torch.zeros_like(t), 0.0
+        for start in range(0, len(t), 1000):  # O(N^2) in blocks of rows
+            d = t[start:start + 1000, None, :] - t[None, :, :]
+            q = 1.0 / (1.0 + (d**2).sum(-1))
+            q[torch.arange(len(q)), torch.arange(start, start + len(q))] = 0.0
+            z += float(q.sum())
+            forces[start:start + 1000] = ((q**2)[..., None] * d).sum(1)
+        return (forces / z).numpy()
+
+    def bh(theta: float):
+        def run(y: np.ndarray) -> np.ndarray:
+            g = np.zeros_like(y)
+            _tsne.estimate_negative_gradient_bh(QuadTree(y), y, g, theta=theta, dof=1, num_threads=n_jobs,
+                                                pairwise_normalization=True)
+            return -g  # openTSNE writes -forces / Z
+        return run
+
+    def fft(ints_in_interval: float):
+        def run(y: np.ndarray) -> np.ndarray:
+            g = np.zeros_like(y)
+            _tsne.estimate_negative_gradient_fft_2d(y, g, n_interpolation_points=3, min_num_intervals=50,
+                                                    ints_in_interval=ints_in_interval, dof=1)
+            return -g  # the same convention
+        return run
+
+    def p3m(h: float, rc: float):
+        def run(y: np.ndarray) -> np.ndarray:
+            forces, z = repulsion(y, h=h, rc=rc, n_jobs=n_jobs)
+            return forces / z
+        return run
+
+    methods = {
+        "P3M h 0.75, rc 2.5 (detlens' default)": p3m(0.75, 2.5),
+        "P3M h 0.75, rc 3": p3m(0.75, 3.0),
+        "Barnes-Hut theta 0.5": bh(0.5),
+        "Barnes-Hut theta 0.7": bh(0.7),
+        "FFT, 2 units per interval": fft(2.0),
+        "FFT, 1 unit per interval (openTSNE's default)": fft(1.0),
+    }
+    for name, coords in layouts.items():
+        y = coords.double().numpy()
+        truth = exact(y)
+        span = y.max(0) - y.min(0)
+        print(f"data seed {seed}, layout {name} ({len(y):,} points, {span[0]:.0f} x {span[1]:.0f} units):")
+        for label, method in methods.items():
+            method(y)  # warm
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                got = method(y)
+                times.append(time.perf_counter() - start)
+            error = np.linalg.norm(got - truth) / np.linalg.norm(truth)
+            print(f"  {label:<48s} relative error {error:7.2%}   {1000 * np.median(times):6.1f} ms", flush=True)
 
 
 def early_stop(args: argparse.Namespace, sizes: list[int], seeds: list[int], n_jobs: int) -> None:
@@ -271,8 +363,8 @@ def compare(args: argparse.Namespace, seed: int, n_jobs: int, tsne_seed: int) ->
 
     from detlens.explainers.embeddings import (
         FFT_EARLY_EXAGGERATION_ITER,
-        POLISH_ITER,
         _default_n_iter,
+        _polish_iterations,
         class_separation,
         pca,
         trustworthiness_score,
@@ -283,8 +375,8 @@ def compare(args: argparse.Namespace, seed: int, n_jobs: int, tsne_seed: int) ->
     x = torch.from_numpy(features)
     tsne_kwargs = {} if args.ints_in_interval is None else {"ints_in_interval": args.ints_in_interval}
     # detlens' own defaults unless overridden, so the label below names what actually ran.
-    n_iter = args.n_iter if args.n_iter is not None else _default_n_iter("fft")
-    polish = args.polish_iter if args.polish_iter is not None else POLISH_ITER
+    n_iter = args.n_iter if args.n_iter is not None else _default_n_iter(args.gradient)
+    polish = _polish_iterations(args.polish_iter, n_iter, args.gradient)
     early = args.early_exaggeration_iter if args.early_exaggeration_iter is not None else FFT_EARLY_EXAGGERATION_ITER
     print(
         f"data (seed {seed}, t-SNE seed {tsne_seed}): {features.shape[0]:,} x {features.shape[1]:,} float32 features, "
@@ -311,14 +403,13 @@ def compare(args: argparse.Namespace, seed: int, n_jobs: int, tsne_seed: int) ->
     ours, wall_ours, cpu_ours = timed(
         lambda: tsne_2d(
             x, seed=tsne_seed, perplexity=args.perplexity, pca_dims=50, n_jobs=n_jobs,
-            n_iter=n_iter, negative_gradient_method="fft", polish_iter=polish, early_exaggeration_iter=early,
+            n_iter=n_iter, negative_gradient_method=args.gradient, polish_iter=polish, early_exaggeration_iter=early,
             **tsne_kwargs,
         )
     )
-    trust_ours = report(
-        f"detlens: PCA-50, exact kNN, openTSNE {early}+{n_iter - polish} FFT+{polish} BH",
-        ours, wall_ours, cpu_ours
-    )
+    schedule = (f"{early} FFT+{n_iter} P3M" if args.gradient == "p3m"
+                else f"{early}+{n_iter - polish} FFT+{polish} BH")
+    trust_ours = report(f"detlens: PCA-50, exact kNN, openTSNE {schedule}", ours, wall_ours, cpu_ours)
 
     def sklearn_tsne(data: np.ndarray) -> np.ndarray:
         return SklearnTSNE(
