@@ -82,8 +82,9 @@ def test_the_gradient_and_kl_divergence_follow_opentsnes_conventions():
 
 
 def test_results_do_not_depend_on_threads_and_concurrent_callers_are_served_one_at_a_time():
-    # numba's threading layers must not be entered by two threads at once (the workqueue
-    # layer aborts the process): two projections on the media and drain threads must not crash.
+    # numba's workqueue threading layer aborts the process when two threads enter it at once:
+    # two projections on the media and drain threads must each get their result, on one
+    # thread (the serial loops) or several.
     y = layout(2000, seed=2)
     one, z_one = repulsion(y, n_jobs=1)
     two, z_two = repulsion(y, n_jobs=2)
@@ -93,8 +94,8 @@ def test_results_do_not_depend_on_threads_and_concurrent_callers_are_served_one_
 
     def work() -> None:
         try:
-            for _ in range(5):
-                results.append(repulsion(y, n_jobs=2))
+            for jobs in (2, 1, 2, 1, 2):
+                results.append(repulsion(y, n_jobs=jobs))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -105,3 +106,25 @@ def test_results_do_not_depend_on_threads_and_concurrent_callers_are_served_one_
         t.join(timeout=120)
     assert not errors and len(results) == 15
     assert all(np.array_equal(r, one) and z == z_one for r, z in results)
+
+
+ONE_THREAD = """
+import threading, numpy as np, numba
+from detlens.explainers.tsne_p3m import repulsion
+repulsion(np.random.default_rng(0).normal(size=(3000, 2)) * 20, n_jobs=1)
+try:
+    numba.threading_layer()
+except ValueError:  # "Threading layer is not initialized."
+    print("not started", threading.active_count())
+"""
+
+
+def test_one_job_runs_on_the_calling_thread_and_never_starts_numbas_threading_layer():
+    # Its OpenMP backend, even set to one thread, kept an idle worker spinning on a second
+    # core; the callbacks project with n_jobs=1 next to training.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", ONE_THREAD], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["not", "started", "1"]

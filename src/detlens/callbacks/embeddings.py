@@ -72,7 +72,7 @@ class BoxEmbeddingCallback(ProbeCallback):
     rank 0 by the base class (count, pad, gather, trim); rank 0 projects, renders and logs.
     The projection runs on rank 0, off the training thread, in detlens' media worker
     (:mod:`detlens.render.media_jobs`; t-SNE of a few hundred points takes about a second
-    with ``n_jobs=1``, 10,000 points about a minute).
+    with ``n_jobs=1``, 10,000 points 15-20 s on a 2-core machine).
 
     Args:
         method: ``"tsne"`` (openTSNE after PCA-50) or ``"pca"``.

@@ -29,10 +29,14 @@ the FFT iterations and at the end): with the defaults (``h`` 0.75, ``rc`` 2.5) t
 repulsive forces are within 0.9% of the exact sum (Barnes-Hut θ 0.5: 1.4-1.6%), in
 11-13 ms (Barnes-Hut: 39-43 ms); ``rc`` 3: 0.4%, 15-16 ms.
 
-The loops are compiled by numba (``cache=True``: once per environment, a few seconds, then
-loaded from its cache). Every per-point sum runs in a fixed order, so the result does not
-depend on the number of threads. numba's default threading layer must not be entered by
-two threads at once (it aborts the process), so the parallel loops run under a lock.
+The loops are compiled by numba (``cache=True``: once per environment, about 10 s, then
+loaded from its cache in well under a second). With several threads they run on numba's
+threading layer, under a lock (its workqueue backend aborts the process when two threads
+enter it at once); with one (``n_jobs=1``, the callbacks' default) serial twins run on the
+calling thread and the layer is never started (its OpenMP backend kept an idle worker
+spinning on a second core even when set to one thread: about 4 CPU seconds over a
+10,000-point t-SNE). Every per-point sum runs in a fixed order, so the result does not
+depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -101,42 +105,41 @@ def _spread(xs, ys, lox, loy, h, m, grids):  # pragma: no cover - compiled
                 grids[2, k] += w * ys[i]
 
 
-@njit(parallel=True, cache=True)
-def _interpolate(xs, ys, lox, loy, h, m, conv, out):  # pragma: no cover - compiled
-    """``out[c, i]``: the 4 convolved grids ``conv[c]`` at each point, same weights as ``_spread``."""
-    for i in prange(xs.shape[0]):
-        wx = np.empty(4)
-        wy = np.empty(4)
-        ux = (xs[i] - lox) / h
-        uy = (ys[i] - loy) / h
-        ix = int(math.floor(ux))
-        iy = int(math.floor(uy))
-        _lagrange4(ux - ix, wx)
-        _lagrange4(uy - iy, wy)
-        s0 = 0.0
-        s1 = 0.0
-        s2 = 0.0
-        s3 = 0.0
-        for a in range(4):
-            row = (ix - 1 + a) * m
-            for b in range(4):
-                w = wx[a] * wy[b]
-                k = row + iy - 1 + b
-                s0 += w * conv[0, k]
-                s1 += w * conv[1, k]
-                s2 += w * conv[2, k]
-                s3 += w * conv[3, k]
-        out[0, i] = s0
-        out[1, i] = s1
-        out[2, i] = s2
-        out[3, i] = s3
+@njit(nogil=True, cache=True)
+def _interpolate_at(i, xs, ys, lox, loy, h, m, conv, out):  # pragma: no cover - compiled
+    """``out[c, i]``: the 4 convolved grids ``conv[c]`` at point ``i``, same weights as ``_spread``."""
+    wx = np.empty(4)
+    wy = np.empty(4)
+    ux = (xs[i] - lox) / h
+    uy = (ys[i] - loy) / h
+    ix = int(math.floor(ux))
+    iy = int(math.floor(uy))
+    _lagrange4(ux - ix, wx)
+    _lagrange4(uy - iy, wy)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for a in range(4):
+        row = (ix - 1 + a) * m
+        for b in range(4):
+            w = wx[a] * wy[b]
+            k = row + iy - 1 + b
+            s0 += w * conv[0, k]
+            s1 += w * conv[1, k]
+            s2 += w * conv[2, k]
+            s3 += w * conv[3, k]
+    out[0, i] = s0
+    out[1, i] = s1
+    out[2, i] = s2
+    out[3, i] = s3
 
 
-@njit(parallel=True, cache=True)
-def _near(xs, ys, rc, c1, c2, fx_out, fy_out, z_out):  # pragma: no cover - compiled
-    """Exact ``K - K_far`` over the pairs closer than ``rc`` (cell list), per point."""
+@njit(nogil=True, cache=True)
+def _cells(xs, ys, rc):  # pragma: no cover - compiled
+    """Cell list of ``rc``-sized cells: ``(order, start, sorted x, sorted y, ncx, ncy)``; the
+    points of cell ``c`` are ``order[start[c]:start[c + 1]]``."""
     n = xs.shape[0]
-    sc = rc * rc
     xmin = xs.min()
     ymin = ys.min()
     ncx = int((xs.max() - xmin) / rc) + 1
@@ -150,60 +153,104 @@ def _near(xs, ys, rc, c1, c2, fx_out, fy_out, z_out):  # pragma: no cover - comp
         start[cell[i] + 1] += 1
     for c in range(ncx * ncy):
         start[c + 1] += start[c]
-    sx = xs[order]
-    sy = ys[order]
-    for p in prange(n):
-        xi = sx[p]
-        yi = sy[p]
-        cx = int((xi - xmin) / rc)
-        cy = int((yi - ymin) / rc)
-        fx = 0.0
-        fy = 0.0
-        z = 0.0
-        for ax in range(max(cx - 1, 0), min(cx + 2, ncx)):
-            for ay in range(max(cy - 1, 0), min(cy + 2, ncy)):
-                c = ax * ncy + ay
-                for q in range(start[c], start[c + 1]):
-                    if q == p:
-                        continue
-                    dx = xi - sx[q]
-                    dy = yi - sy[q]
-                    s = dx * dx + dy * dy
-                    if s < sc:
-                        k1 = 1.0 / (1.0 + s)
-                        d = s - sc
-                        far1 = ((c1[3] * d + c1[2]) * d + c1[1]) * d + c1[0]
-                        far2 = ((c2[3] * d + c2[2]) * d + c2[1]) * d + c2[0]
-                        near2 = k1 * k1 - far2
-                        z += k1 - far1
-                        fx += near2 * dx
-                        fy += near2 * dy
-        i = order[p]
-        fx_out[i] = fx
-        fy_out[i] = fy
-        z_out[i] = z
+    return order, start, xs[order], ys[order], ncx, ncy
+
+
+@njit(nogil=True, cache=True)
+def _near_at(p, order, start, sx, sy, ncx, ncy, xmin, ymin, rc, c1, c2, fx_out, fy_out, z_out):  # pragma: no cover
+    """Exact ``K - K_far`` over the pairs closer than ``rc`` of the point ``order[p]``."""
+    sc = rc * rc
+    xi = sx[p]
+    yi = sy[p]
+    cx = int((xi - xmin) / rc)
+    cy = int((yi - ymin) / rc)
+    fx = 0.0
+    fy = 0.0
+    z = 0.0
+    for ax in range(max(cx - 1, 0), min(cx + 2, ncx)):
+        for ay in range(max(cy - 1, 0), min(cy + 2, ncy)):
+            c = ax * ncy + ay
+            for q in range(start[c], start[c + 1]):
+                if q == p:
+                    continue
+                dx = xi - sx[q]
+                dy = yi - sy[q]
+                s = dx * dx + dy * dy
+                if s < sc:
+                    k1 = 1.0 / (1.0 + s)
+                    d = s - sc
+                    far1 = ((c1[3] * d + c1[2]) * d + c1[1]) * d + c1[0]
+                    far2 = ((c2[3] * d + c2[2]) * d + c2[1]) * d + c2[0]
+                    near2 = k1 * k1 - far2
+                    z += k1 - far1
+                    fx += near2 * dx
+                    fy += near2 * dy
+    i = order[p]
+    fx_out[i] = fx
+    fy_out[i] = fy
+    z_out[i] = z
+
+
+@njit(nogil=True, cache=True)
+def _attract_at(i, indptr, indices, data, xs, ys, gx, gy, eval_error, kl):  # pragma: no cover - compiled
+    """``g_i = Σ_j p_ij q_ij (y_i - y_j)`` over the CSR affinities; ``kl_i = Σ_j p_ij log(p_ij / q_ij)``."""
+    fx = 0.0
+    fy = 0.0
+    e = 0.0
+    for k in range(indptr[i], indptr[i + 1]):
+        j = indices[k]
+        dx = xs[i] - xs[j]
+        dy = ys[i] - ys[j]
+        q = 1.0 / (1.0 + dx * dx + dy * dy)
+        p = data[k]
+        fx += p * q * dx
+        fy += p * q * dy
+        if eval_error:
+            e += p * math.log((p + 1e-16) / (q + 1e-16))
+    gx[i] = fx
+    gy[i] = fy
+    kl[i] = e
+
+
+# Each per-point loop twice: over numba's threads (prange), and on the calling thread alone
+# for one job, which does not start numba's threading layer (its OpenMP backend kept an idle
+# worker spinning on a second core even when set to one thread).
+
+
+@njit(parallel=True, cache=True)
+def _interpolate(xs, ys, lox, loy, h, m, conv, out):  # pragma: no cover - compiled
+    for i in prange(xs.shape[0]):
+        _interpolate_at(i, xs, ys, lox, loy, h, m, conv, out)
+
+
+@njit(nogil=True, cache=True)
+def _interpolate_1(xs, ys, lox, loy, h, m, conv, out):  # pragma: no cover - compiled
+    for i in range(xs.shape[0]):
+        _interpolate_at(i, xs, ys, lox, loy, h, m, conv, out)
+
+
+@njit(parallel=True, cache=True)
+def _near(order, start, sx, sy, ncx, ncy, xmin, ymin, rc, c1, c2, fx_out, fy_out, z_out):  # pragma: no cover
+    for p in prange(sx.shape[0]):
+        _near_at(p, order, start, sx, sy, ncx, ncy, xmin, ymin, rc, c1, c2, fx_out, fy_out, z_out)
+
+
+@njit(nogil=True, cache=True)
+def _near_1(order, start, sx, sy, ncx, ncy, xmin, ymin, rc, c1, c2, fx_out, fy_out, z_out):  # pragma: no cover
+    for p in range(sx.shape[0]):
+        _near_at(p, order, start, sx, sy, ncx, ncy, xmin, ymin, rc, c1, c2, fx_out, fy_out, z_out)
 
 
 @njit(parallel=True, cache=True)
 def _attract(indptr, indices, data, xs, ys, gx, gy, eval_error, kl):  # pragma: no cover - compiled
-    """``g_i = Σ_j p_ij q_ij (y_i - y_j)`` over the CSR affinities; ``kl_i = Σ_j p_ij log(p_ij / q_ij)``."""
     for i in prange(xs.shape[0]):
-        fx = 0.0
-        fy = 0.0
-        e = 0.0
-        for k in range(indptr[i], indptr[i + 1]):
-            j = indices[k]
-            dx = xs[i] - xs[j]
-            dy = ys[i] - ys[j]
-            q = 1.0 / (1.0 + dx * dx + dy * dy)
-            p = data[k]
-            fx += p * q * dx
-            fy += p * q * dy
-            if eval_error:
-                e += p * math.log((p + 1e-16) / (q + 1e-16))
-        gx[i] = fx
-        gy[i] = fy
-        kl[i] = e
+        _attract_at(i, indptr, indices, data, xs, ys, gx, gy, eval_error, kl)
+
+
+@njit(nogil=True, cache=True)
+def _attract_1(indptr, indices, data, xs, ys, gx, gy, eval_error, kl):  # pragma: no cover - compiled
+    for i in range(xs.shape[0]):
+        _attract_at(i, indptr, indices, data, xs, ys, gx, gy, eval_error, kl)
 
 
 # ---------------------------------------------------------------- kernels and grid
@@ -236,17 +283,28 @@ def _fft_length(n: int) -> int:
     return best
 
 
-@contextmanager
-def _numba_threads(n_jobs: int) -> Iterator[None]:
-    """numba's thread count for the calling thread: ``n_jobs`` (``< 1``: every core numba has)."""
-    before = get_num_threads()
+def _threads(n_jobs: int) -> int:
+    """``n_jobs``, or every thread numba may use for ``n_jobs < 1``, at most that."""
     from numba import config
 
-    set_num_threads(min(int(n_jobs), config.NUMBA_NUM_THREADS) if n_jobs and n_jobs > 0 else config.NUMBA_NUM_THREADS)
-    try:
+    return min(int(n_jobs), config.NUMBA_NUM_THREADS) if n_jobs and n_jobs > 0 else config.NUMBA_NUM_THREADS
+
+
+@contextmanager
+def _numba_threads(threads: int) -> Iterator[None]:
+    """numba's threads for the calling thread, and the lock its threading layer needs
+    (the workqueue backend aborts the process when two threads enter it at once);
+    nothing for one thread, which runs the serial loops."""
+    if threads == 1:
         yield
-    finally:
-        set_num_threads(before)
+        return
+    with _PARALLEL:
+        before = get_num_threads()
+        set_num_threads(threads)
+        try:
+            yield
+        finally:
+            set_num_threads(before)
 
 
 class _FarField:
@@ -273,7 +331,7 @@ class _FarField:
         return self._kernels
 
 
-def _repulsion(xs: np.ndarray, ys: np.ndarray, far: _FarField) -> tuple[np.ndarray, np.ndarray, float]:
+def _repulsion(xs: np.ndarray, ys: np.ndarray, far: _FarField, threads: int) -> tuple[np.ndarray, np.ndarray, float]:
     n = xs.shape[0]
     span = max(float(np.ptp(xs)), float(np.ptp(ys)))
     widen = max(1.0, (span / far.h + 4) / MAX_GRID_NODES)  # see MAX_GRID_NODES
@@ -293,9 +351,12 @@ def _repulsion(xs: np.ndarray, ys: np.ndarray, far: _FarField) -> tuple[np.ndarr
     conv = torch.fft.irfft2(products, s=(length, length))[:, :m, :m].reshape(4, m * m)
     conv = np.ascontiguousarray(conv.double().numpy())
     sums = np.empty((4, n))
-    _interpolate(xs, ys, lox, loy, h, m, conv, sums)
+    (_interpolate_1 if threads == 1 else _interpolate)(xs, ys, lox, loy, h, m, conv, sums)
     near_x, near_y, near_z = np.empty(n), np.empty(n), np.empty(n)
-    _near(xs, ys, rc, c1, c2, near_x, near_y, near_z)
+    order, start, sx, sy, ncx, ncy = _cells(xs, ys, rc)
+    (_near_1 if threads == 1 else _near)(
+        order, start, sx, sy, ncx, ncy, float(xs.min()), float(ys.min()), rc, c1, c2, near_x, near_y, near_z
+    )
     # Z over ordered pairs i != j: the grid's sum includes each point with itself, K_far(0).
     z = float(sums[0].sum() - n * _cubic(c1, -rc * rc) + near_z.sum())
     rx = xs * sums[1] - sums[2] + near_x  # Σ_j q_ij² (x_i - x_j)
@@ -321,8 +382,9 @@ def repulsion(
     y = np.asarray(embedding, dtype=np.float64)
     if y.ndim != 2 or y.shape[1] != 2 or not np.isfinite(y).all():
         raise ValueError(f"embedding must be a finite [N, 2] array, got shape {list(y.shape)}")
-    with _PARALLEL, _numba_threads(n_jobs):
-        rx, ry, z = _repulsion(np.ascontiguousarray(y[:, 0]), np.ascontiguousarray(y[:, 1]), _FarField(h, rc))
+    threads = _threads(n_jobs)
+    with _numba_threads(threads):
+        rx, ry, z = _repulsion(np.ascontiguousarray(y[:, 0]), np.ascontiguousarray(y[:, 1]), _FarField(h, rc), threads)
     return np.stack([rx, ry], 1), z
 
 
@@ -361,9 +423,12 @@ class P3MGradient:
         xs, ys = np.ascontiguousarray(y[:, 0]), np.ascontiguousarray(y[:, 1])
         n = xs.shape[0]
         gx, gy, kl = np.empty(n), np.empty(n), np.empty(n)
-        with _PARALLEL, _numba_threads(n_jobs):
-            rx, ry, z = _repulsion(xs, ys, self._far)
-            _attract(P.indptr, P.indices, P.data, xs, ys, gx, gy, bool(should_eval_error), kl)
+        threads = _threads(n_jobs)
+        with _numba_threads(threads):
+            rx, ry, z = _repulsion(xs, ys, self._far, threads)
+            (_attract_1 if threads == 1 else _attract)(
+                P.indptr, P.indices, P.data, xs, ys, gx, gy, bool(should_eval_error), kl
+            )
         gradient = np.stack([gx - rx / z, gy - ry / z], 1)
         # KL(P || Q) with Q = q / Z: Σ p log(p / q) + log(Z) Σ p, as openTSNE computes it.
         error = float(kl.sum() + P.data.sum() * math.log(z + 1e-16)) if should_eval_error else 0.0
@@ -384,5 +449,6 @@ def compile_kernels() -> float:
     rng = np.random.default_rng(0)
     y = rng.normal(size=(64, 2)) * 3
     p = scipy.sparse.random(64, 64, density=0.1, format="csr", random_state=0)
-    P3MGradient()(y, p, should_eval_error=True)
+    for jobs in (1, 2):  # the serial twins and the parallel loops
+        P3MGradient()(y, p, should_eval_error=True, n_jobs=jobs)
     return time.perf_counter() - start
