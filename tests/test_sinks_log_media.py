@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -487,3 +488,22 @@ def test_drawn_boxes_outline_the_object_and_caption_it_above():
     assert drawn[12, 10:22].any(axis=1).all() and drawn[14:26, 8].any(axis=1).all(), "outline drawn"
     assert not drawn[15:25, 11:21].any(), "the inside of the box stays visible"
     assert drawn[:11].any(), "caption above the box"
+
+
+STUCK_AT_EXIT = """
+import time
+from detlens.sinks import fanout
+fanout._worker().submit(time.sleep, 3600)  # a media build that never ends, on the media thread
+fanout._drain().submit(time.sleep, 3600)  # and one on the drain thread
+time.sleep(0.2)
+print("leaving")
+"""
+
+
+def test_a_media_build_that_never_ends_does_not_keep_the_training_process_from_exiting():
+    # Dropped after DRAIN_TIMEOUT_S, a stuck build still runs on its thread; threads of
+    # concurrent.futures' executors are joined at interpreter exit, the media threads are not.
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", STUCK_AT_EXIT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "leaving", done.stderr[-2000:]
+    assert time.monotonic() - start < 60

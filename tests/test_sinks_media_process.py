@@ -194,9 +194,13 @@ def test_a_worker_that_cannot_start_hands_its_jobs_back_and_is_not_restarted(mon
 
 def test_a_job_past_the_drain_timeout_is_dropped_and_the_stuck_worker_replaced(tmp_path, trainer, monkeypatch, finish_wandb):
     monkeypatch.setattr(fanout, "DRAIN_TIMEOUT_S", 1.0)
+    started = tmp_path / "started"
     with pytest.warns(UserWarning) as record:
-        log_media_later(trainer, functools.partial(sleeps, 600.0), step=1)
+        log_media_later(trainer, functools.partial(signals_and_sleeps, str(started), 600.0), step=1)
         log_media_later(trainer, functools.partial(where_built, 2), step=2)  # queued behind it
+        deadline = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < deadline:  # in the worker, not the drain thread
+            time.sleep(0.05)
         flush_media()
     messages = [str(w.message) for w in record]
     assert any("media of step 1 took over 1 s to build; dropped" in m for m in messages)

@@ -35,7 +35,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -99,11 +100,44 @@ class _Pending:
     build: Callable[[], Media] | None = None  # a media-thread job's build: moved at a stage end if not started
 
 
+class _DaemonWorker:
+    """One daemon thread that runs the calls submitted to it in order, each into a ``Future``.
+
+    Not ``concurrent.futures.ThreadPoolExecutor``: the interpreter joins its threads at exit,
+    so a media build that hangs (dropped after :data:`DRAIN_TIMEOUT_S`, but still running)
+    would keep the training process from exiting. Seen in CI: a stuck job the drain thread
+    had taken held the test process for ten minutes after the last test.
+    """
+
+    def __init__(self, name: str, initializer: Callable[[], None] | None = None) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._initializer = initializer
+        # named as ThreadPoolExecutor names its threads (profiles and logs read the same)
+        threading.Thread(target=self._run, name=f"{name}_0", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        if self._initializer is not None:
+            self._initializer()
+        while True:
+            future, fn, args = self._calls.get()
+            if not future.set_running_or_notify_cancel():  # cancelled while queued
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on it
+                future.set_exception(exc)
+
+
 _pending: deque[_Pending] = deque()
 _lock = threading.Lock()  # guards _pending (callbacks of two Trainers may share a thread)
-_executor: ThreadPoolExecutor | None = None
+_executor: _DaemonWorker | None = None
 _executor_lock = threading.Lock()
-_drain_executor: ThreadPoolExecutor | None = None
+_drain_executor: _DaemonWorker | None = None
 _process: MediaProcess | None = None
 _process_broken = False
 _build_seconds = 0.0
@@ -111,11 +145,11 @@ _build_cpu_seconds = 0.0
 _seconds_lock = threading.Lock()
 
 
-def _worker() -> ThreadPoolExecutor:
+def _worker() -> _DaemonWorker:
     global _executor
     with _executor_lock:  # also called from the media process's reader thread (a job sent back)
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detlens-media", initializer=_lower_priority)
+            _executor = _DaemonWorker("detlens-media", initializer=_lower_priority)
         return _executor
 
 
@@ -382,11 +416,12 @@ def _hand_queued_builds_to_the_drain_thread(items: list[_Pending]) -> None:
         _drain().submit(_help_the_media_process, _process)
 
 
-def _drain() -> ThreadPoolExecutor:
+def _drain() -> _DaemonWorker:
     global _drain_executor
-    if _drain_executor is None:
-        _drain_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detlens-media-drain")
-    return _drain_executor
+    with _executor_lock:
+        if _drain_executor is None:
+            _drain_executor = _DaemonWorker("detlens-media-drain")
+        return _drain_executor
 
 
 def _help_the_media_process(process: MediaProcess) -> None:
