@@ -83,18 +83,25 @@ def _lagrange4(t: float, out: np.ndarray) -> None:  # pragma: no cover - compile
     out[3] = tp1 * t * tm1 / 6.0
 
 
+@njit(nogil=True, cache=True)
+def _stencil(x, y, lox, loy, h, wx, wy):  # pragma: no cover - compiled
+    """Grid column and row of the cell that holds ``(x, y)``; its 4 + 4 weights into ``wx``, ``wy``."""
+    ux = (x - lox) / h
+    uy = (y - loy) / h
+    ix = int(math.floor(ux))
+    iy = int(math.floor(uy))
+    _lagrange4(ux - ix, wx)
+    _lagrange4(uy - iy, wy)
+    return ix, iy
+
+
 @njit(cache=True)
 def _spread(xs, ys, lox, loy, h, m, grids):  # pragma: no cover - compiled
     """Adds each point's charges 1, x, y to its 4 x 4 nodes of the ``m x m`` grid (flat)."""
     wx = np.empty(4)
     wy = np.empty(4)
     for i in range(xs.shape[0]):
-        ux = (xs[i] - lox) / h
-        uy = (ys[i] - loy) / h
-        ix = int(math.floor(ux))
-        iy = int(math.floor(uy))
-        _lagrange4(ux - ix, wx)
-        _lagrange4(uy - iy, wy)
+        ix, iy = _stencil(xs[i], ys[i], lox, loy, h, wx, wy)
         for a in range(4):
             row = (ix - 1 + a) * m
             for b in range(4):
@@ -110,12 +117,7 @@ def _interpolate_at(i, xs, ys, lox, loy, h, m, conv, out):  # pragma: no cover -
     """``out[c, i]``: the 4 convolved grids ``conv[c]`` at point ``i``, same weights as ``_spread``."""
     wx = np.empty(4)
     wy = np.empty(4)
-    ux = (xs[i] - lox) / h
-    uy = (ys[i] - loy) / h
-    ix = int(math.floor(ux))
-    iy = int(math.floor(uy))
-    _lagrange4(ux - ix, wx)
-    _lagrange4(uy - iy, wy)
+    ix, iy = _stencil(xs[i], ys[i], lox, loy, h, wx, wy)
     s0 = 0.0
     s1 = 0.0
     s2 = 0.0
