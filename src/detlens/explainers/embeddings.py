@@ -269,7 +269,7 @@ def tsne_2d(
     leaving Barnes-Hut), early exaggeration on openTSNE's FFT-accelerated gradients (FIt-SNE
     interpolation, O(N) per iteration) followed by detlens' P3M gradients
     (:mod:`detlens.explainers.tsne_p3m`: a grid for the far field, exact pairs near; more
-    accurate than Barnes-Hut and about 3x faster at 10,000 points). ``learning_rate="auto"``
+    accurate than Barnes-Hut and 2-3.5x faster per iteration at 10,000 points). ``learning_rate="auto"``
     (N / exaggeration; the closing iterations use their own, see ``polish_learning_rate``), exact neighbours up to
     :data:`EXACT_NEIGHBOURS_ROWS` points (approximate ones, Annoy, above), and PCA
     initialisation (the first two PCA scores, rescaled to std 1e-4 and jittered from
@@ -301,7 +301,7 @@ def tsne_2d(
             with Barnes-Hut throughout. On 10,000 x 1,024 box features
             (``benchmarks/embedding_projection.py``, the default data set, four seeds),
             P3M's 100 + 250 iterations reached trustworthiness 0.99914-0.99916, above
-            scikit-learn's (0.99912-0.99914) for every seed, in 8.4-9 s (KL ~1.07); the
+            scikit-learn's (0.99912-0.99914) for every seed, in 8.4-10 s (KL 1.06); the
             FFT schedule's 100 FFT + 120 Barnes-Hut iterations 0.99911 (KL 1.16) in 10.6 s.
         polish_momentum, polish_learning_rate: the closing iterations' momentum and
             learning rate; ``None``: ``2 * N``, twice openTSNE's ``"auto"`` (N / 1). On

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-import queue
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -122,7 +122,10 @@ class _DaemonWorker:
 
     def _run(self) -> None:
         if self._initializer is not None:
-            self._initializer()
+            try:
+                self._initializer()
+            except Exception:  # noqa: BLE001 - a priority left as it was; the jobs still run
+                pass
         while True:
             future, fn, args = self._calls.get()
             if not future.set_running_or_notify_cancel():  # cancelled while queued
