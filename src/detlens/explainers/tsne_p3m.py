@@ -139,8 +139,8 @@ def _interpolate_at(i, xs, ys, lox, loy, h, m, conv, out):  # pragma: no cover -
 
 @njit(nogil=True, cache=True)
 def _cells(xs, ys, rc):  # pragma: no cover - compiled
-    """Cell list of ``rc``-sized cells: ``(order, start, sorted x, sorted y, ncx, ncy)``; the
-    points of cell ``c`` are ``order[start[c]:start[c + 1]]``."""
+    """Cell list of ``rc``-sized cells from ``(xmin, ymin)``: ``(order, start, sorted x, sorted y,
+    ncx, ncy, xmin, ymin)``; the points of cell ``c`` are ``order[start[c]:start[c + 1]]``."""
     n = xs.shape[0]
     xmin = xs.min()
     ymin = ys.min()
@@ -155,7 +155,7 @@ def _cells(xs, ys, rc):  # pragma: no cover - compiled
         start[cell[i] + 1] += 1
     for c in range(ncx * ncy):
         start[c + 1] += start[c]
-    return order, start, xs[order], ys[order], ncx, ncy
+    return order, start, xs[order], ys[order], ncx, ncy, xmin, ymin
 
 
 @njit(nogil=True, cache=True)
@@ -355,10 +355,7 @@ def _repulsion(xs: np.ndarray, ys: np.ndarray, far: _FarField, threads: int) -> 
     sums = np.empty((4, n))
     (_interpolate_1 if threads == 1 else _interpolate)(xs, ys, lox, loy, h, m, conv, sums)
     near_x, near_y, near_z = np.empty(n), np.empty(n), np.empty(n)
-    order, start, sx, sy, ncx, ncy = _cells(xs, ys, rc)
-    (_near_1 if threads == 1 else _near)(
-        order, start, sx, sy, ncx, ncy, float(xs.min()), float(ys.min()), rc, c1, c2, near_x, near_y, near_z
-    )
+    (_near_1 if threads == 1 else _near)(*_cells(xs, ys, rc), rc, c1, c2, near_x, near_y, near_z)
     # Z over ordered pairs i != j: the grid's sum includes each point with itself, K_far(0).
     z = float(sums[0].sum() - n * _cubic(c1, -rc * rc) + near_z.sum())
     rx = xs * sums[1] - sums[2] + near_x  # Σ_j q_ij² (x_i - x_j)
@@ -402,10 +399,7 @@ class P3MGradient:
     def __init__(self, h: float = GRID_SPACING, rc: float = CUTOFF) -> None:
         if not h > 0 or not rc > 0:
             raise ValueError(f"h and rc must be > 0, got h={h}, rc={rc}")
-        self.h, self.rc = float(h), float(rc)
         self._far = _FarField(h, rc)
-        self.seconds = 0.0  # time spent in __call__, for benchmarks
-        self.calls = 0
 
     def __call__(
         self,
@@ -420,7 +414,6 @@ class P3MGradient:
         """``(KL divergence or 0.0, gradient float64[N, 2])`` as openTSNE's own ``kl_divergence_*``."""
         if reference_embedding is not None or dof != 1 or np.ndim(embedding) != 2 or np.shape(embedding)[1] != 2:
             raise NotImplementedError("P3MGradient optimises a 2-D embedding on its own with dof=1")
-        start = time.perf_counter()
         y = np.asarray(embedding, dtype=np.float64)
         xs, ys = np.ascontiguousarray(y[:, 0]), np.ascontiguousarray(y[:, 1])
         n = xs.shape[0]
@@ -434,8 +427,6 @@ class P3MGradient:
         gradient = np.stack([gx - rx / z, gy - ry / z], 1)
         # KL(P || Q) with Q = q / Z: Σ p log(p / q) + log(Z) Σ p, as openTSNE computes it.
         error = float(kl.sum() + P.data.sum() * math.log(z + 1e-16)) if should_eval_error else 0.0
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
         return error, gradient
 
 
