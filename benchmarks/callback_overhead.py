@@ -14,20 +14,25 @@ peak RSS is measured per run, and prints the overhead as a percentage of wall ti
 
 Both runs use the same seed and data; W&B runs offline into a temporary folder. The
 figure includes everything the callbacks cost: explaining, rendering and logging media.
-On a shared 2-core machine one fit's wall time varies by several percent from run to
-run, more than the overhead being measured, so the fits alternate (without, with, with,
-without, ...) and the medians are compared, next to each repeat's pair of back-to-back
-fits (the machine's speed also drifts over minutes); CPU time (the fit process, its data workers
-and detlens' media process) is printed too, as it depends less on what else the machine
-is doing. Peak RSS is the fit process's; detlens' media process's is printed beside it.
+
+On a shared 2-core machine one fit's wall time varies by ±10% from run to run (the same fit
+took 83-120 s within an hour), more than the overhead being measured, so two figures are
+printed. ``callback overhead`` is counted inside each pair of fits (see
+:func:`_in_fit_overhead`): the training thread's time in detlens hooks, the difference in
+the time outside the loop's iterations, and for the iterations in which detlens worked
+outside its hooks (a media build beside them, or reading their forward) how much slower they
+were than their neighbours, against the same iterations of the fit without callbacks; the
+same count between two fits without callbacks shows what noise alone gives. ``wall time``
+compares the fits' wall times directly (the fits alternate: without, with, with, without,
+...; medians and back-to-back pairs). CPU time (the fit process, its data workers and
+detlens' media process) is printed too. Peak RSS is the fit process's; detlens' media
+process's is printed beside it.
 
 Where the time goes, per variant: the fit's phases (startup, the training loop, what
 follows it: the media drain at teardown and ``wandb.finish``), the training batches and
-validation steps inside the loop (the same work in both variants, so any difference is
-cores, or with ``--media-worker thread`` the GIL, shared with detlens' media worker; see
-``media_thread_contention.py``), and
-the training thread's time inside each detlens callback's hooks (Lightning's
-``SimpleProfiler``).
+validation steps inside the loop, and the training thread's time inside each detlens
+callback's hooks (Lightning's ``SimpleProfiler``, extended to keep when each hook, batch and
+step ran: :class:`TimelineProfiler`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import yaml
+from pytorch_lightning.profilers import SimpleProfiler
 
 REPO = Path(__file__).resolve().parents[1]
 DETLENS_CALLBACKS = (
@@ -65,6 +71,54 @@ class PhaseTimer(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         PhaseTimer.marks["train_end"] = time.perf_counter()
+
+
+def _detlens_hook(action: str) -> bool:
+    return action.startswith("[Callback]") and action[len("[Callback]"):].startswith(DETLENS_CALLBACKS)
+
+
+def _step_kind(action: str) -> str | None:
+    if action == "run_training_batch":
+        return "train"
+    if action.startswith("[Strategy]") and action.endswith(".validation_step"):
+        return "val"
+    return None
+
+
+class TimelineProfiler(SimpleProfiler):
+    """Lightning's ``SimpleProfiler`` (``callback_overhead.TimelineProfiler``, both variants) that
+    also keeps when each training batch, validation step and detlens hook started and ended."""
+
+    timeline: list[tuple[str, float, float]] = []
+
+    def stop(self, action_name: str) -> None:
+        start = self.current_actions.get(action_name)
+        super().stop(action_name)
+        if start is not None and (_step_kind(action_name) or _detlens_hook(action_name)):
+            TimelineProfiler.timeline.append((action_name, start, start + self.recorded_durations[action_name][-1]))
+
+
+def _iterations(
+    timeline: list[tuple[str, float, float]], builds: list[tuple[float, float]], arms: list[float]
+) -> list[dict]:
+    """The fit's loop iterations: from one training batch (or validation step) to the next of the
+    same loop run, each with its time less the detlens hooks inside it (``net_s``) and whether
+    detlens worked during it outside its hooks (``detlens``): a media build ran, or detlens read
+    the iteration's forward (an observer or attention monitor armed before its step, ``arms``).
+    The last iteration of each loop run is left out (what follows it is the loop's end, not an
+    iteration)."""
+    steps = sorted((start, kind) for action, start, _ in timeline if (kind := _step_kind(action)))
+    hooks = [(start, end) for action, start, end in timeline if _detlens_hook(action)]
+    read = {min((s for s, _ in steps if s > t), default=None) for t in arms}  # the step each arming read
+    out, segment = [], 0
+    for (start, kind), (following, next_kind) in zip(steps, steps[1:]):
+        if next_kind != kind:
+            segment += 1
+            continue
+        in_hooks = sum(max(0.0, min(end, following) - max(begin, start)) for begin, end in hooks)
+        out.append({"kind": kind, "segment": segment, "net_s": following - start - in_hooks,
+                    "detlens": start in read or any(begin < following and end > start for begin, end in builds)})
+    return out
 
 
 CADENCE_ARGS = ("every_n_epochs", "every_n_steps", "every_n_train_steps")
@@ -112,8 +166,30 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
             for field in ("ru_utime", "ru_stime")
         )
 
+    from detlens.adapters.observe import ForwardObserver
+    from detlens.explainers.attention import EntropyMonitor
     from detlens.sinks.fanout import media_thread_cpu_seconds, media_thread_seconds
 
+    builds: list[tuple[float, float]] = []  # when the media (or drain) thread built a payload
+    build_timed = fanout._build_timed
+
+    def recorded(fn, arg):  # type: ignore[no-untyped-def]
+        begin = time.perf_counter()
+        try:
+            return build_timed(fn, arg)
+        finally:
+            builds.append((begin, time.perf_counter()))
+
+    fanout._build_timed = recorded
+    arms: list[float] = []  # when detlens armed a reader of the next forward (inside the iterations)
+    for owner in (ForwardObserver, EntropyMonitor):
+        method = "__enter__" if owner is ForwardObserver else "arm"
+
+        def timed(self, *a, _original=getattr(owner, method), **k):  # type: ignore[no-untyped-def]
+            arms.append(time.perf_counter())
+            return _original(self, *a, **k)
+
+        setattr(owner, method, timed)
     start, cpu_start = time.perf_counter(), cpu_s()
     cli = build_cli(["fit", "--config", config_path])
     if wandb.run is not None:
@@ -127,7 +203,8 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
         fanout._process.close()
     end = time.perf_counter()
     wall, cpu = end - start, cpu_s() - cpu_start
-    marks = importlib.import_module("callback_overhead").PhaseTimer.marks  # the module jsonargparse imported, not __main__
+    module = importlib.import_module("callback_overhead")  # the module jsonargparse imported, not __main__
+    marks = module.PhaseTimer.marks
     phases = {
         "startup": marks["train_start"] - start,  # imports, data, W&B run, probe sets
         "training loop": marks["train_end"] - marks["train_start"],  # steps, validation, logging events
@@ -157,8 +234,59 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
                     "media_process_peak_rss_mib": media_process_peak_mib, "metrics": metrics,
                     "hooks_s": hooks_s, "hooks_by_callback_s": per_callback, "hooks_by_hook_s": per_hook,
                     "media_thread_s": media_thread_seconds(), "media_thread_cpu_s": media_thread_cpu_seconds(),
-                    "phases_s": phases, "batches_s": batches_s})
+                    "phases_s": phases, "batches_s": batches_s,
+                    "iterations": _iterations(module.TimelineProfiler.timeline, builds, arms),
+                    "media_process": fanout._process is not None})
     )
+
+
+NEIGHBOURS = 10  # iterations away from media builds that make an iteration's local baseline
+
+
+def _in_fit_overhead(with_run: dict, without_run: dict, flags: list[bool] | None = None) -> dict[str, float] | None:
+    """The overhead of one pair of fits, counted from what happens inside them, not from their
+    wall times alone (which vary by more than the overhead from fit to fit on a shared machine):
+
+    * the training thread's time in detlens hooks (Lightning's profiler), plus
+    * the difference in the time outside the loop's iterations (start-up, epoch ends,
+      teardown; hooks taken out; a few seconds, so the machine's speed moves it little), plus
+    * for each iteration in which detlens worked outside its hooks (a media build, or reading
+      the forward): how much longer it took than the nearby iterations of the same loop run in
+      which detlens did nothing, less the same difference at the same iterations of the fit
+      without callbacks (difference in differences: slow spells of the machine longer than a
+      few iterations cancel, and so does whatever makes those iterations slow in both fits).
+
+    The iterations in which detlens did nothing count as costing nothing: ``speed_ratio``, their
+    median time with / without, shows how far the machine's speed differed between the fits.
+    ``flags`` (default: the with-fit's own): which iterations to count as detlens', for the same
+    count between two fits without callbacks (noise alone). None when the fits ran different
+    iterations or the media ran in the media process (its builds are not timed here)."""
+    w, b = with_run["iterations"], without_run["iterations"]
+    if with_run.get("media_process") or len(w) != len(b) or any(
+        x["kind"] != y["kind"] or x["segment"] != y["segment"] for x, y in zip(w, b)
+    ):
+        return None
+    flags = [it["detlens"] for it in w] if flags is None else flags
+    if len(flags) != len(w):
+        return None
+
+    def excess(run: list[dict], i: int) -> float:
+        quiet = [j for j, it in enumerate(run) if not flags[j] and it["segment"] == run[i]["segment"]]
+        nearest = sorted(quiet, key=lambda j: abs(j - i))[:NEIGHBOURS]
+        return run[i]["net_s"] - statistics.median(run[j]["net_s"] for j in nearest) if nearest else 0.0
+
+    worked = [i for i in range(len(w)) if flags[i]]
+    in_iterations = sum(excess(w, i) - excess(b, i) for i in worked)
+    rest_with = with_run["wall_s"] - with_run["hooks_s"] - sum(it["net_s"] for it in w)
+    rest_without = without_run["wall_s"] - without_run["hooks_s"] - sum(it["net_s"] for it in b)
+    quiet = [i for i in range(len(w)) if not flags[i]]
+    estimate = with_run["hooks_s"] + (rest_with - rest_without) + in_iterations
+    return {
+        "estimate_s": estimate, "percent": 100.0 * estimate / without_run["wall_s"], "hooks_s": with_run["hooks_s"],
+        "rest_s": rest_with - rest_without, "in_iterations_s": in_iterations, "worked": len(worked),
+        "iterations": len(w),
+        "speed_ratio": statistics.median(w[i]["net_s"] / b[i]["net_s"] for i in quiet) if quiet else float("nan"),
+    }
 
 
 def _run_variant(name: str, config: dict, niceness: str, worker: str, workdir: Path, torch_threads: int | None) -> dict:
@@ -203,6 +331,7 @@ def main() -> None:
         help="default: every detlens callback at its default cadence (what issue 7 measures; the demo config "
              "logs the attention entropy every 10 steps instead of 50); config: the cadence the config sets",
     )
+    parser.add_argument("--save-runs", metavar="JSON", help="also write every fit's measurements (iterations included) to JSON")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -223,7 +352,7 @@ def main() -> None:
             config["data"]["init_args"]["root"] = str((REPO / data_root).resolve())
         trainer["logger"]["init_args"]["save_dir"] = str(workdir)
         # Both variants: per-hook timings (a few microseconds per hook), written to a file, not printed.
-        trainer["profiler"] = {"class_path": "pytorch_lightning.profilers.SimpleProfiler",
+        trainer["profiler"] = {"class_path": "callback_overhead.TimelineProfiler",
                                "init_args": {"dirpath": str(workdir), "filename": "hooks"}}
         trainer["callbacks"] = [{"class_path": "callback_overhead.PhaseTimer"}] + (trainer.get("callbacks") or [])
         variants = {"without": (_strip_detlens_callbacks(json.loads(json.dumps(config))), "default", "auto")}
@@ -238,6 +367,9 @@ def main() -> None:
             order = list(variants) if i % 2 == 0 else list(reversed(variants))
             for name in order:
                 runs[name].append(_run_variant(name, *variants[name], workdir, args.torch_threads))
+
+    if args.save_runs:
+        Path(args.save_runs).write_text(json.dumps(runs))
 
     def median(name: str, field: str) -> float:
         return statistics.median(r[field] for r in runs[name])
@@ -260,8 +392,33 @@ def main() -> None:
         label = "" if name == "with" else f" [{name}]"
         full_wall, full_cpu = median(name, "wall_s"), median(name, "cpu_s")
         full_rss = max(r["peak_rss_mib"] for r in runs[name])
-        print(f"callback overhead{label}: {100.0 * (full_wall - base_wall) / base_wall:.1f}% of wall time "
-              f"({100.0 * (full_cpu - base_cpu) / base_cpu:.1f}% of CPU time)")
+        in_fit = [_in_fit_overhead(w, b) for w, b in zip(runs[name], runs["without"])]
+        if all(in_fit):
+            print(f"callback overhead{label}: {statistics.median(e['percent'] for e in in_fit):.1f}% of wall time, "
+                  f"counted inside each pair of fits (median of {len(in_fit)}: "
+                  + ", ".join(f"{e['percent']:.1f}%" for e in in_fit) + ")")
+            for e in in_fit:
+                print(f"  {e['estimate_s']:.2f} s = detlens hooks {e['hooks_s']:.2f} s + outside the loop's iterations "
+                      f"{e['rest_s']:+.2f} s + the {e['worked']} of {e['iterations']} iterations detlens worked in "
+                      f"{e['in_iterations_s']:+.2f} s")
+            without = runs["without"]
+            placebo = [  # the same count between two fits without callbacks: what noise alone gives
+                _in_fit_overhead(without[j], without[i], [it["detlens"] for it in runs[name][j]["iterations"]])
+                for i in range(len(without)) for j in range(i + 1, len(without))
+            ]
+            if placebo and all(placebo):
+                print("  the same count between two fits without callbacks (noise alone): " + ", ".join(
+                    f"{e['percent']:+.1f}%" for e in placebo))
+            ratios = [e["speed_ratio"] for e in in_fit]
+            print("  not counted: the iterations detlens did not work in, median time with / without callbacks "
+                  + ", ".join(f"{r:.3f}" for r in ratios) + f" (median {statistics.median(ratios):.3f})"
+                  + ("; between fits without callbacks " + ", ".join(f"{e['speed_ratio']:.3f}" for e in placebo)
+                     if placebo and all(placebo) else ""))
+        else:
+            print(f"callback overhead{label}: {100.0 * (full_wall - base_wall) / base_wall:.1f}% of wall time "
+                  "(medians of the fits' wall times; not counted inside the fits: the media process's builds are not timed)")
+        print(f"wall time{label}, with callbacks against without: {100.0 * (full_wall - base_wall) / base_wall:+.1f}% "
+              f"(medians; CPU time {100.0 * (full_cpu - base_cpu) / base_cpu:+.1f}%)")
         # The machine's speed drifts over minutes: each repeat's two fits ran back to back.
         paired = [100.0 * (w["wall_s"] - b["wall_s"]) / b["wall_s"] for w, b in zip(runs[name], runs["without"])]
         print("  paired, each fit with callbacks against the fit without next to it: "
