@@ -240,7 +240,7 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
     )
 
 
-NEIGHBOURS = 10  # iterations away from media builds that make an iteration's local baseline
+NEIGHBOURS = 10  # the nearest iterations detlens did nothing in that make an iteration's local baseline
 
 
 def _in_fit_overhead(with_run: dict, without_run: dict, flags: list[bool] | None = None) -> dict[str, float] | None:
