@@ -32,12 +32,14 @@ Where the time goes, per variant: the fit's phases (startup, the training loop, 
 follows it: the media drain at teardown and ``wandb.finish``), the training batches and
 validation steps inside the loop, and the training thread's time inside each detlens
 callback's hooks (Lightning's ``SimpleProfiler``, extended to keep when each hook, batch and
-step ran: :class:`TimelineProfiler`).
+step ran: :class:`TimelineProfiler`), and Python's garbage collections in the training loop
+(the one cost that could fall into the iterations detlens runs nothing in).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import inspect
 import json
@@ -47,6 +49,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -121,6 +124,16 @@ def _iterations(
     return out
 
 
+def _gc_in_loop(collections: list[tuple[int, float, float]], marks: dict[str, float]) -> dict[str, float]:
+    """Python's garbage collections during the training loop (any thread): count and seconds,
+    all generations and the full (generation 2) ones. The one cost of the callbacks that can
+    fall into iterations in which detlens runs nothing: its imports and objects make every full
+    collection longer, whichever thread triggers it."""
+    inside = [(g, b, e) for g, b, e in collections if marks["train_start"] <= b <= marks["train_end"]]
+    return {"n": len(inside), "s": sum(e - b for _, b, e in inside),
+            "full_n": sum(g == 2 for g, _, _ in inside), "full_s": sum(e - b for g, b, e in inside if g == 2)}
+
+
 CADENCE_ARGS = ("every_n_epochs", "every_n_steps", "every_n_train_steps")
 
 
@@ -190,6 +203,16 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
             return _original(self, *a, **k)
 
         setattr(owner, method, timed)
+    collections: list[tuple[int, float, float]] = []  # Python's garbage collector: generation, start, end
+    collecting: dict[int, float] = {}
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            collecting[threading.get_ident()] = time.perf_counter()
+        elif threading.get_ident() in collecting:
+            collections.append((info["generation"], collecting.pop(threading.get_ident()), time.perf_counter()))
+
+    gc.callbacks.append(on_gc)
     start, cpu_start = time.perf_counter(), cpu_s()
     cli = build_cli(["fit", "--config", config_path])
     if wandb.run is not None:
@@ -236,7 +259,8 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
                     "media_thread_s": media_thread_seconds(), "media_thread_cpu_s": media_thread_cpu_seconds(),
                     "phases_s": phases, "batches_s": batches_s,
                     "iterations": _iterations(module.TimelineProfiler.timeline, builds, arms),
-                    "media_process": fanout._process is not None})
+                    "media_process": fanout._process is not None,
+                    "gc": _gc_in_loop(collections, marks)})
     )
 
 
@@ -423,6 +447,12 @@ def main() -> None:
         paired = [100.0 * (w["wall_s"] - b["wall_s"]) / b["wall_s"] for w, b in zip(runs[name], runs["without"])]
         print("  paired, each fit with callbacks against the fit without next to it: "
               + ", ".join(f"{p:+.1f}%" for p in paired) + f" (median {statistics.median(paired):+.1f}%)")
+        gc_with, gc_without = ({k: statistics.median(r["gc"][k] for r in runs[v]) for k in ("n", "s", "full_n", "full_s")}
+                               for v in (name, "without"))
+        print(f"Python's garbage collector in the training loop: with callbacks {gc_with['s']:.2f} s "
+              f"({gc_with['n']:.0f} collections, {gc_with['full_n']:.0f} full: {gc_with['full_s']:.2f} s), "
+              f"without {gc_without['s']:.2f} s ({gc_without['n']:.0f}, {gc_without['full_n']:.0f} full: "
+              f"{gc_without['full_s']:.2f} s) (medians)")
         print(f"training thread inside detlens hooks: median {median(name, 'hooks_s'):.1f} s per fit "
               f"({100.0 * median(name, 'hooks_s') / base_wall:.1f}% of the fit without callbacks); "
               f"media worker building W&B media: {median(name, 'media_thread_s'):.1f} s per fit"
