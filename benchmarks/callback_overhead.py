@@ -338,6 +338,18 @@ def _in_fit_overhead(with_run: dict, without_run: dict, flags: list[bool] | None
     }
 
 
+def _later_over_first(run: dict) -> float | None:
+    """The median time of the last training epoch's iterations detlens did not work in over the
+    first's (the first has had no logging event yet): above the fits without callbacks' ratio,
+    something the callbacks leave behind slows the training steps that the count cannot see."""
+    train = [it for it in run["iterations"] if it["kind"] == "train" and not it["detlens"]]
+    segments = sorted({it["segment"] for it in train})
+    if len(segments) < 2:
+        return None
+    first, last = ([it["net_s"] for it in train if it["segment"] == s] for s in (segments[0], segments[-1]))
+    return statistics.median(last) / statistics.median(first)
+
+
 def _run_variant(name: str, config: dict, niceness: str, worker: str, workdir: Path, torch_threads: int | None) -> dict:
     slug = "".join(c if c.isalnum() else "_" for c in name)
     config_path = workdir / f"{slug}.yaml"
@@ -443,8 +455,8 @@ def main() -> None:
         full_rss = max(r["peak_rss_mib"] for r in runs[name])
         in_fit = [_in_fit_overhead(w, b) for w, b in zip(runs[name], runs["without"])]
         if all(in_fit):
-            print(f"callback overhead{label}: {statistics.median(e['percent'] for e in in_fit):.1f}% of wall time, "
-                  f"counted inside each pair of fits (median of {len(in_fit)}: "
+            print(f"callback overhead{label} counted inside the fits (what detlens' own work costs; see 'not counted'): "
+                  f"{statistics.median(e['percent'] for e in in_fit):.1f}% of wall time (median of {len(in_fit)} pairs: "
                   + ", ".join(f"{e['percent']:.1f}%" for e in in_fit) + ")")
             for e in in_fit:
                 print(f"  {e['estimate_s']:.2f} s = detlens hooks {e['hooks_s']:.2f} s + outside the loop's iterations "
@@ -463,10 +475,15 @@ def main() -> None:
                   + ", ".join(f"{r:.3f}" for r in ratios) + f" (median {statistics.median(ratios):.3f})"
                   + ("; between fits without callbacks " + ", ".join(f"{e['speed_ratio']:.3f}" for e in placebo)
                      if placebo and all(placebo) else ""))
+            later = {v: [_later_over_first(r) for r in runs[v]] for v in (name, "without")}
+            if all(x is not None for x in later[name] + later["without"]):
+                print("  the same iterations, the last training epoch's median over the first's (before any logging event): "
+                      f"with callbacks {', '.join(f'{x:.3f}' for x in later[name])} (median {statistics.median(later[name]):.3f}), "
+                      f"without {', '.join(f'{x:.3f}' for x in later['without'])} (median {statistics.median(later['without']):.3f})")
         else:
             print(f"callback overhead{label}: {100.0 * (full_wall - base_wall) / base_wall:.1f}% of wall time "
                   "(medians of the fits' wall times; not counted inside the fits: they ran different iterations)")
-        print(f"wall time{label}, with callbacks against without: {100.0 * (full_wall - base_wall) / base_wall:+.1f}% "
+        print(f"callback overhead{label} by the fits' wall times: {100.0 * (full_wall - base_wall) / base_wall:+.1f}% "
               f"(medians; CPU time {100.0 * (full_cpu - base_cpu) / base_cpu:+.1f}%)")
         # The machine's speed drifts over minutes: each repeat's two fits ran back to back.
         paired = [100.0 * (w["wall_s"] - b["wall_s"]) / b["wall_s"] for w, b in zip(runs[name], runs["without"])]
