@@ -17,14 +17,16 @@ figure includes everything the callbacks cost: explaining, rendering and logging
 
 On a shared 2-core machine one fit's wall time varies by ±10% from run to run (the same fit
 took 83-120 s within an hour), more than the overhead being measured, so two figures are
-printed. ``callback overhead`` is counted inside each pair of fits (see
+printed. ``callback overhead counted inside the fits`` is what detlens' own work costs (see
 :func:`_in_fit_overhead`): the training thread's time in detlens hooks, the difference in
 the time outside the loop's iterations, and for the iterations in which detlens worked
 outside its hooks (a media build beside them, or reading their forward) how much slower they
 were than their neighbours, against the same iterations of the fit without callbacks; the
-same count between two fits without callbacks shows what noise alone gives. ``wall time``
-compares the fits' wall times directly (the fits alternate: without, with, with, without,
-...; medians and back-to-back pairs). CPU time (the fit process, its data workers and
+same count between two fits without callbacks shows what noise alone gives. It counts the
+iterations in which detlens ran nothing as free; the median time of those, with / without
+callbacks, and of the last training epoch's over the first's, are printed to show where that
+fails. ``callback overhead by the fits' wall times`` compares the fits directly (they alternate:
+without, with, with, without, ...; medians and back-to-back pairs). CPU time (the fit process, its data workers and
 detlens' media process) is printed too. Peak RSS is the fit process's; detlens' media
 process's is printed beside it.
 
