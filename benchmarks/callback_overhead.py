@@ -222,8 +222,7 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
     media_process.MediaProcess._ensure_started = started
     media_process._settle = settled
     arms: list[float] = []  # when detlens armed a reader of the next forward (inside the iterations)
-    for owner in (ForwardObserver, EntropyMonitor):
-        method = "__enter__" if owner is ForwardObserver else "arm"
+    for owner, method in ((ForwardObserver, "__enter__"), (EntropyMonitor, "arm")):
 
         def timed(self, *a, _original=getattr(owner, method), **k):  # type: ignore[no-untyped-def]
             arms.append(time.perf_counter())
@@ -286,7 +285,6 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
                     "media_thread_s": media_thread_seconds(), "media_thread_cpu_s": media_thread_cpu_seconds(),
                     "phases_s": phases, "batches_s": batches_s,
                     "iterations": _iterations(module.TimelineProfiler.timeline, builds, arms),
-                    "media_process": fanout._process is not None,
                     "gc": _gc_in_loop(collections, marks)})
     )
 
@@ -321,13 +319,15 @@ def _in_fit_overhead(with_run: dict, without_run: dict, flags: list[bool] | None
     if len(flags) != len(w):
         return None
 
-    def excess(run: list[dict], i: int) -> float:
-        quiet = [j for j, it in enumerate(run) if not flags[j] and it["segment"] == run[i]["segment"]]
-        nearest = sorted(quiet, key=lambda j: abs(j - i))[:NEIGHBOURS]
+    def excess(run: list[dict], i: int, nearest: list[int]) -> float:
         return run[i]["net_s"] - statistics.median(run[j]["net_s"] for j in nearest) if nearest else 0.0
 
     worked = [i for i in range(len(w)) if flags[i]]
-    in_iterations = sum(excess(w, i) - excess(b, i) for i in worked)
+    in_iterations = 0.0
+    for i in worked:  # the same neighbours in both fits (their iterations match)
+        quiet = [j for j, it in enumerate(w) if not flags[j] and it["segment"] == w[i]["segment"]]
+        nearest = sorted(quiet, key=lambda j: abs(j - i))[:NEIGHBOURS]
+        in_iterations += excess(w, i, nearest) - excess(b, i, nearest)
     rest_with = with_run["wall_s"] - with_run["hooks_s"] - sum(it["net_s"] for it in w)
     rest_without = without_run["wall_s"] - without_run["hooks_s"] - sum(it["net_s"] for it in b)
     quiet = [i for i in range(len(w)) if not flags[i]]
