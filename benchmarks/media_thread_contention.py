@@ -134,7 +134,7 @@ def main() -> None:
     def with_media_thread(niceness: int) -> list[float]:
         def lower_priority() -> None:  # what the media thread does first
             fanout.MEDIA_THREAD_NICENESS = niceness
-            fanout._lower_priority()
+            fanout._set_up_media_thread()
 
         local = np.random.default_rng(1)
         return steps_while_busy(lower_priority, lambda: media_event(local))

@@ -193,7 +193,8 @@ def test_embed_bounds_the_rows_and_reports_stable_scalars():
 
 def test_a_projection_keeps_the_native_libraries_to_its_n_jobs_threads_and_gives_them_back(monkeypatch):
     """n_jobs=1 (the callbacks') must mean one thread in BLAS and OpenMP too, not a pool
-    as large as the machine beside training; the caller's settings come back afterwards."""
+    as large as the machine beside training; the caller's settings come back afterwards, and
+    a thread's OpenMP count is never raised."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     import detlens.explainers.embeddings as embeddings
@@ -224,6 +225,10 @@ def test_a_projection_keeps_the_native_libraries_to_its_n_jobs_threads_and_gives
         with library_threads(0):  # n_jobs < 1 (all cores in openTSNE's terms): no cap
             assert blas() == {3}
         assert blas() == {3}
+    openmp = lambda: {n for (api, _), n in threads().items() if api == "openmp"}  # noqa: E731
+    with threadpool_limits(limits=1, user_api="openmp"):  # as on detlens' media thread
+        with library_threads(2):
+            assert openmp() == {1}  # capped, never raised: that thread opens no OpenMP team
 
 
 def test_too_few_points_for_tsne_fall_back_to_pca_and_say_so():

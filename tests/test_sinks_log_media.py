@@ -18,6 +18,7 @@ import numpy as np
 import PIL.ImageFile
 import pytest
 import pytorch_lightning as pl
+import torch
 import wandb
 from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
@@ -343,6 +344,30 @@ def test_the_media_thread_yields_the_cores_to_training_and_leaves_training_prior
     assert fanout.MEDIA_THREAD_NICENESS > 0
     assert seen["nice"] == min(19, main_nice + fanout.MEDIA_THREAD_NICENESS)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice  # training's own is unchanged
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts the process's threads in /proc")
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one intra-op thread opens no OpenMP team anyway")
+def test_the_media_and_drain_threads_run_torch_ops_on_one_thread_and_open_no_openmp_team():
+    # A second OpenMP team in the process (its workers live as long as the media thread) made
+    # libgomp throttle the spin-wait of training's own team for the rest of the run.
+    def threads() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
+
+    def parallel_ops() -> int:
+        x = torch.ones(1 << 20)  # elementwise ops on more than 32,768 values run as an OpenMP region
+        for _ in range(3):
+            x = x * 1.5
+        return torch.get_num_threads()
+
+    training_threads = torch.get_num_threads()
+    parallel_ops()  # the training thread's own team exists
+    for worker in (fanout._worker(), fanout._drain()):
+        worker.submit(lambda: None).result(timeout=60)  # started
+        before = threads()
+        assert worker.submit(parallel_ops).result(timeout=60) == 1
+        assert threads() <= before  # no OpenMP workers started for it
+    assert torch.get_num_threads() == training_threads  # training's own count is unchanged
 
 
 def test_media_built_later_without_wandb_are_built_at_once():

@@ -799,12 +799,18 @@ def library_threads(n_jobs: int) -> Iterator[None]:
     job of the demo. As scikit-learn's own estimators do (``KMeans``), with threadpoolctl:
     BLAS is capped process-wide while the projection runs (numpy's, SciPy's and OpenCV's
     OpenBLAS; PyTorch's BLAS is built into it and not touched), OpenMP (PyTorch's and
-    scikit-learn's) for the calling thread only.
+    scikit-learn's) for the calling thread only. OpenMP is capped, never raised: detlens'
+    media thread runs on one OpenMP thread, so that it opens no OpenMP team of its own
+    (``detlens.sinks.fanout._one_openmp_thread`` says why).
     """
     if n_jobs is None or int(n_jobs) < 1:
         yield
         return
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController, threadpool_limits
 
-    with threadpool_limits(limits=int(n_jobs), user_api="blas"), threadpool_limits(limits=int(n_jobs), user_api="openmp"):
+    openmp = [lib.num_threads for lib in ThreadpoolController().select(user_api="openmp").lib_controllers]
+    with (
+        threadpool_limits(limits=int(n_jobs), user_api="blas"),
+        threadpool_limits(limits=min([int(n_jobs), *openmp]), user_api="openmp"),
+    ):
         yield

@@ -152,18 +152,23 @@ def _worker() -> _DaemonWorker:
     global _executor
     with _executor_lock:  # also called from the media process's reader thread (a job sent back)
         if _executor is None:
-            _executor = _DaemonWorker("detlens-media", initializer=_lower_priority)
+            _executor = _DaemonWorker("detlens-media", initializer=_set_up_media_thread)
         return _executor
 
 
+def _set_up_media_thread() -> None:
+    """Runs first on the media thread: a lower priority, one OpenMP thread."""
+    _lower_priority()
+    _one_openmp_thread()
+
+
 def _lower_priority() -> None:
-    """Runs first on the media thread: its ``nice`` value goes up by :data:`MEDIA_THREAD_NICENESS`.
+    """The calling thread's ``nice`` value goes up by :data:`MEDIA_THREAD_NICENESS`.
 
     Linux only: there the nice value is a per-thread attribute and ``setpriority`` with a
-    thread id changes that thread alone (setpriority(2), NOTES); the threads it starts
-    later (OpenMP workers of the torch ops it runs) inherit it. Elsewhere a thread id is
-    not a process id, so nothing is done. Lowering one's own priority needs no privilege;
-    a failure leaves the priority as it was.
+    thread id changes that thread alone (setpriority(2), NOTES); threads it starts later
+    inherit it. Elsewhere a thread id is not a process id, so nothing is done. Lowering
+    one's own priority needs no privilege; a failure leaves the priority as it was.
     """
     if MEDIA_THREAD_NICENESS <= 0 or not sys.platform.startswith("linux"):
         return
@@ -172,6 +177,39 @@ def _lower_priority() -> None:
         current = os.getpriority(os.PRIO_PROCESS, tid)
         os.setpriority(os.PRIO_PROCESS, tid, min(19, current + int(MEDIA_THREAD_NICENESS)))
     except OSError:
+        pass
+
+
+def _one_openmp_thread() -> None:
+    """The calling thread's OpenMP parallel regions (torch's intra-op ones included) run on
+    this thread alone, for as long as it lives.
+
+    Runs first on the media and drain threads. Their torch ops are small (detaching and
+    converting maps, scaling them to bytes), but elementwise ops over more than 32,768
+    values run as an OpenMP parallel region. GNU libgomp (PyTorch's OpenMP on Linux) gives
+    every thread that opens one a team of its own, as large as torch's intra-op thread
+    count, and keeps that team's workers as long as the thread lives. Once the process
+    has more OpenMP threads than CPUs, libgomp throttles the spin-wait of every team
+    (``GOMP_SPINCOUNT``: 300,000 spins down to 1,000), so from the first logging event on,
+    the training thread slept and was woken at the barriers of its own parallel regions for
+    the rest of the run. In the demo on 2 CPU cores: ~850 voluntary context switches per
+    training step instead of ~15, and the second epoch's steps 4-16% slower than the
+    first's (``benchmarks/callback_overhead.py``). One thread opens no team.
+
+    ``torch.get_num_threads()`` first: torch sets each thread's OpenMP thread count the
+    first time the thread asks for it (``at::internal::lazy_init_num_threads``), which
+    would undo a count set before. threadpoolctl calls each loaded OpenMP runtime's
+    ``omp_set_num_threads``, which sets the calling thread's count only (OpenMP's
+    ``nthreads-var`` is per thread); BLAS pools, which are per process, are not touched.
+    A failure leaves the count as it was.
+    """
+    try:
+        import torch
+        from threadpoolctl import ThreadpoolController
+
+        torch.get_num_threads()
+        ThreadpoolController().select(user_api="openmp").limit(limits=1)
+    except Exception:  # noqa: BLE001 - the jobs still run, on torch's thread count
         pass
 
 
@@ -423,7 +461,7 @@ def _drain() -> _DaemonWorker:
     global _drain_executor
     with _executor_lock:
         if _drain_executor is None:
-            _drain_executor = _DaemonWorker("detlens-media-drain")
+            _drain_executor = _DaemonWorker("detlens-media-drain", initializer=_one_openmp_thread)
         return _drain_executor
 
 
