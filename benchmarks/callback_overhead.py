@@ -25,7 +25,10 @@ were than their neighbours, against the same iterations of the fit without callb
 same count between two fits without callbacks shows what noise alone gives. It counts the
 iterations in which detlens ran nothing as free; the median time of those, with / without
 callbacks, and of the last training epoch's over the first's, are printed to show where that
-fails. ``callback overhead by the fits' wall times`` compares the fits directly (they alternate:
+fails, and so are the training thread's voluntary context switches per training iteration
+in the first and last epochs (Linux): how often it went to sleep. They rose from ~15 to ~850
+when torch ops on detlens' media thread opened an OpenMP team of their own and libgomp
+stopped spin-waiting at the barriers of training's (``detlens.sinks.fanout._one_openmp_thread``). ``callback overhead by the fits' wall times`` compares the fits directly (they alternate:
 without, with, with, without, ...; medians and back-to-back pairs). CPU time (the fit process, its data workers and
 detlens' media process) is printed too. Peak RSS is the fit process's; detlens' media
 process's is printed beside it.
@@ -95,6 +98,12 @@ class TimelineProfiler(SimpleProfiler):
     also keeps when each training batch, validation step and detlens hook started and ended."""
 
     timeline: list[tuple[str, float, float]] = []
+    switches: dict[float, int] = {}  # a training batch's start -> the training thread's voluntary context switches
+
+    def start(self, action_name: str) -> None:
+        super().start(action_name)
+        if action_name == "run_training_batch" and (n := _voluntary_switches()) is not None:
+            TimelineProfiler.switches[self.current_actions[action_name]] = n
 
     def stop(self, action_name: str) -> None:
         start = self.current_actions.get(action_name)
@@ -103,15 +112,27 @@ class TimelineProfiler(SimpleProfiler):
             TimelineProfiler.timeline.append((action_name, start, start + self.recorded_durations[action_name][-1]))
 
 
+def _voluntary_switches() -> int | None:
+    """The calling thread's voluntary context switches so far (Linux): how often it went to
+    sleep, e.g. at the barriers of its OpenMP regions once libgomp stops spin-waiting there."""
+    try:
+        with open("/proc/thread-self/status") as status:
+            return next((int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt_switches:")), None)
+    except OSError:
+        return None
+
+
 def _iterations(
-    timeline: list[tuple[str, float, float]], builds: list[tuple[float, float]], arms: list[float]
+    timeline: list[tuple[str, float, float]], builds: list[tuple[float, float]], arms: list[float],
+    switches: dict[float, int] | None = None,
 ) -> list[dict]:
     """The fit's loop iterations: from one training batch (or validation step) to the next of the
     same loop run, each with its time less the detlens hooks inside it (``net_s``) and whether
     detlens worked during it outside its hooks (``detlens``): a media build ran, or detlens read
     the iteration's forward (an observer or attention monitor armed before its step, ``arms``).
     The last iteration of each loop run is left out (what follows it is the loop's end, not an
-    iteration)."""
+    iteration). Training iterations also get the training thread's voluntary context switches
+    during them (``switches``) where ``switches`` has both ends."""
     steps = sorted((start, kind) for action, start, _ in timeline if (kind := _step_kind(action)))
     hooks = [(start, end) for action, start, end in timeline if _detlens_hook(action)]
     read = {min((s for s, _ in steps if s > t), default=None) for t in arms}  # the step each arming read
@@ -123,6 +144,8 @@ def _iterations(
         in_hooks = sum(max(0.0, min(end, following) - max(begin, start)) for begin, end in hooks)
         out.append({"kind": kind, "segment": segment, "net_s": following - start - in_hooks,
                     "detlens": start in read or any(begin < following and end > start for begin, end in builds)})
+        if switches and start in switches and following in switches:
+            out[-1]["switches"] = switches[following] - switches[start]
     return out
 
 
@@ -284,7 +307,8 @@ def _child(config_path: str, out_path: str, niceness: str, worker: str) -> None:
                     "hooks_s": hooks_s, "hooks_by_callback_s": per_callback, "hooks_by_hook_s": per_hook,
                     "media_thread_s": media_thread_seconds(), "media_thread_cpu_s": media_thread_cpu_seconds(),
                     "phases_s": phases, "batches_s": batches_s,
-                    "iterations": _iterations(module.TimelineProfiler.timeline, builds, arms),
+                    "iterations": _iterations(module.TimelineProfiler.timeline, builds, arms,
+                                              module.TimelineProfiler.switches),
                     "gc": _gc_in_loop(collections, marks)})
     )
 
@@ -350,6 +374,17 @@ def _later_over_first(run: dict) -> float | None:
         return None
     first, last = ([it["net_s"] for it in train if it["segment"] == s] for s in (segments[0], segments[-1]))
     return statistics.median(last) / statistics.median(first)
+
+
+def _switches_first_and_last(run: dict) -> tuple[float, float] | None:
+    """The training thread's voluntary context switches per training iteration detlens did not
+    work in (median), in the first training epoch and in the last; None without them."""
+    train = [it for it in run["iterations"] if it["kind"] == "train" and not it["detlens"] and "switches" in it]
+    segments = sorted({it["segment"] for it in train})
+    if len(segments) < 2:
+        return None
+    first, last = (statistics.median(it["switches"] for it in train if it["segment"] == s) for s in (segments[0], segments[-1]))
+    return first, last
 
 
 def _run_variant(name: str, config: dict, niceness: str, worker: str, workdir: Path, torch_threads: int | None) -> dict:
@@ -482,6 +517,12 @@ def main() -> None:
                 print("  the same iterations, the last training epoch's median over the first's (before any logging event): "
                       f"with callbacks {', '.join(f'{x:.3f}' for x in later[name])} (median {statistics.median(later[name]):.3f}), "
                       f"without {', '.join(f'{x:.3f}' for x in later['without'])} (median {statistics.median(later['without']):.3f})")
+            slept = {v: [_switches_first_and_last(r) for r in runs[v]] for v in (name, "without")}
+            if all(x is not None for x in slept[name] + slept["without"]):
+                print("  the training thread's voluntary context switches per training iteration (median), first training "
+                      "epoch -> last: " + "; ".join(
+                          f"{'with callbacks' if v == name else 'without'} " + ", ".join(f"{a:.0f} -> {b:.0f}" for a, b in slept[v])
+                          for v in (name, "without")))
         else:
             print(f"callback overhead{label}: {100.0 * (full_wall - base_wall) / base_wall:.1f}% of wall time "
                   "(medians of the fits' wall times; not counted inside the fits: they ran different iterations)")
