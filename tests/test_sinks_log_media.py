@@ -347,8 +347,7 @@ def test_the_media_thread_yields_the_cores_to_training_and_leaves_training_prior
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts the process's threads in /proc")
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one intra-op thread opens no OpenMP team anyway")
-def test_the_media_and_drain_threads_run_torch_ops_on_one_thread_and_open_no_openmp_team():
+def test_the_media_and_drain_threads_run_torch_ops_on_one_thread_and_open_no_openmp_team(monkeypatch):
     # A second OpenMP team in the process (its workers live as long as the media thread) made
     # libgomp throttle the spin-wait of training's own team for the rest of the run.
     def threads() -> set[str]:
@@ -360,14 +359,22 @@ def test_the_media_and_drain_threads_run_torch_ops_on_one_thread_and_open_no_ope
             x = x * 1.5
         return torch.get_num_threads()
 
+    # Fresh media and drain threads, started while training uses two intra-op threads (other
+    # test modules set one at import; a new thread takes torch's count at its first op).
+    monkeypatch.setattr(fanout, "_executor", None)
+    monkeypatch.setattr(fanout, "_drain_executor", None)
     training_threads = torch.get_num_threads()
-    parallel_ops()  # the training thread's own team exists
-    for worker in (fanout._worker(), fanout._drain()):
-        worker.submit(lambda: None).result(timeout=60)  # started
-        before = threads()
-        assert worker.submit(parallel_ops).result(timeout=60) == 1
-        assert threads() <= before  # no OpenMP workers started for it
-    assert torch.get_num_threads() == training_threads  # training's own count is unchanged
+    torch.set_num_threads(2)
+    try:
+        parallel_ops()  # the training thread's own team exists
+        for worker in (fanout._worker(), fanout._drain()):
+            worker.submit(lambda: None).result(timeout=60)  # started
+            before = threads()
+            assert worker.submit(parallel_ops).result(timeout=60) == 1
+            assert threads() <= before  # no OpenMP workers started for it
+        assert torch.get_num_threads() == 2  # training's own count is unchanged
+    finally:
+        torch.set_num_threads(training_threads)
 
 
 def test_media_built_later_without_wandb_are_built_at_once():

@@ -806,11 +806,12 @@ def library_threads(n_jobs: int) -> Iterator[None]:
     if n_jobs is None or int(n_jobs) < 1:
         yield
         return
-    from threadpoolctl import ThreadpoolController, threadpool_limits
+    from threadpoolctl import ThreadpoolController
 
-    openmp = [lib.num_threads for lib in ThreadpoolController().select(user_api="openmp").lib_controllers]
+    controller = ThreadpoolController()
+    openmp = [lib.num_threads for lib in controller.select(user_api="openmp").lib_controllers]
     with (
-        threadpool_limits(limits=int(n_jobs), user_api="blas"),
-        threadpool_limits(limits=min([int(n_jobs), *openmp]), user_api="openmp"),
+        controller.limit(limits=int(n_jobs), user_api="blas"),
+        controller.limit(limits=min([int(n_jobs), *openmp]), user_api="openmp"),
     ):
         yield
