@@ -190,7 +190,7 @@ def _one_openmp_thread() -> None:
     every thread that opens one a team of its own, as large as torch's intra-op thread
     count, and keeps that team's workers as long as the thread lives. Once the process
     has more OpenMP threads than CPUs, libgomp throttles the spin-wait of every team
-    (``GOMP_SPINCOUNT``: 300,000 spins down to 1,000), so from the first logging event on,
+    (``OMP_WAIT_POLICY`` unset: 300,000 spins down to 100), so from the first logging event on,
     the training thread slept and was woken at the barriers of its own parallel regions for
     the rest of the run. In the demo on 2 CPU cores: ~850 voluntary context switches per
     training step instead of ~15, and the second epoch's steps 4-16% slower than the
