@@ -28,9 +28,10 @@ callbacks, and of the last training epoch's over the first's, are printed to sho
 fails, and so are the training thread's voluntary context switches per training iteration
 in the first and last epochs (Linux): how often it went to sleep. They rose from ~15 to ~850
 when torch ops on detlens' media thread opened an OpenMP team of their own and libgomp
-stopped spin-waiting at the barriers of training's (``detlens.sinks.fanout._one_openmp_thread``). ``callback overhead by the fits' wall times`` compares the fits directly (they alternate:
-without, with, with, without, ...; medians and back-to-back pairs). CPU time (the fit process, its data workers and
-detlens' media process) is printed too. Peak RSS is the fit process's; detlens' media
+stopped spin-waiting at the barriers of training's (``detlens.sinks.fanout._one_openmp_thread``).
+``callback overhead by the fits' wall times`` compares the fits directly (they alternate:
+without, with, with, without, ...; medians and back-to-back pairs). CPU time (the fit
+process, its data workers and detlens' media process) is printed too. Peak RSS is the fit process's; detlens' media
 process's is printed beside it.
 
 Where the time goes, per variant: the fit's phases (startup, the training loop, what
