@@ -31,8 +31,8 @@ when torch ops on detlens' media thread opened an OpenMP team of their own and l
 stopped spin-waiting at the barriers of training's (``detlens.sinks.fanout._one_openmp_thread``).
 ``callback overhead by the fits' wall times`` compares the fits directly (they alternate:
 without, with, with, without, ...; medians and back-to-back pairs). CPU time (the fit
-process, its data workers and detlens' media process) is printed too. Peak RSS is the fit process's; detlens' media
-process's is printed beside it.
+process, its data workers and detlens' media process) is printed too. Peak RSS is the fit
+process's; detlens' media process's is printed beside it.
 
 Where the time goes, per variant: the fit's phases (startup, the training loop, what
 follows it: the media drain at teardown and ``wandb.finish``), the training batches and
@@ -365,27 +365,24 @@ def _in_fit_overhead(with_run: dict, without_run: dict, flags: list[bool] | None
     }
 
 
+def _first_and_last_epoch(run: dict, field: str) -> tuple[float, float] | None:
+    """The median ``field`` of the training iterations detlens did not work in, in the first
+    training epoch (before any logging event) and in the last; None with fewer than two
+    epochs, or without ``field``."""
+    train = [it for it in run["iterations"] if it["kind"] == "train" and not it["detlens"] and field in it]
+    segments = sorted({it["segment"] for it in train})
+    if len(segments) < 2:
+        return None
+    first, last = (statistics.median(it[field] for it in train if it["segment"] == s) for s in (segments[0], segments[-1]))
+    return first, last
+
+
 def _later_over_first(run: dict) -> float | None:
     """The median time of the last training epoch's iterations detlens did not work in over the
     first's (the first has had no logging event yet): above the fits without callbacks' ratio,
     something the callbacks leave behind slows the training steps that the count cannot see."""
-    train = [it for it in run["iterations"] if it["kind"] == "train" and not it["detlens"]]
-    segments = sorted({it["segment"] for it in train})
-    if len(segments) < 2:
-        return None
-    first, last = ([it["net_s"] for it in train if it["segment"] == s] for s in (segments[0], segments[-1]))
-    return statistics.median(last) / statistics.median(first)
-
-
-def _switches_first_and_last(run: dict) -> tuple[float, float] | None:
-    """The training thread's voluntary context switches per training iteration detlens did not
-    work in (median), in the first training epoch and in the last; None without them."""
-    train = [it for it in run["iterations"] if it["kind"] == "train" and not it["detlens"] and "switches" in it]
-    segments = sorted({it["segment"] for it in train})
-    if len(segments) < 2:
-        return None
-    first, last = (statistics.median(it["switches"] for it in train if it["segment"] == s) for s in (segments[0], segments[-1]))
-    return first, last
+    medians = _first_and_last_epoch(run, "net_s")
+    return None if medians is None else medians[1] / medians[0]
 
 
 def _run_variant(name: str, config: dict, niceness: str, worker: str, workdir: Path, torch_threads: int | None) -> dict:
@@ -518,7 +515,8 @@ def main() -> None:
                 print("  the same iterations, the last training epoch's median over the first's (before any logging event): "
                       f"with callbacks {', '.join(f'{x:.3f}' for x in later[name])} (median {statistics.median(later[name]):.3f}), "
                       f"without {', '.join(f'{x:.3f}' for x in later['without'])} (median {statistics.median(later['without']):.3f})")
-            slept = {v: [_switches_first_and_last(r) for r in runs[v]] for v in (name, "without")}
+            # the training thread's voluntary context switches per iteration (Linux)
+            slept = {v: [_first_and_last_epoch(r, "switches") for r in runs[v]] for v in (name, "without")}
             if all(x is not None for x in slept[name] + slept["without"]):
                 print("  the training thread's voluntary context switches per training iteration (median), first training "
                       "epoch -> last: " + "; ".join(
