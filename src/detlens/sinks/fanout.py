@@ -124,7 +124,7 @@ class _DaemonWorker:
         if self._initializer is not None:
             try:
                 self._initializer()
-            except Exception:  # noqa: BLE001 - a priority left as it was; the jobs still run
+            except Exception:  # noqa: BLE001 - the thread left as it was set up so far; the jobs still run
                 pass
         while True:
             future, fn, args = self._calls.get()
