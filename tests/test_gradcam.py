@@ -3,16 +3,21 @@ and the other explainers (EigenCAM, input gradient, feature grid, D-RISE) and th
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from detlens.adapters import adapter_for
+from detlens.adapters.base import AdapterOutput
 from detlens.data import SyntheticDataModule
-from detlens.explainers.api import box_focus, explain
+from detlens.explainers.api import box_focus, explain, focus_summary
 from detlens.explainers.cams import feature_grid
 from detlens.explainers.drise import MAX_MASKS
 from detlens.explainers.gradcam import gradcam
-from detlens.explainers.scale import FixedScale, display_maps
+from detlens.explainers.metrics import pointing_game
+from detlens.explainers.scale import FixedScale, display_maps, flat_maps
+from detlens.focus.record import downsample_maps
 from detlens.lightning_modules import DETR, TorchvisionDetector
 
 SIZE = 64
@@ -52,6 +57,33 @@ def trained(tmp_path_factory):
     return module, [dm.val_dataset[i] for i in range(3)]
 
 
+def negated(out: AdapterOutput) -> AdapterOutput:
+    """The same forward, explaining minus each detection's score and box (same graph).
+
+    Grad-CAM's ReLU keeps one sign of ``sum_c alpha_c A_c``; which sign a given detection
+    shows depends on the weights, so the exactness tests explain both signs: every
+    detection whose score sees the layer then has a non-zero map under one of them.
+    """
+    dets = [replace(d, score_graph=-d.score_graph, box_graph=None if d.box_graph is None else -d.box_graph)
+            for d in out.detections]
+    if out.roi is None:
+        return replace(out, detections=dets)
+    scores = out.roi.score_fn  # the two-stage fast path re-scores the pooled RoIs: negate that too
+
+    def negated_scores(*args):  # type: ignore[no-untyped-def]
+        probs, boxes = scores(*args)
+        return -probs, None if boxes is None else -boxes
+
+    return replace(out, detections=dets, roi=replace(out.roi, score_fn=negated_scores))
+
+
+def assert_every_detection_sees_the_layer(maps_plus: list[torch.Tensor], maps_minus: list[torch.Tensor]) -> None:
+    """Per detection, the map of the score or of its negation is non-zero (the layer is on the graph)."""
+    for plus, minus in zip(maps_plus, maps_minus):
+        seen = plus.flatten(1).amax(1).clamp_min(0) + minus.flatten(1).amax(1).clamp_min(0)
+        assert bool((seen > 0).all()), f"maps must see the layer (it is on every score's graph): {seen.tolist()}"
+
+
 def assert_same_maps(fast: list[torch.Tensor], slow: list[torch.Tensor], tol: float = 1e-5) -> None:
     """Equal to ``tol`` relative to each reference map's peak (raw maps are ~1e-4 in absolute terms)."""
     for f, s in zip(fast, slow):
@@ -68,10 +100,13 @@ def test_two_stage_fast_path_equals_one_backward_per_detection_on_a_trained_mode
     counts = [len(d) for d in out.detections]
     assert sum(counts) >= 8, f"the trained model should detect something, got {counts}"
     assert out.roi is not None
-    fast = gradcam(out, "features", target=target, weighting=weighting, fast=True)
-    slow = gradcam(out, "features", target=target, weighting=weighting, fast=False)
-    assert all(float(s.amax()) > 0 for s in slow)
-    assert_same_maps(fast, slow)
+    slows = []
+    for explained in (out, negated(out)):
+        fast = gradcam(explained, "features", target=target, weighting=weighting, fast=True)
+        slow = gradcam(explained, "features", target=target, weighting=weighting, fast=False)
+        assert_same_maps(fast, slow)
+        slows.append(slow)
+    assert_every_detection_sees_the_layer(*slows)
 
 
 @pytest.mark.parametrize("name, layer", [("fasterrcnn", "backbone.body.layer3_attention"), ("retinanet", "features"), ("detr", "encoder.layers.0")])
@@ -87,11 +122,15 @@ def test_vectorised_backward_equals_the_per_detection_loop(trained, name, layer)
                       enc_layers=1, dec_layers=1, nheads=2, dim_feedforward=64, image_size=SIZE, score_thresh=0.0)
     images = [im for im, _ in trained[1][:2]]
     out = adapter_for(module).run(images, [layer], top_k=4)
+    assert sum(len(d) for d in out.detections) > 0, "score_thresh=0.0: every model detects something"
     for target in ("class", "both"):
-        fast = gradcam(out, layer, target=target, fast=True)
-        slow = gradcam(out, layer, target=target, fast=False)
-        assert any(float(s.amax()) > 0 for s in slow), "maps must see the layer (it is on the score's graph)"
-        assert_same_maps(fast, slow)
+        slows = []
+        for explained in (out, negated(out)):
+            fast = gradcam(explained, layer, target=target, fast=True)
+            slow = gradcam(explained, layer, target=target, fast=False)
+            assert_same_maps(fast, slow)
+            slows.append(slow)
+        assert_every_detection_sees_the_layer(*slows)
 
 
 @pytest.mark.parametrize("method", ["gradcam", "elementwise", "input_gradient", "eigencam", "drise"])
@@ -129,7 +168,10 @@ def test_maps_are_finite_and_in_unit_range_for_gray_non_square_images_under_bf16
     check_maps(out, [(64, 64), (40, 72)])
     if method != "feature_grid":
         assert all(len(e) == 3 and e.maps.shape[0] == 3 for e in out)
-        assert all(float(e.maps.amax()) == 1.0 for e in out), "display maps span [0, 1]"
+        for e in out:  # display maps span [0, 1] exactly, but for flat ones, which are blank
+            flat = flat_maps(e.raw)
+            assert bool((e.maps[flat] == 0).all())
+            assert all(float(m.amax()) == 1.0 and float(m.amin()) == 0.0 for m in e.maps[~flat])
     assert module.training is False and all(p.grad is None for p in module.parameters())
 
 
@@ -143,24 +185,59 @@ def test_no_detections_give_empty_maps(trained, method):
     check_maps(out, [(SIZE, SIZE)])
 
 
-def test_constant_activations_give_blank_finite_maps(trained):
+@pytest.mark.parametrize("constant", [2.0, -2.0, 0.0])
+@pytest.mark.parametrize("method", ["gradcam", "eigencam"])
+def test_constant_activations_give_blank_finite_maps(trained, method, constant):
+    """A layer whose activations are spatially constant gives Grad-CAM and EigenCAM maps without
+    spatial information (the element-wise method keeps the gradients' layout, so it is not
+    flat); whatever their sign, they are drawn blank, flagged flat and left out of the focus
+    metrics."""
     module, items = trained
     layer = module.model.backbone.body.layer4
-    handle = layer.register_forward_hook(lambda m, a, out: torch.ones_like(out) + 0 * out)
+    handle = layer.register_forward_hook(lambda m, a, out: torch.full_like(out, constant) + 0 * out)
     try:
-        outs = [explain(module, [items[0][0]], method=m, layer="backbone.body.layer4", top_k=3)[0]
-                for m in ("gradcam", "eigencam")]
+        (e,) = explain(module, [items[0][0]], method=method, layer="backbone.body.layer4", top_k=3)
     finally:
         handle.remove()
-    for e in outs:
-        assert torch.isfinite(e.maps).all() and not e.maps.any()
-    assert display_maps(torch.full((2, 5, 7), 3.0)).abs().max() == 0
+    assert len(e) == 3
+    assert torch.isfinite(e.maps).all() and not e.maps.any(), "constant maps are drawn blank"
+    assert torch.isfinite(e.raw).all() and bool(flat_maps(e.raw).all())
+    focus = box_focus(e, e.boxes, e.labels)  # every detection its own ground truth: all true positives
+    assert bool(focus["is_tp"].all()) and bool(focus["flat"].all())
+    assert torch.isnan(focus["energy_in_box"]).all() and torch.isnan(focus["pointing_game"]).all()
+    assert not pointing_game(e.raw, e.boxes).any(), "a flat map has no maximum to point with"
+    summary = focus_summary([focus], [e.labels])
+    assert summary["flat_map_rate"] == 1.0 and "energy_in_box" not in summary
+
+
+@pytest.mark.parametrize("constant", [3.0, -3.0, 0.0, 1e6])
+def test_flat_maps_are_blank_in_display_scale_and_record(constant):
+    """Positive, negative and zero constants, also with float32 resampling noise, are flat."""
+    maps = torch.full((2, 5, 7), constant)
+    maps[1] *= 1 + 1e-7 * torch.randn(5, 7, generator=torch.Generator().manual_seed(0))  # a few ulps
+    assert bool(flat_maps(maps).all())
+    assert display_maps(maps).abs().max() == 0
+    stored, _ = downsample_maps(maps.clamp_min(0), size=4)
+    assert not stored.any()
+    scale = FixedScale()
+    assert scale("gradcam/x", [maps.clamp_min(0)]) is None, "flat maps never fix the scale"
+    contrast = maps.clone()
+    contrast[:, 0, 0] += 1.0 + 0.01 * abs(constant)
+    assert not flat_maps(contrast).any() and float(display_maps(contrast).amax()) == 1.0
 
 
 def test_box_focus_scores_true_positives_against_their_ground_truth_box(trained):
     module, items = trained
     (e,) = explain(module, [items[0][0]], method="gradcam", top_k=3)
-    gt_boxes, gt_labels = e.boxes[:1] + 0.5, e.labels[:1]  # detection 0 is a true positive
+    assert len(e) == 3
+    # The model's maps plus a ramp: never flat, whatever the weights made of the Grad-CAM.
+    ramp = torch.linspace(0.0, 1.0, SIZE).expand(SIZE, SIZE)
+    e = replace(e, raw=e.raw + ramp)
+    # The ground truth of detection 0 (the highest score, so matched first): its box shrunk
+    # by 5% of its size on each side, inside the image wherever the detection lies; IoU 0.81.
+    box = e.boxes[0]
+    inset = 0.05 * torch.stack([box[2] - box[0], box[3] - box[1]]).repeat(2) * torch.tensor([1.0, 1.0, -1.0, -1.0])
+    gt_boxes, gt_labels = (box + inset)[None], e.labels[:1]
     focus = box_focus(e, gt_boxes, gt_labels)
     assert focus["is_tp"].tolist()[0] is True
     from detlens.explainers.metrics import energy_in_box

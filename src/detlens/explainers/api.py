@@ -28,7 +28,7 @@ from detlens.adapters.base import AdapterOutput, DetectorAdapter, prepare_images
 from .cams import eigencam, feature_grid, input_gradient
 from .drise import drise
 from .gradcam import Target, gradcam
-from .scale import display_maps
+from .scale import display_maps, flat_maps
 
 __all__ = [
     "METHODS", "Explanation", "Method", "box_focus", "explain", "focus_summary", "gradcam_explanations", "peak_values",
@@ -198,9 +198,12 @@ def box_focus(explanation: Explanation, gt_boxes: Tensor, gt_labels: Tensor, iou
     positives the map is scored against the matched GT box.
 
     Returns:
-        ``{"is_tp": BoolTensor[K], "energy_in_box", "chance", "pointing_game": FloatTensor[K]}``,
-        the last three NaN for false positives (``chance`` is the GT box's area fraction,
-        the energy a uniform map would get).
+        ``{"is_tp": BoolTensor[K], "flat": BoolTensor[K], "energy_in_box", "chance",
+        "pointing_game": FloatTensor[K]}``. ``flat`` marks maps without spatial information
+        (:func:`~detlens.explainers.scale.flat_maps`: constant or all zero). The last three
+        are NaN for false positives and for flat maps, which are not scored (a flat map's
+        energy-in-box would be its box's area fraction or 0, a statement about the box, not
+        about the model); ``chance`` is the GT box's area fraction.
     """
     from .matching import match_detections
     from .metrics import box_area_fraction, energy_in_box, pointing_game
@@ -214,16 +217,18 @@ def box_focus(explanation: Explanation, gt_boxes: Tensor, gt_labels: Tensor, iou
         iou_threshold=iou_threshold,
     )
     is_tp = match.is_tp
+    flat = flat_maps(explanation.raw)
+    scored = is_tp & ~flat
     nan = torch.full((k,), float("nan"))
     energy, chance, pointing = nan.clone(), nan.clone(), nan.clone()
-    if bool(is_tp.any()):
-        maps = explanation.raw[is_tp]
-        boxes = gt_boxes.detach().float().cpu().reshape(-1, 4)[match.matched_gt[is_tp]]
+    if bool(scored.any()):
+        maps = explanation.raw[scored]
+        boxes = gt_boxes.detach().float().cpu().reshape(-1, 4)[match.matched_gt[scored]]
         h, w = maps.shape[-2:]
-        energy[is_tp] = energy_in_box(maps, boxes)
-        chance[is_tp] = box_area_fraction(boxes, int(h), int(w))
-        pointing[is_tp] = pointing_game(maps, boxes).float()
-    return {"is_tp": is_tp, "energy_in_box": energy, "chance": chance, "pointing_game": pointing}
+        energy[scored] = energy_in_box(maps, boxes)
+        chance[scored] = box_area_fraction(boxes, int(h), int(w))
+        pointing[scored] = pointing_game(maps, boxes).float()
+    return {"is_tp": is_tp, "flat": flat, "energy_in_box": energy, "chance": chance, "pointing_game": pointing}
 
 
 def focus_summary(
@@ -238,7 +243,8 @@ def focus_summary(
         class_names: label -> name for the per-class keys.
 
     Returns:
-        ``{"true_positive_rate"}`` (over all detections) and, over true positives,
+        ``{"true_positive_rate", "flat_map_rate"}`` (over all detections; the second is
+        the share of flat maps) and, over true positives with a map that is not flat,
         ``"energy_in_box"``, ``"energy_in_box_chance"``, ``"pointing_game"`` and their
         per-class ``"<name>/<class>"`` means; keys without a value (no detection, no true
         positive) are left out.
@@ -253,6 +259,8 @@ def focus_summary(
     if is_tp.numel() == 0:
         return {}
     out = {"true_positive_rate": float(is_tp.float().mean())}
+    if all("flat" in f for f in focus):
+        out["flat_map_rate"] = float(torch.cat([f["flat"].bool().reshape(-1) for f in focus]).float().mean())
     if bool(is_tp.any()):
         tp_labels = torch.cat([torch.as_tensor(l).long().reshape(-1) for l in labels])[is_tp]
         metrics = {

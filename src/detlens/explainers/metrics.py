@@ -48,6 +48,7 @@ from torchvision.ops import box_iou
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from detlens.explainers.modules import named_modules
+from detlens.explainers.scale import flat_maps
 
 __all__ = [
     "Baseline",
@@ -158,7 +159,8 @@ def pointing_game(maps: Tensor, boxes: Tensor, tolerance: int = 15) -> Tensor:
 
     The maximum is the first arg-max in raster order; its pixel centre ``(j + 0.5, i + 0.5)``
     is a hit when its Euclidean distance to the box is at most ``tolerance`` (0 = strictly
-    inside the box). A map that sums to 0 points nowhere: a miss.
+    inside the box). A flat map (:func:`~detlens.explainers.scale.flat_maps`: all zero or
+    spatially constant) has no maximum to point with: a miss.
 
     Args:
         maps: ``FloatTensor[K, H, W]``, non-negative.
@@ -182,7 +184,7 @@ def pointing_game(maps: Tensor, boxes: Tensor, tolerance: int = 15) -> Tensor:
     dx = torch.clamp(torch.maximum(b[:, 0] - px, px - b[:, 2]), min=0.0)
     dy = torch.clamp(torch.maximum(b[:, 1] - py, py - b[:, 3]), min=0.0)
     hit = torch.hypot(dx, dy) <= tolerance
-    return hit & (flat.sum(dim=1) > 0)
+    return hit & ~flat_maps(maps)
 
 
 # ---------------------------------------------------------------------------------------

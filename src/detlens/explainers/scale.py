@@ -9,6 +9,14 @@ measure. Two scales are therefore kept apart:
   comparable to that point and across runs that share the reference (``state_dict``):
   ``1.0`` is a typical peak at the first logging point, ``2.0`` twice as strong.
 * :func:`display_maps` min-max normalises each map to ``[0, 1]`` for drawing only.
+
+**Flat maps.** A map that is spatially constant (:func:`flat_maps`: zero, positive or
+negative, to float precision) carries no spatial information. detlens treats it as blank
+everywhere: :func:`display_maps` draws it as zeros (an overlay shows the image untinted,
+never a uniform tint that would read as "looks everywhere"), it never fixes a
+:class:`FixedScale` reference, :func:`~detlens.explainers.metrics.pointing_game` counts it
+as a miss, :func:`~detlens.explainers.api.box_focus` flags it (``flat``) and leaves its
+energy-in-box and pointing game out (NaN), and the focus record stores it as zeros.
 """
 
 from __future__ import annotations
@@ -19,7 +27,31 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FixedScale", "display_maps"]
+__all__ = ["FLAT_RTOL", "FixedScale", "display_maps", "flat_maps"]
+
+FLAT_RTOL = 1e-5
+"""A map whose span (max - min) is at most this fraction of its largest magnitude is flat.
+Bilinear resampling of a constant grid in float32 leaves a few ulps (~1e-7 relative) of
+noise; min-max scaling would blow that noise up to a full-contrast picture."""
+
+
+def flat_maps(maps: Tensor) -> Tensor:
+    """Which maps are spatially constant (see the module docstring).
+
+    Args:
+        maps: ``FloatTensor[K, H, W]`` (NaN/inf count as 0).
+
+    Returns:
+        ``BoolTensor[K]``: ``max - min <= FLAT_RTOL * max(|max|, |min|)``; all-zero maps
+        are flat.
+    """
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be [K, H, W], got {list(maps.shape)}")
+    if maps.shape[0] == 0 or maps.numel() == 0:
+        return torch.ones(maps.shape[0], dtype=torch.bool, device=maps.device)
+    m = torch.nan_to_num(maps.detach().double(), nan=0.0, posinf=0.0, neginf=0.0).flatten(1)
+    hi, lo = m.amax(1), m.amin(1)
+    return (hi - lo) <= FLAT_RTOL * torch.maximum(hi.abs(), lo.abs())
 
 
 def display_maps(maps: Tensor) -> Tensor:
@@ -29,8 +61,8 @@ def display_maps(maps: Tensor) -> Tensor:
         maps: ``FloatTensor[K, H, W]`` (any scale, NaN/inf tolerated).
 
     Returns:
-        ``FloatTensor[K, H, W]`` in ``[0, 1]``, finite; a constant map (no contrast, e.g.
-        all zero) becomes all zeros.
+        ``FloatTensor[K, H, W]`` in ``[0, 1]``, finite; a flat map (:func:`flat_maps`:
+        constant, whatever its sign, including all zero) becomes all zeros.
     """
     if maps.dim() != 3:
         raise ValueError(f"maps must be [K, H, W], got {list(maps.shape)}")
@@ -40,7 +72,8 @@ def display_maps(maps: Tensor) -> Tensor:
     lo = m.flatten(1).amin(1)[:, None, None]
     span = m.flatten(1).amax(1)[:, None, None] - lo
     tiny = torch.finfo(torch.float32).tiny
-    out = torch.where(span > tiny, (m - lo) / span.clamp_min(tiny), torch.zeros_like(m))
+    keep = ~flat_maps(m)[:, None, None] & (span > tiny)
+    out = torch.where(keep, (m - lo) / span.clamp_min(tiny), torch.zeros_like(m))
     return out.clamp_(0.0, 1.0)
 
 
@@ -70,13 +103,13 @@ class FixedScale:
     def fix(self, key: str, maps: Sequence[Tensor], step: int = 0) -> float | None:
         """Fix ``key``'s reference from ``maps`` unless already fixed; returns it.
 
-        The reference is the mean of the per-map maxima over maps that are not all
-        zero; with no such map it stays unfixed (``None``), so an untrained model's
-        blank maps do not pin the scale.
+        The reference is the mean of the per-map maxima over maps that are not flat
+        (:func:`flat_maps`, all-zero ones included); with no such map it stays unfixed
+        (``None``), so an untrained model's blank maps do not pin the scale.
         """
         if key in self._reference:
             return self._reference[key]
-        peaks = [m.detach().float().flatten(1).amax(1) for m in maps if m.numel() and m.shape[0]]
+        peaks = [m.detach().float().flatten(1).amax(1)[~flat_maps(m)] for m in maps if m.numel() and m.shape[0]]
         if not peaks:
             return None
         peak = torch.nan_to_num(torch.cat(peaks), nan=0.0, posinf=0.0)

@@ -63,6 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detlens.explainers.scale import flat_maps
+
 __all__ = [
     "DIRNAME",
     "FILENAME",
@@ -124,8 +126,9 @@ def downsample_maps(maps: Tensor, size: int = MAP_SIZE) -> tuple[Tensor, Tensor]
 
     Returns:
         ``(maps FloatTensor[K, S, S] in [0, 1], peaks FloatTensor[K])``: area-averaged, then
-        each divided by its own peak (an all-zero map stays zero); ``peaks`` are the peaks
-        of the area-averaged raw maps.
+        each divided by its own peak; a flat map (:func:`detlens.explainers.scale.flat_maps`,
+        all-zero ones included) is stored as zeros. ``peaks`` are the peaks of the
+        area-averaged raw maps.
     """
     if maps.dim() != 3:
         raise ValueError(f"maps must be [K, H, W], got shape {list(maps.shape)}")
@@ -134,7 +137,8 @@ def downsample_maps(maps: Tensor, size: int = MAP_SIZE) -> tuple[Tensor, Tensor]
         return torch.zeros(0, size, size), torch.zeros(0)
     pooled = F.adaptive_avg_pool2d(m[:, None], (size, size))[:, 0]  # [K, S, S]
     peaks = pooled.flatten(1).amax(1)
-    scaled = torch.where(peaks[:, None, None] > 0, pooled / peaks.clamp_min(torch.finfo(torch.float32).tiny)[:, None, None], 0.0)
+    keep = (peaks > 0) & ~flat_maps(m)
+    scaled = torch.where(keep[:, None, None], pooled / peaks.clamp_min(torch.finfo(torch.float32).tiny)[:, None, None], 0.0)
     return scaled.clamp(0, 1), peaks
 
 
