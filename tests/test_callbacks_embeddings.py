@@ -25,6 +25,8 @@ from detlens.lightning_modules import TorchvisionDetector
 from detlens.sinks import find_offline_runs
 from detlens.sinks.wandb_offline import OfflineRun, read_records
 
+pytestmark = pytest.mark.numerics  # trains or checks trained-model numbers: `make test` runs it twice
+
 SIZE = 64
 torch.set_num_threads(1)
 REPRESENTATION = 32

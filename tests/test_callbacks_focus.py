@@ -23,7 +23,7 @@ from detlens.lightning_modules import TorchvisionDetector
 SIZE = 64
 
 
-pytestmark = pytest.mark.usefixtures("one_thread", "finish_wandb")
+pytestmark = [pytest.mark.usefixtures("one_thread", "finish_wandb"), pytest.mark.numerics]
 
 
 @pytest.fixture(scope="module")

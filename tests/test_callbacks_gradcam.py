@@ -20,7 +20,7 @@ from detlens.lightning_modules import TorchvisionDetector
 SIZE = 64
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ disk: the mAP history, the saved config and the overlay images with their box me
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 import wandb
 import yaml
-from wandb_utils import image_events, newest_offline_run, scalar_history
+from wandb_utils import finished_run, image_events, newest_offline_run, scalar_history
 
 from detlens.cli import build_cli
 from detlens.data.synthetic import TRAIN_ANN, VAL_ANN
+from detlens.sinks import find_offline_runs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -149,3 +151,67 @@ def test_the_spurious_cue_overlay_composes_with_the_demo_config(tmp_path, monkey
     assert "AttentionMapCallback" not in names
     (gradcam,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradCAMCallback"]
     assert gradcam.layer == "backbone.body.layer2"
+
+
+LAUNCH = '''
+import os
+import sys
+from pathlib import Path
+
+from detlens.cli import main
+
+# Records this rank's exit (LOCAL_RANK: torchrun sets it on every rank; Lightning's launcher
+# on the processes it starts, so the launching process is rank 0).
+rank = os.environ.get("LOCAL_RANK", "0")
+outcome = "raised"
+try:
+    code = main(sys.argv[1:])
+    outcome = str(code or 0)
+except SystemExit as exit_:
+    outcome = str(exit_.code or 0)
+    raise
+finally:
+    Path(os.environ["DETLENS_TEST_EXITS"], f"rank{rank}").write_text(outcome)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_detlens_fit_under_ddp_exits_0_on_every_rank_with_one_wandb_run(tmp_path, launcher):
+    """`detlens fit` as a cluster runs it: 2 CPU processes, every rank its own task."""
+    config = tiny_demo_config(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["init_args"].update(num_train=8, num_val=2, batch_size=2)
+    raw["trainer"].update(limit_train_batches=2)
+    for callback in raw["trainer"]["callbacks"]:  # an untrained model: explain every detection
+        if "score_threshold" in callback.get("init_args", {}):
+            callback["init_args"]["score_threshold"] = 0.0
+    config.write_text(yaml.safe_dump(raw))
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCH)
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    args = ["fit", "--config", str(config), "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
+    else:
+        command = [sys.executable, str(script), *args]
+    env = {**os.environ, "DETLENS_TEST_EXITS": str(exits), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env.pop("LOCAL_RANK", None)
+
+    # The pipes close when every rank has exited, so this waits for rank 1 too.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=tmp_path, env=env)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name: p.read_text() for p in exits.iterdir()} == {"rank0": "0", "rank1": "0"}, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    runs = find_offline_runs(tmp_path)
+    assert len(runs) == 1, f"one W&B run expected, found {[p.name for p in runs]}"
+    run = finished_run(runs[0])
+    assert run.exit_code == 0
+    logged = {k for row in run.history for k in row}
+    for key in ("predictions/probe", "gradcam/probe", "attention/entropy_heatmap", "embeddings/scatter"):
+        assert image_events(run, key), f"{key} missing from the run; logged: {sorted(logged)}"
+    assert any(k.startswith("attention_maps/") for k in logged)
+    assert any(k.startswith("focus/") for k in logged)

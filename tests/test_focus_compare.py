@@ -34,7 +34,7 @@ from detlens.lightning_modules import TorchvisionDetector
 SIZE = 64
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
 
 
 def scenes(root: Path) -> SyntheticDataModule:

@@ -23,7 +23,7 @@ from detlens.lightning_modules import DETR, TorchvisionDetector
 SIZE = 64
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]  # tests/conftest.py
 
 
 def faster_rcnn(num_classes: int = 4) -> TorchvisionDetector:

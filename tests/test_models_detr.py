@@ -9,6 +9,8 @@ from torch import nn
 from detlens.lightning_modules import DETR
 from detlens.lightning_modules.detr_loss import HungarianMatcher
 
+pytestmark = pytest.mark.numerics  # trains or checks trained-model numbers: `make test` runs it twice
+
 
 @pytest.fixture(autouse=True)
 def _one_intra_op_thread():

@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader
 
 from detlens.lightning_modules import DetectionModule, TorchvisionDetector
 
+pytestmark = pytest.mark.numerics  # trains or checks trained-model numbers: `make test` runs it twice
+
 SIZE = 96
 COLOURS = {1: (0.9, 0.1, 0.1), 2: (0.1, 0.2, 0.9)}
 

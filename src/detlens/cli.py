@@ -60,8 +60,19 @@ class DetlensCLI(LightningCLI):
     def after_fit(self) -> None:
         _print_run_locations(self.trainer)
 
+    def after_validate(self) -> None:
+        _print_run_locations(self.trainer)
+
+    def after_test(self) -> None:
+        _print_run_locations(self.trainer)
+
 
 def _print_run_locations(trainer: pl.Trainer) -> None:
+    # Rank zero only: on the other ranks of a DDP run the W&B logger's experiment is
+    # Lightning's dummy (every attribute a no-op method), and under torchrun or SLURM every
+    # rank is its own task, whose failure fails the job.
+    if not trainer.is_global_zero:
+        return
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             run = logger.experiment
