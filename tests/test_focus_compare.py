@@ -24,10 +24,11 @@ from wandb_utils import newest_offline_run, scalar_history
 
 from detlens.callbacks.attention_entropy import AttentionEntropyCallback
 from detlens.callbacks.gradcam import GradCAMCallback
-from detlens.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_REGRESSION, main
+from detlens.cli import EXIT_BAD_INPUT, EXIT_INSUFFICIENT, EXIT_OK, EXIT_REGRESSION, main
 from detlens.data import SyntheticDataModule
 from detlens.focus.compare import compare_records
 from detlens.focus.drift import focus_metrics
+from detlens.focus.evidence import MIN_MATCHED
 from detlens.focus.record import FocusRecordWriter, read_focus_record
 from detlens.lightning_modules import TorchvisionDetector
 
@@ -130,14 +131,18 @@ def test_identical_runs_compare_as_no_drift_and_pass(runs, tmp_path):
     assert "0.000" in html_text and runs["a"].name in html_text and runs["b"].name in html_text
 
 
-def test_the_model_with_randomised_weights_compares_as_drifted(runs, tmp_path):
+def test_the_model_with_randomised_weights_never_passes(runs, tmp_path):
+    """Randomised weights move the maps (a failure) or the detections (too few matched for a
+    verdict): either way the gate does not pass."""
     out = tmp_path / "random.html"
-    assert main(["compare", str(runs["a"]), str(runs["random"]), "--out", str(out)]) == EXIT_REGRESSION
+    code = main(["compare", str(runs["a"]), str(runs["random"]), "--out", str(out)])
     comparison = compare_records(read_focus_record(runs["a"]), read_focus_record(runs["random"]), max_drift=0.5)
-    assert not comparison.passed
     drift = comparison.drift
-    assert drift is not None and (drift.matched == 0 or drift.drift > 0.5), "randomised weights must move the maps"
-    assert "FAIL" in out.read_text()
+    assert drift is not None and not comparison.passed
+    if drift.matched >= MIN_MATCHED:
+        assert code == EXIT_REGRESSION and drift.drift > 0.5 and "FAIL" in out.read_text()
+    else:
+        assert code == EXIT_INSUFFICIENT and "NOT ENOUGH EVIDENCE" in out.read_text()
 
 
 def shifted_copy(run_dir: Path, out_dir: Path, shift: int) -> Path:
@@ -155,23 +160,100 @@ def shifted_copy(run_dir: Path, out_dir: Path, shift: int) -> Path:
     return out_dir
 
 
-def test_the_exit_code_follows_the_thresholds(runs, tmp_path):
+def edited_copy(run_dir: Path, out_dir: Path, edit) -> Path:  # type: ignore[no-untyped-def]
+    """``run_dir``'s record with ``edit(point)`` applied to every map point (returns the new images)."""
+    record = read_focus_record(run_dir)
+    writer = FocusRecordWriter(out_dir)
+    for point in record.maps:
+        point.images = edit(point)
+        writer.write(point)
+    return out_dir
+
+
+def without_detections(point):  # type: ignore[no-untyped-def]
+    """The point's images as explained by a model that detected nothing (an early model at score 0.5)."""
+    for image in point.images:
+        keep = np.zeros(len(image), bool)
+        for name in ("boxes", "labels", "scores", "maps", "peaks", "is_tp", "energy_in_box", "chance", "pointing_game"):
+            setattr(image, name, getattr(image, name)[keep])
+    return point.images
+
+
+def test_two_runs_without_detections_are_not_enough_evidence_never_a_pass(runs, tmp_path):
+    a = edited_copy(runs["a"], tmp_path / "a", without_detections)
+    b = edited_copy(runs["b"], tmp_path / "b", without_detections)
+    out = tmp_path / "empty.html"
+
+    code = main(["compare", str(a), str(b), "--out", str(out), "--min-energy-in-box", "0.3"])
+
+    assert code == EXIT_INSUFFICIENT
+    comparison = compare_records(read_focus_record(a), read_focus_record(b), min_energy_in_box=0.3)
+    assert comparison.verdict == "insufficient" and not comparison.passed and not comparison.violations
+    assert comparison.drift is not None and comparison.drift.matched == 0 and np.isnan(comparison.drift.match_rate)
+    reasons = " ".join(comparison.insufficient)
+    assert "0 matched detections" in reasons and "no true positive" in reasons
+    html_text = out.read_text()
+    assert "NOT ENOUGH EVIDENCE" in html_text and "verdict pass" not in html_text and "PASS" not in html_text
+    assert "100%" not in html_text and "no detections to match" in html_text
+    assert main(["compare", str(a), str(b), "--out", str(out), "--allow-insufficient-evidence"]) == EXIT_OK
+
+
+def test_runs_without_a_shared_probe_image_are_not_enough_evidence(runs, tmp_path):
+    def renumbered(point):  # type: ignore[no-untyped-def]
+        for image in point.images:
+            image.probe_index += 100
+        return point.images
+
+    other = edited_copy(runs["b"], tmp_path / "other", renumbered)
+    comparison = compare_records(read_focus_record(runs["a"]), read_focus_record(other))
+    assert comparison.verdict == "insufficient"
+    assert "no probe image was explained in both" in comparison.insufficient[0]
+    assert main(["compare", str(runs["a"]), str(other), "--out", str(tmp_path / "r.html")]) == EXIT_INSUFFICIENT
+
+
+def test_min_matched_and_min_class_count_are_never_zero(runs, tmp_path):
+    with pytest.raises(ValueError, match="min_matched must be >= 1"):
+        compare_records(read_focus_record(runs["a"]), read_focus_record(runs["b"]), min_matched=0)
+    with pytest.raises(SystemExit):
+        main(["compare", str(runs["a"]), str(runs["b"]), "--min-class-count", "0"])
+
+
+def test_the_exit_code_follows_the_thresholds_and_the_evidence(runs, tmp_path):
     moved = shifted_copy(runs["a"], tmp_path / "moved", shift=6)
-    drift = compare_records(read_focus_record(runs["a"]), read_focus_record(moved)).drift
+    comparison = compare_records(read_focus_record(runs["a"]), read_focus_record(moved), max_drift=2.0)
+    drift = comparison.drift
     assert drift is not None and drift.match_rate == 1.0 and 0.0 < drift.drift < 2.0
+    (check,) = comparison.checks  # the drift, with its count and interval
+    assert check.count == drift.matched >= MIN_MATCHED and check.value == pytest.approx(drift.drift)
+    assert 0.0 < check.low < check.value < check.high, "the moved maps do not all drift alike"
     a, out = str(runs["a"]), str(tmp_path / "r.html")
-    assert main(["compare", a, str(moved), "--out", out, "--max-drift", f"{drift.drift * 0.9:.6f}"]) == EXIT_REGRESSION
-    assert "focus drift from the baseline" in Path(out).read_text()
-    assert main(["compare", a, str(moved), "--out", out, "--max-drift", f"{drift.drift * 1.1:.6f}"]) == EXIT_OK
-    assert main(["compare", a, str(moved), "--out", out, "--max-drift", "-1"]) == EXIT_OK  # drift not gated
+
+    def compare(candidate, *args: str) -> int:
+        return main(["compare", a, str(candidate), "--out", out, *args])
+
+    # below the whole interval: crossed; between its low end and the mean: not shown; above the mean: within
+    assert compare(moved, "--max-drift", f"{check.low * 0.9:.6f}") == EXIT_REGRESSION
+    assert "focus drift from the baseline" in Path(out).read_text() and "FAIL" in Path(out).read_text()
+    between = f"{(check.low + check.value) / 2:.6f}"
+    assert compare(moved, "--max-drift", between) == EXIT_INSUFFICIENT
+    assert "NOT ENOUGH EVIDENCE" in Path(out).read_text() and "verdict pass" not in Path(out).read_text()
+    assert compare(moved, "--max-drift", between, "--allow-insufficient-evidence") == EXIT_OK
+    assert compare(moved, "--max-drift", f"{check.value * 1.01:.6f}") == EXIT_OK
+    assert compare(moved, "--max-drift", "-1") == EXIT_OK  # drift not gated
+    assert compare(moved, "--max-drift", "1.9", "--min-matched", str(drift.matched + 1)) == EXIT_INSUFFICIENT
     # Energy-in-box is checked per class on the candidate's true positives.
-    energies = [v for k, v in compare_records(read_focus_record(runs["a"]), read_focus_record(runs["b"])).metrics_b.items()
-                if k.startswith("energy_in_box/")]
-    assert energies, "the fixture's runs have true positives"
+    energy = [c for c in compare_records(read_focus_record(runs["a"]), read_focus_record(runs["b"]), max_drift=None,
+                                         min_energy_in_box=0.0, min_class_count=1).checks]
+    assert energy and all(c.name.startswith("energy_in_box/") and c.count >= 1 for c in energy)
     b = str(runs["b"])
-    assert main(["compare", a, b, "--out", out, "--min-energy-in-box", f"{min(energies) + 1e-4:.6f}"]) == EXIT_REGRESSION
-    assert main(["compare", a, b, "--out", out, "--min-energy-in-box", f"{max(min(energies) - 1e-4, 0):.6f}"]) == EXIT_OK
-    assert main(["compare", a, str(tmp_path / "missing"), "--out", out]) == EXIT_BAD_INPUT
+    lowest_high = min(c.high for c in energy)
+    assert compare(b, "--max-drift", "-1", "--min-class-count", "1", "--min-energy-in-box", f"{lowest_high + 1e-4:.6f}") == EXIT_REGRESSION
+    lowest_mean = min(c.value for c in energy)
+    assert compare(b, "--max-drift", "-1", "--min-class-count", "1", "--min-energy-in-box", f"{max(lowest_mean - 1e-4, 0):.6f}") == EXIT_OK
+    # a class with fewer true positives than --min-class-count gets no verdict, never a failure
+    most = max(c.count for c in energy)
+    assert compare(b, "--max-drift", "-1", "--min-class-count", str(most + 1), "--min-energy-in-box", "0.99") == EXIT_INSUFFICIENT
+    assert compare(tmp_path / "missing") == EXIT_BAD_INPUT
 
 
 def test_the_comparison_report_is_self_contained_and_its_images_load(runs, tmp_path):
@@ -260,6 +342,13 @@ def test_the_report_opens_in_headless_chromium_with_every_image_loaded(runs, tmp
     assert loaded and total, f"chromium did not render the report: {dom.stderr[-1500:]}"
     assert int(total.group(1)) == len(decoded_images(report.read_text())) > 0
     assert loaded.group(1) == total.group(1), f"{loaded.group(1)} of {total.group(1)} images loaded in chromium"
+    # The verdict a person reads: two runs without detections give no green banner.
+    empty = [edited_copy(runs[k], tmp_path / f"empty_{k}", without_detections) for k in ("a", "b")]
+    verdict_report = tmp_path / "empty.html"
+    assert main(["compare", *map(str, empty), "--out", str(verdict_report)]) == EXIT_INSUFFICIENT
+    dom = subprocess.run([browser, *flags, "--dump-dom", verdict_report.as_uri()], capture_output=True, text=True, timeout=120)
+    verdicts = re.findall(r'<div class="verdict (\w+)">([^<]*)', dom.stdout)
+    assert [(cls, text.split(":")[0]) for cls, text in verdicts] == [("insufficient", "NOT ENOUGH EVIDENCE")], dom.stdout[-2000:]
     shot = runs["base"] / "compare_screenshot.png"
     subprocess.run([browser, *flags, "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri()],
                    capture_output=True, timeout=120, check=True)

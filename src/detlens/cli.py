@@ -24,6 +24,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
+from detlens.focus.evidence import MIN_CLASS_COUNT, MIN_MATCHED
+
 DEFAULT_LOGGER: dict[str, Any] = {
     "class_path": "pytorch_lightning.loggers.WandbLogger",
     "init_args": {"project": "detlens", "offline": True, "save_dir": "."},
@@ -108,8 +110,9 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DetlensCLI:
 # detlens compare / detlens report (focus records; see detlens.focus)
 # ---------------------------------------------------------------------------------------
 
-EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
-"""Exit codes of ``compare``/``report``: passed, a threshold crossed, unreadable input."""
+EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_INSUFFICIENT = 0, 1, 2, 3
+"""Exit codes of ``compare``/``report``: passed, a threshold crossed, unreadable input, not
+enough evidence for a verdict (too few detections; ``--allow-insufficient-evidence`` makes it 0)."""
 
 
 def _focus_parser(command: str) -> argparse.ArgumentParser:
@@ -117,7 +120,10 @@ def _focus_parser(command: str) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
             prog="detlens compare",
             description="Compare the focus of a candidate run with a baseline run (their focus records) and write an "
-            "HTML report. Exit code 0: within thresholds, 1: a threshold was crossed, 2: unreadable input.",
+            "HTML report. Each gated metric is a mean over detections with a 95%% bootstrap interval; a threshold counts "
+            "as crossed only when the whole interval lies beyond it. Exit code 0: within thresholds, 1: a threshold "
+            "was crossed, 2: unreadable input, 3: not enough evidence for a verdict (too few matched detections or "
+            "true positives, no detections at all, or a crossing the interval does not confirm).",
         )
         parser.add_argument("baseline", help="baseline: W&B run folder (offline-run-*/run-*), its files/detlens_focus, or focus.jsonl")
         parser.add_argument("candidate", help="candidate: same forms as baseline")
@@ -126,6 +132,12 @@ def _focus_parser(command: str) -> argparse.ArgumentParser:
                             "a negative value disables the check")
         parser.add_argument("--min-energy-in-box", type=float, default=None,
                             help="smallest allowed per-class energy-in-box of the candidate (default: not checked)")
+        parser.add_argument("--min-matched", type=_positive_int, default=MIN_MATCHED,
+                            help=f"matched detections needed for a drift verdict (default {MIN_MATCHED}; >= 1)")
+        parser.add_argument("--min-class-count", type=_positive_int, default=MIN_CLASS_COUNT,
+                            help=f"true positives of a class needed for its energy-in-box verdict (default {MIN_CLASS_COUNT}; >= 1)")
+        parser.add_argument("--allow-insufficient-evidence", action="store_true",
+                            help="exit 0 instead of 3 when the evidence is not enough for a verdict (it is still reported)")
     else:
         parser = argparse.ArgumentParser(
             prog="detlens report",
@@ -136,6 +148,13 @@ def _focus_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--log-key", default=None, help="map source to use (default: the first in the record, e.g. gradcam)")
     parser.add_argument("--iou-threshold", type=float, default=0.5, help="IoU (same class) matching detections (default 0.5)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (a gate never decides on nothing), got {value}")
+    return value
 
 
 def focus_command(argv: list[str]) -> int:
@@ -153,17 +172,26 @@ def focus_command(argv: list[str]) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
 
-        def track(items, description):  # type: ignore[no-untyped-def]
+        def track(items, description, work=None):  # type: ignore[no-untyped-def]
+            """Iterates ``items`` with a progress bar; with ``work``, returns ``[work(item), ...]``
+            (the bar then advances as each item's work finishes, not before it starts)."""
             items = list(items)
-            yield from progress.track(items, total=len(items), description=description)
+            if work is None:
+                return progress.track(items, total=len(items), description=description)
+            task = progress.add_task(description, total=len(items))
+            done = []
+            for item in items:
+                done.append(work(item))
+                progress.advance(task)
+            return done
 
         try:
             if command == "compare":
-                records = list(track([args.baseline, args.candidate], "reading records"))
-                baseline, candidate = (load_record(p) for p in records)
+                baseline, candidate = track([args.baseline, args.candidate], "reading records", load_record)
                 max_drift = args.max_drift if args.max_drift is not None and args.max_drift >= 0 else None
                 comparison = compare_records(baseline, candidate, log_key=args.log_key, max_drift=max_drift,
-                                             min_energy_in_box=args.min_energy_in_box, iou_threshold=args.iou_threshold)
+                                             min_energy_in_box=args.min_energy_in_box, iou_threshold=args.iou_threshold,
+                                             min_matched=args.min_matched, min_class_count=args.min_class_count)
                 html_text = render_comparison_report(comparison, track=track)
             else:
                 record = load_record(args.run)
@@ -176,15 +204,25 @@ def focus_command(argv: list[str]) -> int:
         console.print(f"detlens report: {record.name}: {len(record.maps)} map points -> {out}")
         return EXIT_OK
     drift = comparison.drift
-    summary = (f"map drift {drift.drift:.3f} (Spearman {drift.spearman:.3f}, cosine {drift.similarity:.3f}, "
-               f"{drift.matched} matched of {drift.count_a}/{drift.count_b})" if drift is not None else "no map drift")
+    summary = (f"{drift.matched} matched of {drift.count_a}/{drift.count_b} detections on {len(drift.images)} shared "
+               f"probe images" if drift is not None else "no map points to match")
     console.print(f"detlens compare: {baseline.name} -> {candidate.name}: {summary}; report: {out}")
-    if comparison.passed:
-        console.print("[green]PASS[/green]: focus within thresholds")
+    for check in comparison.checks:
+        console.print(f"  {check.summary()}: {check.verdict}")
+    verdict = comparison.verdict
+    if verdict == "pass":
+        console.print("[green]PASS[/green]: focus within thresholds" + ("" if comparison.checks else " (no threshold set)"))
         return EXIT_OK
-    for violation in comparison.violations:
-        console.print(f"[red]FAIL[/red]: {violation}")
-    return EXIT_REGRESSION
+    if verdict == "fail":
+        for violation in comparison.violations:
+            console.print(f"[red]FAIL[/red]: {violation}")
+        return EXIT_REGRESSION
+    for reason in comparison.insufficient:
+        console.print(f"[yellow]NOT ENOUGH EVIDENCE[/yellow]: {reason}")
+    if args.allow_insufficient_evidence:
+        console.print("exit 0: --allow-insufficient-evidence")
+        return EXIT_OK
+    return EXIT_INSUFFICIENT
 
 
 def main(argv: list[str] | None = None) -> int | None:

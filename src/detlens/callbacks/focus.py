@@ -28,8 +28,9 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from detlens.focus.compare import threshold_violations
+from detlens.focus.compare import gate_checks
 from detlens.focus.drift import entropy_drift, focus_metrics, point_drift
+from detlens.focus.evidence import MIN_CLASS_COUNT, MIN_MATCHED, Check
 from detlens.focus.record import (
     DIRNAME,
     EmbeddingPoint,
@@ -247,7 +248,12 @@ class FocusRegressionCallback(pl.Callback):
     * ``focus/energy_in_box``, ``focus/energy_in_box_chance``, ``focus/pointing_game`` and
       per class ``focus/energy_in_box/<class>``, ``focus/pointing_game/<class>`` (true
       positives);
-    * ``focus/violations``: how many thresholds this point crossed;
+    * ``focus/violations``: how many thresholds this point crossed (a 95% bootstrap
+      interval over detections wholly beyond the threshold, :mod:`detlens.focus.evidence`);
+    * ``focus/insufficient_evidence``: how many gated metrics had too little evidence for a
+      verdict (fewer than ``min_matched`` matched detections, fewer than
+      ``min_class_count`` true positives of a class, or a crossing its interval does not
+      confirm); each such point also gives one warning saying why;
     * at each entropy reading: ``focus/entropy_drift_prev``, ``focus/entropy_drift_baseline``
       (mean |change| of the normalised entropy over layers/heads) and ``..._max_...``.
 
@@ -258,8 +264,8 @@ class FocusRegressionCallback(pl.Callback):
     Thresholds (``None`` disables one): ``max_drift`` (drift from the baseline),
     ``max_drift_prev`` (drift between consecutive points), ``min_energy_in_box`` (every
     class's energy-in-box), ``max_entropy_drift`` (mean entropy drift from the baseline).
-    A comparison where no detection could be matched counts as crossing a drift threshold.
-    ``action``: ``"warn"`` (a warning), ``"alert"`` (a warning and a ``wandb.alert`` when the
+    A threshold counts as crossed only when the evidence shows it; too few detections is
+    "not enough evidence" (logged and warned about, never acted on). ``action``: ``"warn"`` (a warning), ``"alert"`` (a warning and a ``wandb.alert`` when the
     run is online) or ``"fail"`` (a warning, then :class:`FocusRegressionError` from the
     next hook outside the explaining callback; Lightning stops the fit and calls
     ``on_exception``; under DDP the decision is broadcast at epoch ends, so every rank stops).
@@ -274,6 +280,8 @@ class FocusRegressionCallback(pl.Callback):
         maps_key: ``log_key`` of the map callback to watch.
         iou_threshold: IoU (same class) that matches detections between points.
         log_key: prefix of the logged keys; part of ``state_key``.
+        min_matched: matched detections needed for a drift verdict (``>= 1``).
+        min_class_count: true positives of a class needed for its energy-in-box verdict (``>= 1``).
     """
 
     def __init__(
@@ -287,9 +295,14 @@ class FocusRegressionCallback(pl.Callback):
         maps_key: str = "gradcam",
         iou_threshold: float = 0.5,
         log_key: str = "focus",
+        min_matched: int = MIN_MATCHED,
+        min_class_count: int = MIN_CLASS_COUNT,
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        for arg, value in (("min_matched", min_matched), ("min_class_count", min_class_count)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {arg} must be an integer >= 1 (a gate never decides on nothing), got {value!r}")
         if action not in ("warn", "alert", "fail"):
             raise ValueError(f"{name}: action must be 'warn', 'alert' or 'fail', got {action!r}")
         for arg, value, upper in (("max_drift", max_drift, 2.0), ("max_drift_prev", max_drift_prev, 2.0),
@@ -310,6 +323,8 @@ class FocusRegressionCallback(pl.Callback):
         self.maps_key = maps_key
         self.iou_threshold = float(iou_threshold)
         self.log_key = log_key
+        self.min_matched = int(min_matched)
+        self.min_class_count = int(min_class_count)
         self._baseline_record: FocusRecord | None = None
         self._previous: MapPoint | None = None
         self._previous_entropy: EntropyPoint | None = None
@@ -424,7 +439,7 @@ class FocusRegressionCallback(pl.Callback):
         try:
             for key in new:
                 name = key.removeprefix(self.log_key + "/")
-                worst_is_max = name.startswith(("drift_", "entropy_drift_", "violations"))
+                worst_is_max = name.startswith(("drift_", "entropy_drift_", "violations", "insufficient_evidence"))
                 run.define_metric(key, summary="max" if worst_is_max else "min")
                 self._defined.add(key)
         except Exception as err:  # noqa: BLE001 - summaries are a convenience
@@ -451,11 +466,16 @@ class FocusRegressionCallback(pl.Callback):
     def _process(self, trainer: pl.Trainer) -> None:
         while self._pending:
             entry = self._pending.pop(0)
+            insufficient: list[str] = []
             if isinstance(entry, MapPoint):
-                scalars, violations = self._map_point(entry)
+                scalars, violations, insufficient = self._map_point(entry)
+                scalars[f"{self.log_key}/insufficient_evidence"] = float(len(insufficient))
             else:
                 scalars, violations = self._entropy_point(entry)
             scalars[f"{self.log_key}/violations"] = float(len(violations))
+            if insufficient:
+                rank_zero_warn(f"[detlens] {type(self).__name__}: not enough evidence for a verdict at step {entry.step}: "
+                               + "; ".join(insufficient))
             self._last = {k.removeprefix(self.log_key + "/"): v for k, v in scalars.items()}
             self._define_summaries(trainer, list(scalars))
             log_media(trainer, scalars=scalars, step=entry.step)
@@ -463,26 +483,30 @@ class FocusRegressionCallback(pl.Callback):
                 self._num_violations += len(violations)
                 self._act(trainer, entry.step, violations)
 
-    def _map_point(self, point: MapPoint) -> tuple[dict[str, float], list[str]]:
+    def _map_point(self, point: MapPoint) -> tuple[dict[str, float], list[str], list[str]]:
+        """Scalars, the thresholds crossed and the reasons some metric had no verdict."""
         names = point.class_names
         metrics = focus_metrics(point, names)
         values: dict[str, float] = {k: v for k, v in metrics.items() if k.startswith(("energy_in_box", "pointing_game"))}
-        violations: list[str] = []
+        gate = {"min_matched": self.min_matched, "min_class_count": self.min_class_count}
+        checks: list[Check] = []
         if self._previous is not None:
             prev = point_drift(self._previous, point, self.iou_threshold)
             values.update(prev.scalars("prev"))
-            violations += threshold_violations(prev, {}, max_drift=self.max_drift_prev, min_energy_in_box=None,
-                                               what=f"previous point (step {self._previous.step})")
+            checks += gate_checks(prev, None, max_drift=self.max_drift_prev, min_energy_in_box=None,
+                                  what=f"previous point (step {self._previous.step})", **gate)
         base_point, _ = self._baseline_points(point.step)
         if base_point is not None:
             base = point_drift(base_point, point, self.iou_threshold)
             values.update(base.scalars("baseline"))
-            violations += threshold_violations(base, {}, max_drift=self.max_drift, min_energy_in_box=None,
-                                               what=f"baseline (step {base_point.step})")
-        violations += threshold_violations(None, metrics, max_drift=None, min_energy_in_box=self.min_energy_in_box)
+            checks += gate_checks(base, None, max_drift=self.max_drift, min_energy_in_box=None,
+                                  what=f"baseline (step {base_point.step})", **gate)
+        checks += gate_checks(None, point, names, max_drift=None, min_energy_in_box=self.min_energy_in_box, **gate)
         self._previous = point
         self._num_points += 1
-        return {f"{self.log_key}/{k}": float(v) for k, v in values.items() if math.isfinite(v)}, violations
+        scalars = {f"{self.log_key}/{k}": float(v) for k, v in values.items() if math.isfinite(v)}
+        return (scalars, [c.reason for c in checks if c.verdict == "fail"],
+                [c.reason for c in checks if c.verdict == "insufficient"])
 
     def _entropy_point(self, point: EntropyPoint) -> tuple[dict[str, float], list[str]]:
         values: dict[str, float] = {}

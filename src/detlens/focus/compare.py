@@ -5,26 +5,34 @@ Used by ``detlens compare`` / ``detlens report`` and by
 
 The comparison takes each record's **last** map point of one ``log_key`` (by default the
 first map source in the baseline, e.g. ``"gradcam"``) — the trained model's focus — and
-its last attention-entropy reading, and checks two thresholds:
+its last attention-entropy reading, and gates two metrics (:func:`gate_checks`), each a
+mean over detections with its count and a 95% bootstrap interval
+(:mod:`detlens.focus.evidence`):
 
 * ``max_drift``: the candidate's map drift from the baseline (mean ``1 - Spearman rho``
-  over matched detections, :func:`detlens.focus.drift.point_drift`) must not exceed it;
-  a comparison in which no detection could be matched also fails (nothing certifies the
-  candidate's focus);
-* ``min_energy_in_box``: every class's mean energy-in-box (over the candidate's true
-  positives) must reach it; a candidate without any true positive fails it.
+  over matched detections, :func:`detlens.focus.drift.point_drift`);
+* ``min_energy_in_box``: each class's mean energy-in-box over the candidate's true
+  positives.
+
+The verdict is ``"fail"`` only when an interval lies beyond its threshold, and ``"not
+enough evidence"`` (``"insufficient"``) when there are too few detections (fewer than
+``min_matched`` matched, fewer than ``min_class_count`` true positives of a class, none
+at all), a record has no map entries, or a mean beyond its threshold has an interval
+that reaches back across it. A comparison never passes on nothing.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from detlens.focus.drift import EntropyDrift, PointDrift, entropy_drift, focus_metrics, point_drift
+from detlens.focus.drift import EntropyDrift, PointDrift, energy_by_class, entropy_drift, focus_metrics, point_drift
+from detlens.focus.evidence import MIN_CLASS_COUNT, MIN_MATCHED, Check, Verdict, judge, overall_verdict
 from detlens.focus.record import FocusRecord, FocusRecordError, MapPoint, read_focus_record
 
-__all__ = ["Comparison", "TrainingCurves", "compare_records", "load_record", "training_curves", "threshold_violations"]
+__all__ = ["Comparison", "TrainingCurves", "compare_records", "gate_checks", "load_record", "training_curves"]
 
 
 def load_record(path: str | Path) -> FocusRecord:
@@ -32,37 +40,52 @@ def load_record(path: str | Path) -> FocusRecord:
     return read_focus_record(path)
 
 
-def threshold_violations(
+def gate_checks(
     drift: PointDrift | None,
-    metrics: dict[str, float],
+    point: MapPoint | None,
+    class_names: Mapping[int, str] | None = None,
     *,
     max_drift: float | None,
     min_energy_in_box: float | None,
+    min_matched: int = MIN_MATCHED,
+    min_class_count: int = MIN_CLASS_COUNT,
     what: str = "baseline",
-) -> list[str]:
-    """Human-readable threshold crossings (empty when everything passes).
+) -> list[Check]:
+    """The gated metrics of a candidate point, each with its count, interval and verdict
+    (:mod:`detlens.focus.evidence`).
 
     Args:
-        drift: drift of the candidate from ``what`` (``None``: not compared).
-        metrics: :func:`~detlens.focus.drift.focus_metrics` of the candidate.
+        drift: map drift of the candidate from ``what`` (``None``: not compared).
+        point: the candidate's map point (its true positives' energy-in-box), or ``None``.
+        max_drift: largest allowed mean drift over matched detections (``None``: not gated);
+            fewer than ``min_matched`` matched detections is not enough evidence.
+        min_energy_in_box: smallest allowed mean energy-in-box per class (``None``: not
+            gated); a class with fewer than ``min_class_count`` scored true positives, or a
+            candidate with none at all, is not enough evidence.
     """
-    out: list[str] = []
+    checks: list[Check] = []
     if max_drift is not None and drift is not None:
-        if drift.matched == 0 and max(drift.count_a, drift.count_b) > 0:
-            out.append(
-                f"no detection could be matched with the {what} ({drift.count_a} vs {drift.count_b} detections on "
-                f"{len(drift.images)} shared probe images): focus drift cannot be measured"
-            )
-        elif math.isfinite(drift.drift) and drift.drift > max_drift:
-            out.append(
-                f"focus drift from the {what} is {drift.drift:.3f} (1 - Spearman rho, mean over {drift.matched} matched "
-                f"detections) > max_drift {max_drift:g}"
-            )
-    if min_energy_in_box is not None:
-        for key, value in sorted(metrics.items()):
-            if key.startswith("energy_in_box/") and value < min_energy_in_box:
-                out.append(f"{key} is {value:.3f} < min_energy_in_box {min_energy_in_box:g}")
-    return out
+        name = f"focus drift from the {what}"
+        if not drift.images:
+            checks.append(Check(name, math.nan, math.nan, math.nan, 0, min_matched, max_drift, "max", "insufficient",
+                                f"{name}: no probe image was explained in both records, nothing to compare"))
+        else:
+            check = judge(name, drift.pair_drifts(), threshold=max_drift, bound="max", min_count=min_matched,
+                          unit="matched detections", param="max_drift")
+            if check.verdict == "insufficient" and check.count < min_matched:
+                check = replace(check, reason=check.reason + f"; {drift.count_a} vs {drift.count_b} detections on "
+                                f"{len(drift.images)} shared probe images")
+            checks.append(check)
+    if min_energy_in_box is not None and point is not None:
+        per_class = energy_by_class(point, class_names)
+        if not per_class:
+            checks.append(Check("energy_in_box", math.nan, math.nan, math.nan, 0, min_class_count, min_energy_in_box, "min",
+                                "insufficient", f"no true positive with a map on the probe set at step {point.step}: "
+                                "energy-in-box cannot be checked"))
+        for cls, values in per_class.items():
+            checks.append(judge(f"energy_in_box/{cls}", values, threshold=min_energy_in_box, bound="min",
+                                min_count=min_class_count, unit="true positives", param="min_energy_in_box"))
+    return checks
 
 
 @dataclass
@@ -75,7 +98,10 @@ class Comparison:
         drift: map drift from baseline to candidate; entropy: attention-entropy drift
             (``None`` without entropy in both).
         metrics_a, metrics_b: :func:`~detlens.focus.drift.focus_metrics` of each point.
-        violations: threshold crossings; thresholds: ``{"max_drift", "min_energy_in_box"}``.
+        checks: every gated metric with its count, interval and verdict.
+        notes: reasons for "not enough evidence" that are not a metric (a record without
+            map entries).
+        thresholds: ``{"max_drift", "min_energy_in_box", "min_matched", "min_class_count"}``.
     """
 
     baseline: FocusRecord
@@ -87,12 +113,28 @@ class Comparison:
     entropy: EntropyDrift | None
     metrics_a: dict[str, float]
     metrics_b: dict[str, float]
-    violations: list[str] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     thresholds: dict[str, float | None] = field(default_factory=dict)
 
     @property
+    def verdict(self) -> Verdict:
+        """``"pass"``, ``"fail"`` or ``"insufficient"`` (:func:`~detlens.focus.evidence.overall_verdict`)."""
+        return overall_verdict(self.checks, ["insufficient"] * bool(self.notes))
+
+    @property
     def passed(self) -> bool:
-        return not self.violations
+        return self.verdict == "pass"
+
+    @property
+    def violations(self) -> list[str]:
+        """The thresholds the evidence says were crossed."""
+        return [c.reason for c in self.checks if c.verdict == "fail"]
+
+    @property
+    def insufficient(self) -> list[str]:
+        """Why the evidence is not enough for a verdict (empty when it is)."""
+        return self.notes + [c.reason for c in self.checks if c.verdict == "insufficient"]
 
 
 def compare_records(
@@ -103,12 +145,18 @@ def compare_records(
     max_drift: float | None = 0.5,
     min_energy_in_box: float | None = None,
     iou_threshold: float = 0.5,
+    min_matched: int = MIN_MATCHED,
+    min_class_count: int = MIN_CLASS_COUNT,
 ) -> Comparison:
     """Compares the candidate's last logging point with the baseline's.
 
     Raises:
         FocusRecordError: neither record has map entries of ``log_key``.
+        ValueError: ``min_matched`` or ``min_class_count`` below 1.
     """
+    for arg, value in (("min_matched", min_matched), ("min_class_count", min_class_count)):
+        if int(value) < 1:
+            raise ValueError(f"{arg} must be >= 1 (a gate never decides on nothing), got {value}")
     keys = baseline.map_keys() or candidate.map_keys()
     key = log_key if log_key is not None else (keys[0] if keys else "")
     points_a, points_b = baseline.map_points(key), candidate.map_points(key)
@@ -122,18 +170,17 @@ def compare_records(
     names = {**baseline.class_names(), **candidate.class_names()}
     metrics_a = focus_metrics(a, names) if a is not None else {}
     metrics_b = focus_metrics(b, names) if b is not None else {}
-    violations = threshold_violations(drift, metrics_b, max_drift=max_drift, min_energy_in_box=min_energy_in_box)
-    if min_energy_in_box is not None and b is not None and not any(k.startswith("energy_in_box/") for k in metrics_b):
-        violations.append(
-            f"the candidate has no true positive on the probe set (step {b.step}): energy-in-box cannot be checked"
-        )
-    if max_drift is not None and (a is None) != (b is None):
-        missing = baseline if a is None else candidate
-        violations.append(f"{missing.path} has no map entries of {key!r}: nothing to compare with")
+    checks = gate_checks(drift, b, names, max_drift=max_drift, min_energy_in_box=min_energy_in_box,
+                         min_matched=min_matched, min_class_count=min_class_count)
+    notes = []
+    for record, point in ((baseline, a), (candidate, b)):
+        if point is None and (max_drift is not None or (min_energy_in_box is not None and record is candidate)):
+            notes.append(f"{record.path} has no map entries of {key!r}: nothing to compare")
     return Comparison(
         baseline=baseline, candidate=candidate, log_key=key, point_a=a, point_b=b, drift=drift, entropy=ent,
-        metrics_a=metrics_a, metrics_b=metrics_b, violations=violations,
-        thresholds={"max_drift": max_drift, "min_energy_in_box": min_energy_in_box},
+        metrics_a=metrics_a, metrics_b=metrics_b, checks=checks, notes=notes,
+        thresholds={"max_drift": max_drift, "min_energy_in_box": min_energy_in_box, "min_matched": min_matched,
+                    "min_class_count": min_class_count},
     )
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "EntropyDrift",
     "ImageDrift",
     "PointDrift",
+    "energy_by_class",
     "entropy_drift",
     "focus_metrics",
     "map_similarity",
@@ -141,7 +142,8 @@ class PointDrift:
         drift: mean pair drift (NaN when nothing matched); similarity: mean cosine;
         spearman: mean rho over pairs where it is defined.
         matched: matched pairs; count_a, count_b: detections on the shared images.
-        match_rate: ``matched / max(count_a, count_b)`` (1.0 when both are empty).
+        match_rate: ``matched / max(count_a, count_b)`` (NaN when both are empty: nothing
+            was there to match, which is not a 100% match).
         missing_images: probe indices present in only one of the points.
     """
 
@@ -154,6 +156,10 @@ class PointDrift:
     count_b: int
     match_rate: float
     missing_images: list[int] = field(default_factory=list)
+
+    def pair_drifts(self) -> np.ndarray:
+        """``float64[matched]``: the drift of every matched pair (what :attr:`drift` averages)."""
+        return np.concatenate([d.drift for d in self.images]) if self.images else np.zeros(0)
 
     def scalars(self, suffix: str) -> dict[str, float]:
         """``{"drift_<suffix>", "similarity_<suffix>", "match_rate_<suffix>"}``, NaNs left out."""
@@ -199,7 +205,7 @@ def point_drift(a: MapPoint, b: MapPoint, iou_threshold: float = 0.5) -> PointDr
         matched=matched,
         count_a=count_a,
         count_b=count_b,
-        match_rate=matched / most if most else 1.0,
+        match_rate=matched / most if most else math.nan,
         missing_images=missing,
     )
 
@@ -223,6 +229,22 @@ def entropy_drift(a: EntropyPoint, b: EntropyPoint) -> EntropyDrift:
     per_head = {k: abs(fb[k] - fa[k]) for k in fa if k in fb}
     values = np.array(list(per_head.values()), np.float64)
     return EntropyDrift(per_head, float(values.mean()) if len(values) else math.nan, float(values.max()) if len(values) else math.nan)
+
+
+def energy_by_class(point: MapPoint, class_names: Mapping[int, str] | None = None) -> dict[str, np.ndarray]:
+    """Per class name, the energy-in-box of every true positive with a scored map
+    (``float64[n]``; flat maps and false positives have NaN in the record and are left out)."""
+    names = dict(point.class_names)
+    names.update(class_names or {})
+    out: dict[str, list[np.ndarray]] = {}
+    for im in point.images:
+        if not len(im):
+            continue
+        energy = np.asarray(im.energy_in_box, np.float64)
+        keep = np.asarray(im.is_tp, bool) & np.isfinite(energy)
+        for label in np.unique(im.labels[keep]):
+            out.setdefault(names.get(int(label), str(int(label))), []).append(energy[keep & (im.labels == label)])
+    return {k: np.concatenate(v) for k, v in sorted(out.items())}
 
 
 def focus_metrics(point: MapPoint, class_names: Mapping[int, str] | None = None) -> dict[str, float]:

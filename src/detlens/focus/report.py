@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 
 from detlens.focus.compare import Comparison, TrainingCurves, training_curves
 from detlens.focus.drift import ImageDrift, focus_metrics
+from detlens.focus.evidence import Check
 from detlens.focus.record import FocusImage, FocusRecord, MapPoint
 from detlens.render.boxes import draw_boxes
 from detlens.render.heatmap import merge_maps, overlay_heatmap
@@ -202,6 +203,7 @@ td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: right; vertical-a
 th { background: #f4f4f4; } td.name, th.name { text-align: left; }
 .verdict { padding: 10px 14px; border-radius: 6px; font-weight: 600; }
 .pass { background: #e7f6e7; color: #1b5e20; } .fail { background: #fdecea; color: #8e1c1c; }
+.insufficient { background: #fff4e0; color: #7a4b00; }
 .worse { color: #b00020; font-weight: 600; }
 .images td { text-align: center; } .images img { image-rendering: auto; }
 .caption { font-size: 11px; color: #555; }
@@ -301,14 +303,35 @@ def _embedding_section(records: Sequence[FocusRecord], track: Track) -> list[str
     return ["<h2>Box embeddings</h2>", "<div class=\"charts\">", *images, "</div>"] if images else []
 
 
+def _checks_table(checks: Sequence[Check]) -> list[str]:
+    """Each gated metric: value, 95% interval, count, threshold, verdict."""
+    if not checks:
+        return ["<p>No threshold set: nothing was gated.</p>"]
+    words = {"pass": "pass", "fail": "FAIL", "insufficient": "not enough evidence"}
+    rows = "".join(
+        f"<tr class=\"{c.verdict}\"><td class=\"name\">{html.escape(c.name)}</td><td>{_fmt(c.value)}</td>"
+        f"<td>{'–' if not math.isfinite(c.low) else f'[{c.low:.3f}, {c.high:.3f}]'}</td><td>{c.count} (min {c.min_count})</td>"
+        f"<td>{c.bound} {c.threshold:g}</td><td class=\"name\">{words[c.verdict]}</td></tr>"
+        for c in checks
+    )
+    return ["<h2>Gated metrics</h2>",
+            "<p class=\"caption\">Means over detections with their 95% bootstrap interval; a threshold is crossed only "
+            "when the whole interval lies beyond it, and too few detections give no verdict.</p>",
+            "<table><tr><th class=\"name\">metric</th><th>mean</th><th>95% interval</th><th>count</th><th>threshold</th>"
+            f"<th class=\"name\">verdict</th></tr>{rows}</table>"]
+
+
 def render_comparison_report(comparison: Comparison, track: Track = _no_progress) -> str:
     """The HTML of a baseline-vs-candidate report."""
     c = comparison
     records = [c.baseline, c.candidate]
-    verdict = (
-        "<div class=\"verdict pass\">PASS: focus within thresholds</div>" if c.passed
-        else "<div class=\"verdict fail\">FAIL: " + "<br>".join(html.escape(v) for v in c.violations) + "</div>"
-    )
+    if c.verdict == "pass":
+        verdict = "<div class=\"verdict pass\">PASS: focus within thresholds</div>"
+    elif c.verdict == "fail":
+        verdict = "<div class=\"verdict fail\">FAIL: " + "<br>".join(html.escape(v) for v in c.violations) + "</div>"
+    else:
+        verdict = ("<div class=\"verdict insufficient\">NOT ENOUGH EVIDENCE: no verdict. "
+                   + "<br>".join(html.escape(v) for v in c.insufficient) + "</div>")
     thresholds = ", ".join(f"{k} = {'–' if v is None else f'{v:g}'}" for k, v in c.thresholds.items())
     body = [
         f"<h1>detlens focus comparison: {html.escape(c.baseline.name)} → {html.escape(c.candidate.name)}</h1>",
@@ -316,6 +339,7 @@ def render_comparison_report(comparison: Comparison, track: Track = _no_progress
         f"maps: <code>{html.escape(c.log_key)}</code> at steps {c.point_a.step if c.point_a else '–'} / {c.point_b.step if c.point_b else '–'}"
         f" · thresholds: {html.escape(thresholds)}</p>",
         verdict,
+        *_checks_table(c.checks),
         "<h2>Focus metrics (last logging point)</h2>",
         _metrics_table(["baseline", "candidate"], [c.metrics_a, c.metrics_b], compare=True),
     ]
@@ -324,7 +348,8 @@ def render_comparison_report(comparison: Comparison, track: Track = _no_progress
         d = c.drift
         rows += [("map drift (1 − Spearman ρ)", _fmt(d.drift)), ("mean Spearman ρ", _fmt(d.spearman)),
                  ("mean cosine similarity", _fmt(d.similarity)),
-                 ("matched detections", f"{d.matched} of {d.count_a} / {d.count_b} ({d.match_rate:.0%})")]
+                 ("matched detections", f"{d.matched} of {d.count_a} / {d.count_b}"
+                  + (f" ({d.match_rate:.0%})" if math.isfinite(d.match_rate) else " (no detections to match)"))]
     if c.entropy is not None:
         rows += [("attention-entropy drift (mean |ΔH|)", _fmt(c.entropy.mean)), ("attention-entropy drift (max |ΔH|)", _fmt(c.entropy.max))]
     if rows:
