@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +256,61 @@ def test_missing_annotation_file_is_a_dataset_error(tmp_path: Path) -> None:
 
 def test_dataset_errors_are_value_errors() -> None:
     assert issubclass(DatasetError, ValueError)
+
+
+def many_images(folder: Path, count: int, missing: set[int]) -> Path:
+    """A COCO-sized annotation file (``count`` images, no boxes) whose files exist but for ``missing``
+    (empty files: only their names are checked)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 640, "height": 480} for i in range(count)]
+    for i in range(count):
+        if i not in missing:
+            os.close(os.open(folder / f"{i:012d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
+    return write_coco(folder, images, [])
+
+
+def test_every_missing_image_file_is_reported_at_once_on_a_coco_sized_file(tmp_path: Path) -> None:
+    missing = {17, 40_000, 117_999}
+    ann = many_images(tmp_path / "val2017", 118_000, missing)
+    dataset = CocoDetectionDataset(tmp_path / "val2017", ann)
+
+    start = time.perf_counter()
+    found = dataset.missing_files()
+    seconds = time.perf_counter() - start
+
+    assert found == [f"{i:012d}.jpg" for i in sorted(missing)]
+    print(f"\nmissing-file check of 118,000 images: {seconds:.3f} s (one folder listing)")
+    with pytest.raises(DatasetError) as err:
+        dataset.check_files()
+    assert "3 of 118000 image files not found" in str(err.value)
+    assert "'000000000017.jpg', '000000040000.jpg', '000000117999.jpg'" in str(err.value)
+
+
+def test_missing_files_in_subfolders_and_a_missing_folder_are_found(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    save_png(tmp_path / "a", "x.png", np.zeros((4, 4, 3), np.uint8))
+    images = [{"id": i, "file_name": name, "width": 4, "height": 4} for i, name in enumerate(["a/x.png", "a/y.png", "b/z.png"])]
+    dataset = CocoDetectionDataset(tmp_path, write_coco(tmp_path, images, []))
+    assert dataset.missing_files() == ["a/y.png", "b/z.png"]
+
+
+def test_an_undecodable_image_is_skipped_with_one_warning_or_raised(tmp_path: Path) -> None:
+    for i in range(3):
+        save_png(tmp_path, f"{i}.png", np.full((8, 8, 3), 50 * (i + 1), np.uint8))
+    (tmp_path / "1.png").write_bytes(b"not a png")
+    images = [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 8} for i in range(3)]
+    ann = write_coco(tmp_path, images, [])
+
+    with pytest.raises(DatasetError, match=r"image 1 '1.png': cannot read image file"):
+        CocoDetectionDataset(tmp_path, ann, on_bad_image="raise")[1]
+
+    dataset = CocoDetectionDataset(tmp_path, ann, on_bad_image="skip")
+    with pytest.warns(UserWarning, match=r"skipped an unreadable image \(1 so far.*'1.png'"):
+        image, target = dataset[1]
+    assert target["file_name"] == "2.png" and torch.allclose(image, torch.full_like(image, 150 / 255))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per file, not one per load
+        dataset[1]
+    assert list(dataset.skipped) == ["1.png"]
+    with pytest.raises(ValueError, match="on_bad_image"):
+        CocoDetectionDataset(tmp_path, ann, on_bad_image="ignore")  # type: ignore[arg-type]

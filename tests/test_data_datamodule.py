@@ -222,3 +222,30 @@ def test_prepare_data_is_a_no_op_when_scenes_exist(synthetic: SyntheticDataModul
     synthetic.prepare_data()
 
     assert manifest.stat().st_mtime_ns == before
+
+
+def test_a_missing_val_image_stops_fit_before_the_first_training_step(tmp_path: Path) -> None:
+    """A missing file used to surface when validation reached it, after a whole training epoch."""
+    import pytorch_lightning as pl
+
+    white_boxes_folder(tmp_path, [[[2, 3, 10, 8]], [[5, 5, 4, 4]]])
+    (tmp_path / "val" / "2.png").unlink()
+    steps = []
+
+    class Recorder(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            steps.append(batch_idx)
+            return self.layer(torch.ones(1, 1)).sum()
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(DatasetError, match=r"instances_val\.json: 1 of 2 image files not found in .*val: '2\.png'"):
+        trainer.fit(Recorder(), CocoDataModule(root=str(tmp_path)))
+    assert steps == []

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -112,11 +114,17 @@ class CocoDetectionDataset(Dataset[tuple[torch.Tensor, Target]]):
         box_tolerance: how far, in pixels, a box may reach past the image border before it is
             an error; boxes within the tolerance are clipped to the image.
 
+        on_bad_image: an image file that exists but cannot be decoded (or whose size differs
+            from the JSON) when its item is loaded: ``"raise"`` a :class:`DatasetError`, or
+            ``"skip"`` it: one warning naming it, counted in :attr:`skipped`, and the item is
+            replaced by the next readable one (a batch keeps its size).
+
     Checked at construction (cheap): JSON syntax, required keys, unique ids, annotations
     pointing at known images and categories, finite boxes inside the image, positive area.
-    Checked when an item is loaded: the image file exists, is readable, and has the
-    ``width``/``height`` the JSON states. Annotations with ``iscrowd=1`` are skipped.
-    Every failure raises :class:`DatasetError` naming the file and the record.
+    :meth:`check_files` (called by :class:`~detlens.data.CocoDataModule` at ``setup``,
+    before the first step) finds every referenced file that does not exist. Checked when
+    an item is loaded: the file decodes and has the ``width``/``height`` the JSON states.
+    Annotations with ``iscrowd=1`` are skipped. Every error names the file and the record.
     """
 
     def __init__(
@@ -125,11 +133,17 @@ class CocoDetectionDataset(Dataset[tuple[torch.Tensor, Target]]):
         annotation_file: str | Path,
         transforms: Transform | None = None,
         box_tolerance: float = 1.0,
+        on_bad_image: Literal["raise", "skip"] = "raise",
     ) -> None:
+        if on_bad_image not in ("raise", "skip"):
+            raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
         self.transforms = transforms
         self.box_tolerance = float(box_tolerance)
+        self.on_bad_image = on_bad_image
+        self.skipped: dict[str, str] = {}
+        """``file_name -> reason`` of each image skipped so far in this process (``on_bad_image="skip"``)."""
         data = read_coco_json(self.annotation_file)
         self.categories: list[CocoCategory] = parse_categories(data, source=self.annotation_file)
         self.info: dict[str, Any] = data.get("info") if isinstance(data.get("info"), dict) else {}
@@ -160,7 +174,52 @@ class CocoDetectionDataset(Dataset[tuple[torch.Tensor, Target]]):
     def __len__(self) -> int:
         return len(self._records)
 
+    def missing_files(self) -> list[str]:
+        """The ``file_name`` of every record whose file does not exist, in record order.
+
+        Lists each image folder once (``os.scandir``) instead of one ``stat`` per image:
+        on a network file system a folder listing is one round trip, a ``stat`` one per file.
+        """
+        by_folder: dict[str, set[str]] = {}
+        missing = []
+        for record in self._records:
+            folder, _, name = record.file_name.replace("\\", "/").rpartition("/")
+            if folder not in by_folder:
+                try:
+                    with os.scandir(self.images_dir / folder) as entries:
+                        by_folder[folder] = {e.name for e in entries}
+                except OSError:  # a missing folder: every file in it is missing
+                    by_folder[folder] = set()
+            if name not in by_folder[folder]:
+                missing.append(record.file_name)
+        return missing
+
+    def check_files(self) -> None:
+        """Raises one :class:`DatasetError` listing the missing image files (the first ten and
+        the count), if any."""
+        missing = self.missing_files()
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:10]) + (", ..." if len(missing) > 10 else "")
+            raise DatasetError(
+                f"{self.annotation_file}: {len(missing)} of {len(self)} image files not found in {self.images_dir}: {shown}"
+            )
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        if self.on_bad_image == "raise":
+            return self._load(index)
+        for offset in range(len(self._records)):
+            candidate = (index + offset) % len(self._records)
+            try:
+                return self._load(candidate)
+            except DatasetError as err:
+                name = self._records[candidate].file_name
+                if name not in self.skipped:
+                    self.skipped[name] = str(err)
+                    warnings.warn(f"[detlens] skipped an unreadable image ({len(self.skipped)} so far in this process): "
+                                  f"{err}", stacklevel=2)
+        raise DatasetError(f"{self.annotation_file}: no image of the {len(self)} could be read")
+
+    def _load(self, index: int) -> tuple[torch.Tensor, Target]:
         record = self._records[index]
         context = f"{self.annotation_file}: image {record.image_id} '{record.file_name}'"
         image = load_rgb_image(self.images_dir / record.file_name, context=context)

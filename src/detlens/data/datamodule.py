@@ -46,6 +46,10 @@ class CocoDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes (0 loads in the training process).
         horizontal_flip: random left-right flip (p=0.5) of training images and their boxes.
         seed: seed of the data module's own generators (shuffle order and flips).
+        on_bad_image: an image file that exists but cannot be decoded mid-run: ``"skip"``
+            (one warning naming it, replaced by the next readable image; the default, so a
+            long cluster run does not lose an epoch to one corrupt file) or ``"raise"``.
+            Missing files are always an error, raised by ``setup`` before the first step.
 
     Batches are ``(list[FloatTensor[3, H, W]], list[dict])`` (see :func:`collate_detection`).
     """
@@ -63,12 +67,13 @@ class CocoDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         horizontal_flip: bool = True,
         seed: int = 0,
+        on_bad_image: Literal["raise", "skip"] = "skip",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._configure(
             root, train_ann, val_ann, test_ann, train_images, val_images, test_images,
-            batch_size, num_workers, horizontal_flip, seed,
+            batch_size, num_workers, horizontal_flip, seed, on_bad_image,
         )
 
     def _configure(
@@ -84,8 +89,12 @@ class CocoDataModule(pl.LightningDataModule):
         num_workers: int,
         horizontal_flip: bool,
         seed: int,
+        on_bad_image: Literal["raise", "skip"] = "skip",
     ) -> None:
         """Everything ``__init__`` does apart from recording hyperparameters (shared with subclasses)."""
+        if on_bad_image not in ("raise", "skip"):
+            raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -108,6 +117,7 @@ class CocoDataModule(pl.LightningDataModule):
         # Separate generators so that how often one loader is iterated never changes another's order.
         self._loader_generators = {split: torch.Generator().manual_seed(seed + i) for i, split in enumerate(_SPLITS)}
         self._datasets: dict[str, CocoDetectionDataset] = {}
+        self._checked: set[str] = set()
         self._categories = self._load_categories()
 
     # -- what LightningCLI and the callbacks read ----------------------------------------
@@ -144,14 +154,17 @@ class CocoDataModule(pl.LightningDataModule):
     # -- LightningDataModule hooks --------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Builds (and validates) the datasets the stage needs."""
+        """Builds and validates the datasets the stage needs, their image files included
+        (every missing file of a split in one :class:`DatasetError`, before the first step)."""
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
         for split in splits.get(stage, ()):
             if split == "test" and self._annotation_files["test"] is None:
                 raise DatasetError(
                     f"{type(self).__name__}: no test split; set test_ann (and test_images) to run test"
                 )
-            self._dataset(split)
+            if split not in self._checked:
+                self._dataset(split).check_files()
+                self._checked.add(split)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -200,6 +213,7 @@ class CocoDataModule(pl.LightningDataModule):
                 self._image_dirs[split],
                 annotation_file,
                 transforms=self._flip if split == "train" else None,
+                on_bad_image=self.on_bad_image,
             )
             reference = getattr(self, "_categories", None)
             if reference is not None and dataset.categories != reference:
