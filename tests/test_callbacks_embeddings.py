@@ -238,3 +238,17 @@ def test_two_rank_cpu_ddp_table_holds_the_detections_of_both_ranks(tmp_path):
     assert all(1 <= n <= 7 for n in per_image.values()), per_image
     assert scalar_history(run, "embeddings/detections") == [sum(per_image.values())]
     assert len(table["image_files"]) == len(table["rows"])
+
+
+def test_an_event_with_nothing_to_project_says_why(scenes_root, tmp_path, caplog, wandb_data_dir):
+    dm = scenes(scenes_root)
+    callback = BoxEmbeddingCallback(method="pca", score_threshold=1.0, num_probe_images=2)  # no score exceeds 1.0
+    pl.seed_everything(0)
+    with caplog.at_level("INFO"):
+        trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), callbacks=[callback]).fit(detector(dm), dm)
+    wandb.finish()
+
+    said = [r.getMessage() for r in caplog.records if "nothing to project" in r.getMessage()]
+    assert len(said) == 1 and "score_threshold 1" in said[0] and "embeddings/detections is 0" in said[0]
+    run = finished_run(find_offline_runs(tmp_path)[-1])
+    assert [v for _, v in run.history_of("embeddings/detections")] == [0.0]

@@ -140,3 +140,55 @@ def test_the_fixed_scale_survives_a_checkpoint(scenes_root, tmp_path):
     trainer(max_epochs=2, callbacks=[resumed], limit_val_batches=1).fit(detector(dm), dm, ckpt_path=tmp_path / "epoch1.ckpt")
     assert resumed.num_logging_events == 2
     assert resumed.scale.reference(resumed.scale_key) == reference
+
+
+def test_an_event_with_nothing_above_the_threshold_says_so_and_shows_best_guesses(scenes_root, tmp_path, caplog, finish_wandb):
+    """An early model at score_threshold 0.5 used to give tinted overlays, no metric and no word."""
+    from detlens.focus.record import read_focus_record
+
+    dm = scenes(scenes_root)
+    guesses = GradCAMCallback(top_k=3, score_threshold=1.0, num_probe_images=2)  # no score exceeds 1.0
+    nothing = GradCAMCallback(top_k=3, score_threshold=1.0, num_probe_images=2, min_detections=0, log_key="strict")
+    pl.seed_everything(0)
+    with caplog.at_level("INFO"):
+        trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), callbacks=[guesses, nothing], max_epochs=1,
+                num_sanity_val_steps=0).fit(detector(dm), dm)
+    wandb.finish()
+
+    said = [r.getMessage() for r in caplog.records if "no detection scored above score_threshold 1" in r.getMessage()]
+    assert len(said) == 2 and "highest score" in said[0] and "gradcam/detections_per_image is 0" in said[0]
+    run = newest_offline_run(tmp_path)
+    (event,) = image_events(run, "gradcam/probe")
+    assert all("· 1 below threshold 1 (best guesses" in c for c in event.captions)
+    assert [len(p["box_data"]) for p in event.boxes(run, "predictions")] == [1, 1]
+    assert scalar_history(run, "gradcam/detections_per_image") == [0.0]
+    assert scalar_history(run, "gradcam/below_threshold_per_image") == [1.0]
+    assert not scalar_history(run, "gradcam/energy_in_box") and not scalar_history(run, "gradcam/true_positive_rate")
+    (point,) = read_focus_record(run.run_dir).map_points("gradcam")
+    assert all(im.below_threshold.tolist() == [True] and not im.is_tp.any() for im in point.images)
+
+    (strict,) = image_events(run, "strict/probe")
+    assert all(c.endswith("· no detection explained (none above 1)") for c in strict.captions)
+    for index, file in zip(nothing.probe_indices, strict.image_files(run)):
+        shown = np.asarray(Image.open(file).convert("RGB")).astype(float)
+        image = dm.val_dataset[index][0].permute(1, 2, 0).numpy() * 255
+        # untinted: JPEG noise averages out per channel, a colour map's tint would not (jet's 0 is dark blue)
+        assert np.abs((shown - image).mean(axis=(0, 1))).max() < 2, "no map: the image is shown untinted"
+
+
+def test_validating_a_checkpoint_captions_the_model_s_own_step(scenes_root, tmp_path, finish_wandb):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    dm = scenes(scenes_root)
+    pl.seed_everything(0)
+    model = detector(dm)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(max_epochs=1, enable_checkpointing=True, callbacks=[checkpoints], num_sanity_val_steps=0).fit(model, dm)
+    callback = GradCAMCallback(top_k=2, score_threshold=0.0, num_probe_images=2)
+    trainer(logger=WandbLogger(offline=True, save_dir=tmp_path), callbacks=[callback]).validate(
+        detector(dm), dm, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)
+    wandb.finish()
+
+    (event,) = image_events(run := newest_offline_run(tmp_path), "gradcam/probe")
+    assert all(c.endswith("· step 2") for c in event.captions), event.captions
+    assert run.run_dir.exists()

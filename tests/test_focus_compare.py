@@ -174,7 +174,8 @@ def without_detections(point):  # type: ignore[no-untyped-def]
     """The point's images as explained by a model that detected nothing (an early model at score 0.5)."""
     for image in point.images:
         keep = np.zeros(len(image), bool)
-        for name in ("boxes", "labels", "scores", "maps", "peaks", "is_tp", "energy_in_box", "chance", "pointing_game"):
+        for name in ("boxes", "labels", "scores", "maps", "peaks", "is_tp", "energy_in_box", "chance", "pointing_game",
+                     "below_threshold"):
             setattr(image, name, getattr(image, name)[keep])
     return point.images
 

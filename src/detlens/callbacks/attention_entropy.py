@@ -283,7 +283,7 @@ class AttentionEntropyCallback(ProbeCallback):
         entropies = self._mean([r.value for r in results])
         if not entropies:
             return
-        step = trainer.global_step
+        step = self.model_step(trainer)
         scalars = entropy_metrics(entropies, prefix=self.key("entropy_probe"))
         if self.every_n_train_steps is None:
             scalars.update(self._watch_collapse(trainer, step, entropies))

@@ -192,8 +192,8 @@ class AttentionMapCallback(ProbeCallback):
             raise ValueError(f"{name}: grid_size must be a positive int, got {grid_size!r}")
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"{name}: top_k must be a positive int, got {top_k!r}")
-        if not 0.0 <= score_threshold < 1.0:
-            raise ValueError(f"{name}: score_threshold must be in [0, 1), got {score_threshold}")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"{name}: score_threshold must be in [0, 1], got {score_threshold}")
         self.layers = layers
         self.encoder_layer = int(encoder_layer)
         self.heads = heads
@@ -406,7 +406,7 @@ class AttentionMapCallback(ProbeCallback):
         build = functools.partial(
             attention_map_media, probes, keys={k: self.key(k) for k in names}, class_names=class_names
         )
-        log_media_later(trainer, build, step=trainer.global_step)
+        log_media_later(trainer, build, step=self.model_step(trainer))
 
 
 @dataclass

@@ -124,6 +124,7 @@ class ProbeCallback(pl.Callback):
         self._dataset: Dataset | None = None
         self._folder_dataset: Dataset | None = None
         self._num_events = 0
+        self._checkpoint_step: int | None = None  # the global step of a checkpoint loaded for validate/test
         self._last_epoch = -1
         self._last_step = -1
         # image_id -> (probe index, pixel_digest of its image): reading the validation forward
@@ -215,12 +216,23 @@ class ProbeCallback(pl.Callback):
                 probe_cache.put(dataset, index, item, _tensor_bytes(item))
             return _map_tensors(item, Tensor.clone)
 
-    @staticmethod
-    def caption(trainer: pl.Trainer, index: int, target: dict[str, Any] | None = None) -> str:
-        """``"img 17 (id 42) · step 300"``: probe index, dataset image id, global step."""
+    def model_step(self, trainer: pl.Trainer) -> int:
+        """The global step of the model being explained: ``trainer.global_step`` while fitting;
+        under ``validate``/``test``/``predict`` of a checkpoint, the step it was saved at
+        (there the trainer's own counter starts at 0)."""
+        if trainer.state.fn != "fit" and self._checkpoint_step is not None:
+            return self._checkpoint_step
+        return int(trainer.global_step)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        step = checkpoint.get("global_step")
+        self._checkpoint_step = int(step) if isinstance(step, int) else None
+
+    def caption(self, trainer: pl.Trainer, index: int, target: dict[str, Any] | None = None) -> str:
+        """``"img 17 (id 42) · step 300"``: probe index, dataset image id, the model's global step."""
         image_id = _image_id(target)
         id_part = f" (id {image_id})" if image_id is not None else ""
-        return f"img {index}{id_part} · step {trainer.global_step}"
+        return f"img {index}{id_part} · step {self.model_step(trainer)}"
 
     # ------------------------------------------------------------------ Lightning hooks
     @property

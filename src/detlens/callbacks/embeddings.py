@@ -8,6 +8,7 @@ import functools
 from typing import Any, Literal
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from detlens.callbacks.base import ProbeCallback, ProbeResult
@@ -121,8 +122,8 @@ class BoxEmbeddingCallback(ProbeCallback):
             close = difflib.get_close_matches(str(method), METHODS, n=1, cutoff=0.3)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{name}: method must be one of {list(METHODS)}, got {method!r}.{hint}")
-        if not 0.0 <= score_threshold < 1.0:
-            raise ValueError(f"{name}: score_threshold must be in [0, 1), got {score_threshold}")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"{name}: score_threshold must be in [0, 1], got {score_threshold}")
         if not isinstance(max_detections, int) or max_detections < 1:
             raise ValueError(f"{name}: max_detections must be a positive int, got {max_detections!r}")
         if not 0.0 < iou_threshold <= 1.0:
@@ -181,12 +182,17 @@ class BoxEmbeddingCallback(ProbeCallback):
 
     # ------------------------------------------------------------------ rank 0
     def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
-        step, epoch = trainer.global_step, trainer.current_epoch
+        step, epoch = self.model_step(trainer), trainer.current_epoch
         detections = concat_box_features([r.value for r in results], sources=[r.index for r in results])
         counts = detections.counts()
         scalars = {self.key(k): float(v) for k, v in counts.items()}
         if not len(detections):
             log_media(trainer, scalars=scalars, step=step)
+            rank_zero_info(
+                f"[detlens] {type(self).__name__} at step {step}: no detection scored above score_threshold "
+                f"{self.score_threshold:g} on the {len(results)} probe images, so there is nothing to project "
+                f"this time ({self.key('detections')} is 0; lower score_threshold to see an early model's boxes)"
+            )
             return
         class_names = _class_names(trainer, pl_module)
         # Probe images for the thumbnails are read here; the projection, the plot and the

@@ -143,8 +143,9 @@ def record_map_point(
         value = result.value
         image, target = callback.probe_item(result.index)
         pixels[result.index] = image
-        images.append(FocusImage.from_tensors(result.index, value.boxes, value.labels, value.scores, value.raw, value.focus, target))
-    point = MapPoint(callback.log_key, int(trainer.global_step), int(trainer.current_epoch), method, layer, images,
+        images.append(FocusImage.from_tensors(result.index, value.boxes, value.labels, value.scores, value.raw, value.focus, target,
+                                              below_threshold=getattr(value, "below_threshold", None)))
+    point = MapPoint(callback.log_key, int(callback.model_step(trainer)), int(trainer.current_epoch), method, layer, images,
                      dict(class_names or {}))
     _emit(trainer, point, pixels)
     return point

@@ -9,6 +9,7 @@ from typing import Any, get_args
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from detlens.adapters import adapter_for
@@ -19,7 +20,7 @@ from detlens.callbacks.prediction_overlay import _class_names
 from detlens.explainers.api import Explanation, Method, box_focus, explain, focus_summary, gradcam_explanations, peak_values
 from detlens.explainers.drise import MAX_MASKS
 from detlens.explainers.gradcam import Target
-from detlens.explainers.scale import FixedScale
+from detlens.explainers.scale import FixedScale, flat_maps
 from detlens.render.media_jobs import gradcam_media
 from detlens.sinks import log_media_later
 
@@ -36,8 +37,10 @@ class ProbeMaps:
         boxes: ``FloatTensor[K, 4]`` xyxy; scores: ``FloatTensor[K]``; labels: ``Int64Tensor[K]``.
         raw: ``FloatTensor[K, H, W]`` maps on the model's own scale.
         focus: per-detection metrics of :func:`detlens.explainers.api.box_focus`
-            (``is_tp``, ``energy_in_box``, ``chance``, ``pointing_game``), or ``None``
-            when the probe image has no ground truth.
+            (``is_tp``, ``flat``, ``energy_in_box``, ``chance``, ``pointing_game``), or
+            ``None`` when the probe image has no ground truth; below-threshold detections
+            are never true positives and have NaN metrics.
+        below_threshold: ``BoolTensor[K]``: shown as a best guess below ``score_threshold``.
     """
 
     boxes: Tensor
@@ -45,6 +48,13 @@ class ProbeMaps:
     labels: Tensor
     raw: Tensor
     focus: dict[str, Tensor] | None
+    below_threshold: Tensor
+
+    def confident(self) -> tuple[dict[str, Tensor] | None, Tensor]:
+        """``(focus, labels)`` of the detections above the threshold only (for the metrics)."""
+        keep = ~self.below_threshold
+        focus = None if self.focus is None else {k: v[keep] for k, v in self.focus.items()}
+        return focus, self.labels[keep]
 
 
 class GradCAMCallback(ProbeCallback):
@@ -66,7 +76,16 @@ class GradCAMCallback(ProbeCallback):
     * ``<log_key>/peak``: mean peak of the raw maps divided by a reference fixed at the
       first logging point (per method and layer, kept in ``state_dict``): ``1.0`` = as
       strong as then; comparable over the run and across resumed runs.
-    * ``<log_key>/detections_per_image`` and ``<log_key>/true_positive_rate``.
+    * ``<log_key>/detections_per_image`` (above ``score_threshold``),
+      ``<log_key>/below_threshold_per_image`` (best guesses shown below it, see
+      ``min_detections``), ``<log_key>/true_positive_rate`` and ``<log_key>/flat_map_rate``
+      (share of maps without spatial information, drawn blank and not scored).
+
+    When an event explains no detection above the threshold, the callback says so once in
+    the log (how many candidates, the highest score, the threshold), and with
+    ``min_detections`` it still shows each image's best guesses, captioned "below
+    threshold" and left out of every true-positive metric, drift and gate. An overlay
+    without any map shows the image untinted, captioned "no detection explained".
 
     On a torchvision two-stage detector with ``method="gradcam"`` or ``"elementwise"`` and a
     per-detection-level layer (the default ``"features"``), the probe images the validation
@@ -88,6 +107,9 @@ class GradCAMCallback(ProbeCallback):
         iou_threshold: IoU with a same-class ground-truth box that makes a true positive.
         alpha: weight of the colour-mapped map in the blend; colormap: matplotlib name.
         num_masks: D-RISE masks per image (``<=`` 5000).
+        min_detections: explain at least this many detections per image, the highest
+            scoring ones, even below ``score_threshold`` (early in training nothing may pass
+            it); ``0`` shows only detections above it.
         every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key:
             see :class:`~detlens.callbacks.base.ProbeCallback`.
     """
@@ -103,6 +125,7 @@ class GradCAMCallback(ProbeCallback):
         alpha: float = 0.5,
         colormap: str = "jet",
         num_masks: int = 500,
+        min_detections: int = 1,
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
         num_probe_images: int = 8,
@@ -133,6 +156,8 @@ class GradCAMCallback(ProbeCallback):
             raise ValueError(f"{name}: alpha must be in [0, 1], got {alpha}")
         if not 1 <= num_masks <= MAX_MASKS:
             raise ValueError(f"{name}: num_masks must be in [1, {MAX_MASKS}], got {num_masks}")
+        if isinstance(min_detections, bool) or not isinstance(min_detections, int) or not 0 <= min_detections <= top_k:
+            raise ValueError(f"{name}: min_detections must be an int in [0, top_k={top_k}], got {min_detections!r}")
         from matplotlib import colormaps
 
         if colormap not in colormaps:
@@ -146,6 +171,7 @@ class GradCAMCallback(ProbeCallback):
         self.alpha = float(alpha)
         self.colormap = colormap
         self.num_masks = num_masks
+        self.min_detections = min_detections
         self.scale = FixedScale()
         self._layer_in_use: str | None = layer
 
@@ -187,10 +213,16 @@ class GradCAMCallback(ProbeCallback):
             layer=self._layer_in_use,
             target=self.target,  # type: ignore[arg-type]
             top_k=self.top_k,
-            score_threshold=self.score_threshold,
+            score_threshold=self._explain_threshold,
             num_masks=self.num_masks,
         )
         return [self._probe_maps(ex, tgt) for ex, tgt in zip(explanations, targets)]
+
+    @property
+    def _explain_threshold(self) -> float:
+        # With min_detections, the top_k highest scores are explained whatever they are, and
+        # _probe_maps keeps those above the threshold plus best guesses up to min_detections.
+        return 0.0 if self.min_detections else self.score_threshold
 
     @property
     def reads_validation_forward(self) -> bool:  # type: ignore[override]
@@ -211,19 +243,28 @@ class GradCAMCallback(ProbeCallback):
             raise RuntimeError("the observed forward cannot be replayed")  # the probe forward explains this image
         # The validation loop runs under inference mode; the backward of the RoI path needs it off.
         with torch.inference_mode(False), torch.enable_grad():
-            output = call.replay.output(position, call.detections[position], self.top_k, self.score_threshold)
+            output = call.replay.output(position, call.detections[position], self.top_k, self._explain_threshold)
             (ex,) = gradcam_explanations(output, self._layer_in_use, method=self.method, target=self.target)
         return self._probe_maps(ex, target)
 
     def _probe_maps(self, ex: Explanation, target: dict[str, Any]) -> ProbeMaps:
+        above = int((ex.scores > self.score_threshold).sum())  # scores are sorted, highest first
+        keep = max(above, min(self.min_detections, len(ex)))
+        ex = Explanation(ex.boxes[:keep], ex.scores[:keep], ex.labels[:keep], ex.maps[:keep], ex.raw[:keep],
+                         ex.method, ex.layer, ex.target)
+        below = ex.scores <= self.score_threshold
         focus = None
         if "boxes" in target and "labels" in target:
             focus = box_focus(ex, target["boxes"], target["labels"], self.iou_threshold)
-        return ProbeMaps(boxes=ex.boxes, scores=ex.scores, labels=ex.labels, raw=ex.raw, focus=focus)
+            if bool(below.any()):  # best guesses: never true positives, never scored
+                focus["is_tp"] = focus["is_tp"] & ~below
+                for name in ("energy_in_box", "chance", "pointing_game"):
+                    focus[name] = focus[name].masked_fill(below, float("nan"))
+        return ProbeMaps(boxes=ex.boxes, scores=ex.scores, labels=ex.labels, raw=ex.raw, focus=focus, below_threshold=below)
 
     def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
         class_names = _class_names(trainer, pl_module)
-        step = trainer.global_step
+        step = self.model_step(trainer)
         probes = []
         for result in results:
             image, target = self.probe_item(result.index)
@@ -231,8 +272,9 @@ class GradCAMCallback(ProbeCallback):
             probes.append({
                 "image": image, "raw": maps.raw, "boxes": maps.boxes, "labels": maps.labels, "scores": maps.scores,
                 "gt_boxes": target.get("boxes"), "gt_labels": target.get("labels"),
-                "caption": self.caption(trainer, result.index, target),
+                "caption": self.caption(trainer, result.index, target) + self._caption_note(maps),
             })
+        self._say_if_empty(results, step)
         scalars = self._scalars(results, class_names, step)
         # The overlays are drawn by detlens' media worker (detlens.render.media_jobs).
         build = functools.partial(
@@ -247,13 +289,40 @@ class GradCAMCallback(ProbeCallback):
         super().teardown(trainer, pl_module, stage)
         publish_focus_record(trainer)  # online runs: the focus record as a W&B artifact
 
+    def _caption_note(self, maps: ProbeMaps) -> str:
+        if len(maps.scores) == 0:
+            return f" · no detection explained (none above {self.score_threshold:g})"
+        below = int(maps.below_threshold.sum())
+        if below:
+            return (f" · {below} below threshold {self.score_threshold:g} (best guesses, highest "
+                    f"{float(maps.scores[maps.below_threshold].max()):.2f})")
+        return ""
+
+    def _say_if_empty(self, results: list[ProbeResult], step: int) -> None:
+        """One log line per event that explains no detection above the threshold."""
+        values: list[ProbeMaps] = [r.value for r in results]
+        if not values or any(bool((~v.below_threshold).any()) for v in values):
+            return
+        scores = torch.cat([v.scores for v in values]) if values else torch.zeros(0)
+        best = f"highest score {float(scores.max()):.3f}" if len(scores) else "no candidate at all"
+        shown = (f"showing each image's top {self.min_detections} below it, captioned 'below threshold'"
+                 if self.min_detections and len(scores) else "nothing to show (min_detections=0)")
+        rank_zero_info(
+            f"[detlens] {type(self).__name__} at step {step}: no detection scored above score_threshold "
+            f"{self.score_threshold:g} on the {len(values)} probe images ({len(scores)} candidates explained, {best}); "
+            f"{shown}; {self.key('detections_per_image')} is 0"
+        )
+
     def _scalars(self, results: list[ProbeResult], class_names: dict[int, str] | None, step: int) -> dict[str, float]:
         values: list[ProbeMaps] = [r.value for r in results]
-        count = sum(len(v.scores) for v in values)
-        scalars = {"detections_per_image": count / max(len(values), 1)}
-        scaled = self.scale(self.scale_key, [v.raw for v in values], step)
-        if scaled is not None and count:
-            scalars["peak"] = float(peak_values(scaled).mean())
-        with_gt = [v for v in values if v.focus is not None]
-        scalars.update(focus_summary([v.focus for v in with_gt], [v.labels for v in with_gt], class_names))
+        confident = sum(int((~v.below_threshold).sum()) for v in values)
+        scalars = {"detections_per_image": confident / max(len(values), 1),
+                   "below_threshold_per_image": sum(int(v.below_threshold.sum()) for v in values) / max(len(values), 1)}
+        scaled = self.scale(self.scale_key, [v.raw[~v.below_threshold] for v in values], step)
+        if scaled is not None:  # over maps that say something: flat ones never set the scale either
+            peaks = peak_values([m[~flat_maps(m)] for m in scaled])
+            if len(peaks):
+                scalars["peak"] = float(peaks.mean())
+        with_gt = [v.confident() for v in values if v.focus is not None]
+        scalars.update(focus_summary([f for f, _ in with_gt], [labels for _, labels in with_gt], class_names))
         return {self.key(k): float(v) for k, v in scalars.items() if np.isfinite(v)}

@@ -132,7 +132,7 @@ class PredictionOverlayCallback(ProbeCallback):
         scalars = {self.key("detections_per_image"): len(scores) / max(len(results), 1)}
         if len(scores):
             scalars[self.key("mean_score")] = float(scores.mean())
-        log_media(trainer, images={self.key("probe"): media}, scalars=scalars, step=trainer.global_step)
+        log_media(trainer, images={self.key("probe"): media}, scalars=scalars, step=self.model_step(trainer))
 
 
 def _to_uint8_hwc(image: Tensor) -> np.ndarray:

@@ -184,8 +184,8 @@ def image_drift(a: FocusImage, b: FocusImage, iou_threshold: float = 0.5) -> Ima
 
 def point_drift(a: MapPoint, b: MapPoint, iou_threshold: float = 0.5) -> PointDrift:
     """Drift from point ``a`` to point ``b`` over the probe images both explained."""
-    ia = {im.probe_index: im for im in a.images}
-    ib = {im.probe_index: im for im in b.images}
+    ia = {im.probe_index: im.confident() for im in a.images}
+    ib = {im.probe_index: im.confident() for im in b.images}
     shared = sorted(set(ia) & set(ib))
     missing = sorted(set(ia) ^ set(ib))
     images = [image_drift(ia[i], ib[i], iou_threshold) for i in shared]
@@ -248,7 +248,8 @@ def energy_by_class(point: MapPoint, class_names: Mapping[int, str] | None = Non
 
 
 def focus_metrics(point: MapPoint, class_names: Mapping[int, str] | None = None) -> dict[str, float]:
-    """Localisation of one point's maps, over its true positives (as recorded at logging time).
+    """Localisation of one point's maps, over its true positives (as recorded at logging time);
+    detections shown below the score threshold are left out of every value.
 
     Returns:
         ``energy_in_box``, ``energy_in_box_chance``, ``pointing_game`` and per class
@@ -257,7 +258,7 @@ def focus_metrics(point: MapPoint, class_names: Mapping[int, str] | None = None)
     """
     names = dict(point.class_names)
     names.update(class_names or {})
-    images: Sequence[FocusImage] = point.images
+    images: Sequence[FocusImage] = [im.confident() for im in point.images]
     count = sum(len(im) for im in images)
     out: dict[str, float] = {"detections_per_image": count / max(len(images), 1)}
     if not count:

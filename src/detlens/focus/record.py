@@ -31,7 +31,9 @@ entry up to the last complete line and flags ``truncated``.
     divided by its own peak, so in ``[0, 1]``), ``peaks`` float32 ``[K]`` (the raw
     maps' peaks: the scale divided out), ``gt_boxes`` float32 ``[G, 4]``, ``gt_labels``
     int64 ``[G]``, and per detection ``is_tp`` bool, ``energy_in_box``, ``chance``,
-    ``pointing_game`` float32 ``[K]`` (NaN for false positives or without ground truth).
+    ``pointing_game`` float32 ``[K]`` (NaN for false positives, flat maps or without ground
+    truth), and optionally ``below_threshold`` bool ``[K]`` (best guesses shown below the
+    score threshold; absent in older records: all ``False``).
   - ``"entropy"``: ``origin`` (``"probe"`` or ``"train"``) and ``entropies``:
     ``{layer: float32 [heads]}``, normalised entropy (1 = uniform attention).
   - ``"embedding"``: ``method``, ``coords`` float32 ``[N, 2]``, ``labels`` int64 ``[N]``,
@@ -161,6 +163,24 @@ class FocusImage:
     energy_in_box: np.ndarray
     chance: np.ndarray
     pointing_game: np.ndarray
+    below_threshold: np.ndarray | None = None
+    """``bool[K]``: shown as the model's best guesses below the callback's score threshold
+    (``GradCAMCallback(min_detections=...)``); never true positives, left out of drift and
+    of every focus metric. ``None`` (records written before it) reads as all ``False``."""
+
+    def __post_init__(self) -> None:
+        if self.below_threshold is None or len(self.below_threshold) != len(self):
+            self.below_threshold = np.zeros(len(self), bool)
+
+    def confident(self) -> FocusImage:
+        """This image's detections without the below-threshold ones (what drift and gates use)."""
+        below = np.asarray(self.below_threshold, bool)
+        if not below.any():
+            return self
+        keep = ~below
+        arrays = {name: getattr(self, name)[keep] for name in self._ARRAYS if name not in ("gt_boxes", "gt_labels")}
+        return FocusImage(self.probe_index, self.image_id, self.height, self.width, gt_boxes=self.gt_boxes,
+                          gt_labels=self.gt_labels, below_threshold=np.zeros(int(keep.sum()), bool), **arrays)
 
     @classmethod
     def from_tensors(
@@ -173,6 +193,7 @@ class FocusImage:
         focus: Mapping[str, Tensor] | None = None,
         target: Mapping[str, Any] | None = None,
         map_size: int = MAP_SIZE,
+        below_threshold: Tensor | None = None,
     ) -> FocusImage:
         """Builds the record of one image from an explainer's output.
 
@@ -181,6 +202,7 @@ class FocusImage:
             raw_maps: ``FloatTensor[K, H, W]`` maps at image resolution (``H, W`` recorded).
             focus: :func:`detlens.explainers.api.box_focus` output, or ``None``.
             target: the dataset target (``boxes``, ``labels``, ``image_id``), or ``None``.
+            below_threshold: ``BoolTensor[K]``, detections shown below the score threshold.
         """
         k = int(boxes.shape[0])
         small, peaks = downsample_maps(raw_maps, map_size)
@@ -212,6 +234,7 @@ class FocusImage:
             energy_in_box=arr(None if focus is None else focus["energy_in_box"], np.float32, nan).reshape(-1),
             chance=arr(None if focus is None else focus["chance"], np.float32, nan).reshape(-1),
             pointing_game=arr(None if focus is None else focus["pointing_game"], np.float32, nan).reshape(-1),
+            below_threshold=arr(below_threshold, bool, np.zeros(k, bool)).reshape(-1),
         )
 
     _ARRAYS = {
@@ -223,13 +246,15 @@ class FocusImage:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"probe_index": self.probe_index, "image_id": self.image_id, "height": self.height, "width": self.width}
         out.update({name: _encode(getattr(self, name), dtype) for name, dtype in self._ARRAYS.items()})
+        out["below_threshold"] = _encode(self.below_threshold, "bool")  # optional: older readers skip it
         return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> FocusImage:
         arrays = {name: _decode(obj[name]) for name in cls._ARRAYS}
+        below = _decode(obj["below_threshold"]) if "below_threshold" in obj else None
         return cls(probe_index=int(obj["probe_index"]), image_id=obj.get("image_id"), height=int(obj["height"]),
-                   width=int(obj["width"]), **arrays)
+                   width=int(obj["width"]), below_threshold=below, **arrays)
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])

@@ -45,15 +45,27 @@ def gradcam_media(
     Args:
         probes: per image ``{"image": FloatTensor[3, H, W], "raw": [K, h, w] maps,
             "boxes", "labels", "scores", "gt_boxes"?, "gt_labels"?, "caption"}``.
+
+    An image without a map that says anything (no detection, or only flat maps) is shown
+    untinted: a colour-mapped zero map would tint it uniformly, which reads as a map.
     """
-    from detlens.explainers.scale import display_maps
+    from detlens.explainers.scale import display_maps, flat_maps
+
+    def pixels(p: Mapping[str, Any]) -> np.ndarray:
+        image = to_uint8_image(p["image"])
+        if not bool((~flat_maps(p["raw"])).any()):
+            return image
+        return overlay_heatmap(image, merge_maps(display_maps(p["raw"])), alpha=alpha, colormap=colormap)
+
+    def caption(p: Mapping[str, Any]) -> str:
+        if len(p["raw"]) and bool(flat_maps(p["raw"]).all()):
+            return p["caption"] + " · flat maps (no spatial information)"
+        return p["caption"]
 
     media = [
         MediaImage(
-            pixels=overlay_heatmap(
-                to_uint8_image(p["image"]), merge_maps(display_maps(p["raw"])), alpha=alpha, colormap=colormap
-            ),
-            caption=p["caption"],
+            pixels=pixels(p),
+            caption=caption(p),
             gt_boxes=_numpy(p.get("gt_boxes")),
             gt_labels=_numpy(p.get("gt_labels")),
             pred_boxes=_numpy(p["boxes"]),
