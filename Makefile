@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.detlens-installed
 CONFIG ?= configs/fasterrcnn_synthetic.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser demo test bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,11 @@ test: $(STAMP) browser
 	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -m numerics $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/*.py; do [ "$$b" = benchmarks/gpu_suite.py ] || $(BIN)/python $$b || exit 1; done
+
+# The figures on one GPU (at most 8 minutes); `--device cpu --quick` is its own test, run by `make test`.
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu_suite.py --device cuda
 
 clean:
 	rm -rf $(VENV) wandb lightning_logs outputs data runs detlens .pytest_cache
