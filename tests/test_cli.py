@@ -165,7 +165,7 @@ from detlens.cli import main
 rank = os.environ.get("LOCAL_RANK", "0")
 outcome = "raised"
 try:
-    code = main(sys.argv[1:])
+    code = main()  # as the console script does: arguments from sys.argv
     outcome = str(code or 0)
 except SystemExit as exit_:
     outcome = str(exit_.code or 0)
@@ -206,6 +206,7 @@ def test_detlens_fit_under_ddp_exits_0_on_every_rank_with_one_wandb_run(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p.name: p.read_text() for p in exits.iterdir()} == {"rank0": "0", "rank1": "0"}, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "args parameter is intended" not in done.stderr, "LightningCLI got the arguments twice"
     runs = find_offline_runs(tmp_path)
     assert len(runs) == 1, f"one W&B run expected, found {[p.name for p in runs]}"
     run = finished_run(runs[0])

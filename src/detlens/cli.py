@@ -231,10 +231,12 @@ def main(argv: list[str] | None = None) -> int | None:
     ``compare`` and ``report`` are handled here (they read focus records and return an exit
     code); everything else (``fit``, ``validate``, ``test``, ...) goes to ``LightningCLI``.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("compare", "report"):
-        return focus_command(argv)
-    build_cli(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("compare", "report"):
+        return focus_command(args)
+    # From the console script LightningCLI reads sys.argv itself: handing it the same
+    # arguments again makes it warn that they were given twice.
+    build_cli(None if argv is None else args)
     import wandb
 
     if wandb.run is not None:  # close the run now (flushes history, writes its exit record)
