@@ -1,7 +1,9 @@
 """How each detector family exposes detections, scores, target layers and box features.
 
-``adapter_for(model)`` picks the adapter; see :mod:`detlens.adapters.base` for the
-protocol and an example of plugging in your own detector.
+``adapter_for(model)`` picks the adapter from an open registry of detector families
+(:mod:`detlens.adapters.registry`: ``register(predicate, adapter_class)`` or the
+``detlens.adapters`` entry points), finding the network anywhere in a LightningModule;
+see :mod:`detlens.adapters.base` for the protocol and an example of your own adapter.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from torch import nn
 from .base import AdapterOutput, Detections, DetectorAdapter, ImageGeometry, LayerCapture, RoIScoring
 from .detr import DetrAdapter, is_detr
 from .one_stage import OneStageAdapter
+from .registry import AdapterRegistry, find_network, register, resolve_adapter
 from .two_stage import TwoStageAdapter
 
 __all__ = [
     "AdapterOutput",
+    "AdapterRegistry",
     "Detections",
     "DetectorAdapter",
     "DetrAdapter",
@@ -24,43 +28,43 @@ __all__ = [
     "RoIScoring",
     "TwoStageAdapter",
     "adapter_for",
+    "find_network",
+    "register",
+    "resolve_adapter",
 ]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """A LightningModule (or any wrapper) holding the network in ``.model`` -> the network."""
-    seen = 0
-    while isinstance(getattr(model, "model", None), nn.Module) and seen < 4:
-        if hasattr(model, "roi_heads") or hasattr(model, "head") or is_detr(model):
-            break
-        model = model.model
-        seen += 1
-    return model
-
-
-def adapter_for(model: nn.Module) -> DetectorAdapter:
-    """The adapter for a torchvision two-stage / one-stage detector or the project's DETR.
-
-    A LightningModule's ``.model`` is unwrapped. Raises ``TypeError`` for other models,
-    explaining how to write an adapter.
-    """
-    if isinstance(model, DetectorAdapter):
-        return model
-    net = _unwrap(model)
-    from torchvision.models.detection.fcos import FCOS
+def _two_stage(net: nn.Module) -> bool:
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    return isinstance(net, GeneralizedRCNN) and hasattr(net, "roi_heads")
+
+
+def _one_stage(net: nn.Module) -> bool:
+    from torchvision.models.detection.fcos import FCOS
     from torchvision.models.detection.retinanet import RetinaNet
     from torchvision.models.detection.ssd import SSD
 
-    if isinstance(net, GeneralizedRCNN) and hasattr(net, "roi_heads"):
-        return TwoStageAdapter(net)
-    if isinstance(net, (RetinaNet, FCOS, SSD)):
-        return OneStageAdapter(net)
-    if is_detr(net):
-        return DetrAdapter(net)
-    raise TypeError(
-        f"detlens has no adapter for {type(net).__name__}. Supported: torchvision Faster/Mask/"
-        "Keypoint R-CNN, RetinaNet, FCOS, SSD/SSDlite and detlens' DETR. For another detector, "
-        "subclass detlens.adapters.DetectorAdapter (implement layer_names() and _forward(); "
-        "see the example in detlens.adapters.base) and pass adapter=MyAdapter(model)."
-    )
+    return isinstance(net, (RetinaNet, FCOS, SSD))
+
+
+# detlens' own families, registered like any other (third-party ones: register() or the
+# "detlens.adapters" entry points, see detlens.adapters.registry).
+register(_two_stage, TwoStageAdapter, "torchvision two-stage (Faster/Mask/Keypoint R-CNN)")
+register(_one_stage, OneStageAdapter, "torchvision one-stage (RetinaNet, FCOS, SSD)")
+register(is_detr, DetrAdapter, "detlens DETR")
+
+
+def adapter_for(
+    model: nn.Module | DetectorAdapter, adapter: DetectorAdapter | dict | None = None, model_attr: str | None = None
+) -> DetectorAdapter:
+    """The adapter that explains ``model`` (see :func:`detlens.adapters.registry.resolve_adapter`).
+
+    ``model`` is a network, a LightningModule holding one under any attribute name, or an
+    adapter (returned as is). Raises ``TypeError`` when no registered family recognises a
+    network in it (the message says how to add one) and ``ValueError`` when several do
+    (it names them and how to choose: ``model_attr=`` or ``adapter=``).
+    """
+    if isinstance(model, DetectorAdapter):
+        return model
+    return resolve_adapter(model, adapter, model_attr)

@@ -33,7 +33,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from detlens.adapters import Detections, DetrAdapter, ImageGeometry, adapter_for
+from detlens.adapters import Detections, DetectorAdapter, DetrAdapter, ImageGeometry
 from detlens.adapters.base import filter_detections
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.base import ProbeCallback, ProbeResult
@@ -162,6 +162,8 @@ class AttentionMapCallback(ProbeCallback):
         probe_indices: list[int] | None = None,
         probe_dir: str | None = None,
         log_key: str = "attention_maps",
+        adapter: dict[str, Any] | DetectorAdapter | None = None,
+        model_attr: str | None = None,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -170,6 +172,8 @@ class AttentionMapCallback(ProbeCallback):
             probe_indices=probe_indices,
             probe_dir=probe_dir,
             log_key=log_key,
+            adapter=adapter,
+            model_attr=model_attr,
         )
         name = type(self).__name__
         if layers is not None:
@@ -221,7 +225,7 @@ class AttentionMapCallback(ProbeCallback):
         if not readable:
             raise no_attention_error(who, pl_module, unavailable)
         try:
-            adapter = adapter_for(pl_module)
+            adapter = self.detector_adapter(pl_module)
         except TypeError as err:
             raise ValueError(f"{who}: {err}") from err
         net = adapter.model
@@ -269,7 +273,7 @@ class AttentionMapCallback(ProbeCallback):
         self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
     ) -> list[AttentionMapResult]:
         plan = self._plan_for(pl_module)
-        adapter = adapter_for(pl_module)
+        adapter = self.detector_adapter(pl_module)
         modules = sorted({*plan.decoder.values(), *plan.rollout, *plan.spatial}
                          | ({plan.encoder[1]} if plan.encoder else set())
                          | ({plan.last_decoder} if plan.last_decoder else set()))
@@ -292,7 +296,7 @@ class AttentionMapCallback(ProbeCallback):
         plan = self._plan_for(pl_module)
         if plan.grid_layer is not None or not plan.spatial:
             return None
-        adapter = adapter_for(pl_module)
+        adapter = self.detector_adapter(pl_module)
         observer = ForwardObserver(
             adapter.model, adapter=adapter, readers={"attention": PerImageAttention(adapter.model, plan.spatial)}
         )

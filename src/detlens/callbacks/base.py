@@ -40,9 +40,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from detlens.adapters import adapter_for
+from detlens.adapters.base import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.probe_set import batch_digests, evenly_spaced_indices, probe_cache, probe_folder_dataset
 from detlens.distributed import RankError, gather_to_rank_zero, shard_indices
@@ -79,6 +81,13 @@ class ProbeCallback(pl.Callback):
             is shown) used instead of ``trainer.datamodule.val_dataset``.
         log_key: prefix of every logged key (``"<log_key>/<name>"``); also part of the
             ``state_key``, so two instances with different keys coexist in a checkpoint.
+        adapter: for the callbacks that explain through an adapter (Grad-CAM, attention
+            maps, box embeddings): a :class:`~detlens.adapters.DetectorAdapter` instance,
+            or from YAML ``{class_path: ..., init_args: {...}}`` of an adapter class (built
+            with the network found in the LightningModule). ``None``: the registered family
+            of the network detlens finds in the module (:mod:`detlens.adapters.registry`).
+        model_attr: dotted attribute path of the network in the LightningModule
+            (``"detector"``), when the search would find several.
 
     Raises:
         ValueError: both cadences ``None``, a cadence or count below 1, negative or
@@ -94,9 +103,17 @@ class ProbeCallback(pl.Callback):
         probe_indices: list[int] | None = None,
         probe_dir: str | None = None,
         log_key: str = "probe",
+        adapter: dict[str, Any] | DetectorAdapter | None = None,
+        model_attr: str | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        if adapter is not None and not isinstance(adapter, (dict, DetectorAdapter)):
+            raise TypeError(f"{name}: adapter must be a detlens.adapters.DetectorAdapter, a class_path/init_args "
+                            f"mapping or None, got {type(adapter).__name__}")
+        self.adapter = adapter
+        self.model_attr = model_attr
+        self._adapter_cache: tuple[int, DetectorAdapter] | None = None
         if every_n_epochs is None and every_n_steps is None:
             raise ValueError(f"{name}: every_n_epochs and every_n_steps are both None; set at least one")
         for arg, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
@@ -216,11 +233,19 @@ class ProbeCallback(pl.Callback):
                 probe_cache.put(dataset, index, item, _tensor_bytes(item))
             return _map_tensors(item, Tensor.clone)
 
+    def detector_adapter(self, pl_module: nn.Module) -> DetectorAdapter:
+        """The adapter explaining ``pl_module``'s detector: ``adapter`` if given, else the
+        registered family of the network found in it (``model_attr`` or a search of its
+        submodules, :func:`detlens.adapters.adapter_for`). Resolved once per module."""
+        if self._adapter_cache is None or self._adapter_cache[0] != id(pl_module):
+            self._adapter_cache = (id(pl_module), adapter_for(pl_module, self.adapter, self.model_attr))
+        return self._adapter_cache[1]
+
     def model_step(self, trainer: pl.Trainer) -> int:
         """The global step of the model being explained: ``trainer.global_step`` while fitting;
         under ``validate``/``test``/``predict`` of a checkpoint, the step it was saved at
         (there the trainer's own counter starts at 0)."""
-        if trainer.state.fn != "fit" and self._checkpoint_step is not None:
+        if trainer.state.fn != TrainerFn.FITTING and self._checkpoint_step is not None:
             return self._checkpoint_step
         return int(trainer.global_step)
 
@@ -261,6 +286,7 @@ class ProbeCallback(pl.Callback):
             self._probe_indices = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._adapter_cache = None
         self._dataset = self._find_dataset(trainer, stage, required=trainer.datamodule is not None)
         self._probe_ids = None
         if self._dataset is not None:

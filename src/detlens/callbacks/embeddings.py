@@ -13,7 +13,7 @@ from torch import Tensor
 
 from detlens.callbacks.base import ProbeCallback, ProbeResult
 from detlens.callbacks.focus import record_embedding
-from detlens.adapters import adapter_for
+from detlens.adapters import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.explainers.box_features import (
     ImageBoxFeatures, concat_box_features, extract_box_features, image_box_features,
@@ -108,6 +108,8 @@ class BoxEmbeddingCallback(ProbeCallback):
         probe_indices: list[int] | None = None,
         probe_dir: str | None = None,
         log_key: str = "embeddings",
+        adapter: dict[str, Any] | DetectorAdapter | None = None,
+        model_attr: str | None = None,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -116,6 +118,8 @@ class BoxEmbeddingCallback(ProbeCallback):
             probe_indices=probe_indices,
             probe_dir=probe_dir,
             log_key=log_key,
+            adapter=adapter,
+            model_attr=model_attr,
         )
         name = type(self).__name__
         if method not in METHODS:
@@ -149,13 +153,17 @@ class BoxEmbeddingCallback(ProbeCallback):
         self.n_jobs = n_jobs
         self.seed = int(seed)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.detector_adapter(pl_module)  # no adapter, or several detectors: an error before the first step
+
     # ------------------------------------------------------------------ every rank
     def explain_shard(
         self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
     ) -> list[ImageBoxFeatures]:
         has_truth = all("boxes" in t and "labels" in t for t in targets)
         return extract_box_features(
-            pl_module,
+            self.detector_adapter(pl_module),
             images,
             targets if has_truth else None,
             score_threshold=self.score_threshold,
@@ -168,7 +176,7 @@ class BoxEmbeddingCallback(ProbeCallback):
     def validation_observer(self, pl_module: pl.LightningModule) -> ForwardObserver | None:
         # Two-stage detectors: the box-head features behind the validation forward's own
         # detections (detlens.adapters.observe); other families run the probe forward.
-        adapter = adapter_for(pl_module)
+        adapter = self.detector_adapter(pl_module)
         observer = ForwardObserver(adapter.model, adapter=adapter)
         return observer if observer.records_features else None
 

@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from detlens.adapters import adapter_for
+from detlens.adapters import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.base import ProbeCallback, ProbeResult
 from detlens.callbacks.focus import publish_focus_record, record_map_point
@@ -132,6 +132,8 @@ class GradCAMCallback(ProbeCallback):
         probe_indices: list[int] | None = None,
         probe_dir: str | None = None,
         log_key: str = "gradcam",
+        adapter: dict[str, Any] | DetectorAdapter | None = None,
+        model_attr: str | None = None,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -140,6 +142,8 @@ class GradCAMCallback(ProbeCallback):
             probe_indices=probe_indices,
             probe_dir=probe_dir,
             log_key=log_key,
+            adapter=adapter,
+            model_attr=model_attr,
         )
         name = type(self).__name__
         if method not in _CALLBACK_METHODS:
@@ -177,7 +181,7 @@ class GradCAMCallback(ProbeCallback):
 
     # ------------------------------------------------------------------ checks and state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        adapter = adapter_for(pl_module)  # TypeError for a model detlens has no adapter for
+        adapter = self.detector_adapter(pl_module)  # TypeError for a model detlens has no adapter for
         if self.method in ("gradcam", "elementwise", "eigencam"):
             self._layer_in_use = self.layer if self.layer is not None else adapter.default_layer()
             adapter.resolve_layers([self._layer_in_use])  # ValueError listing the closest names
@@ -209,6 +213,7 @@ class GradCAMCallback(ProbeCallback):
         explanations = explain(
             pl_module,
             images,
+            adapter=self.detector_adapter(pl_module),
             method=self.method,  # type: ignore[arg-type]
             layer=self._layer_in_use,
             target=self.target,  # type: ignore[arg-type]
@@ -232,7 +237,7 @@ class GradCAMCallback(ProbeCallback):
         return self.method in ("gradcam", "elementwise")
 
     def validation_observer(self, pl_module: pl.LightningModule) -> ForwardObserver | None:
-        adapter = adapter_for(pl_module)
+        adapter = self.detector_adapter(pl_module)
         if self._layer_in_use not in adapter.level_layers():
             return None
         observer = ForwardObserver(adapter.model, adapter=adapter)
