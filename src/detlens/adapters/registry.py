@@ -110,6 +110,16 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     return module
 
 
+def _attribute(root: nn.Module, model_attr: str) -> nn.Module:
+    """The (unwrapped) module at the dotted path ``model_attr`` of ``root``."""
+    target: Any = root
+    for part in model_attr.split("."):
+        target = getattr(_unwrapped(target), part, None)
+    if not isinstance(target, nn.Module):
+        raise ValueError(f"model_attr={model_attr!r} names no submodule of {type(root).__name__}")
+    return _unwrapped(target)
+
+
 def find_network(root: nn.Module, model_attr: str | None = None, reg: AdapterRegistry | None = None) -> tuple[str, nn.Module, Family]:
     """The one network in ``root`` a registered family recognises.
 
@@ -128,12 +138,7 @@ def find_network(root: nn.Module, model_attr: str | None = None, reg: AdapterReg
     """
     reg = reg or registry
     if model_attr is not None:
-        target: Any = root
-        for part in model_attr.split("."):
-            target = getattr(_unwrapped(target), part, None)
-        if not isinstance(target, nn.Module):
-            raise ValueError(f"model_attr={model_attr!r} names no submodule of {type(root).__name__}")
-        net = _unwrapped(target)
+        net = _attribute(root, model_attr)
         family = reg.family_of(net)
         if family is None:
             raise TypeError(_no_adapter_message(root, [(model_attr, net)], reg))
@@ -192,23 +197,18 @@ def resolve_adapter(root: nn.Module, adapter: DetectorAdapter | dict[str, Any] |
             raise ValueError(f"adapter class_path {adapter.get('class_path')!r} cannot be imported: {err}") from err
         if not (isinstance(cls, type) and issubclass(cls, DetectorAdapter)):
             raise TypeError(f"adapter class_path {adapter['class_path']!r} is not a detlens.adapters.DetectorAdapter")
-        return cls(find_network_or_root(root, model_attr), **dict(adapter.get("init_args") or {}))
+        return cls(_find_network_or_root(root, model_attr), **dict(adapter.get("init_args") or {}))
     if adapter is not None:
         raise TypeError(f"adapter must be a DetectorAdapter, a class_path/init_args dict or None, got {type(adapter).__name__}")
     _, net, family = find_network(root, model_attr)
     return family.adapter_class(net)
 
 
-def find_network_or_root(root: nn.Module, model_attr: str | None) -> nn.Module:
+def _find_network_or_root(root: nn.Module, model_attr: str | None) -> nn.Module:
     """``model_attr``'s module, else the recognised network, else ``root`` itself (for an adapter
     class the registry does not know, given explicitly)."""
     if model_attr is not None:
-        target: Any = root
-        for part in model_attr.split("."):
-            target = getattr(_unwrapped(target), part, None)
-        if not isinstance(target, nn.Module):
-            raise ValueError(f"model_attr={model_attr!r} names no submodule of {type(root).__name__}")
-        return _unwrapped(target)
+        return _attribute(root, model_attr)
     try:
         return find_network(root)[1]
     except (TypeError, ValueError):
