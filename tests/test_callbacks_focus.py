@@ -170,3 +170,20 @@ def test_bad_arguments_and_missing_inputs_are_reported(scenes_root, tmp_path):
                          callbacks=[gradcam(), artifact])
     with pytest.raises(ValueError, match="wandb artifact get"):
         trainer.validate(detector(dm), dm, verbose=False)
+
+
+def test_too_few_true_positives_is_not_enough_evidence_logged_and_warned_never_a_stop(scenes_root, tmp_path):
+    """Per-class thresholds on a handful of true positives are a coin toss: the callback says so
+    and keeps training, even with action='fail'."""
+    focus = FocusRegressionCallback(max_drift=None, min_energy_in_box=1.0, action="fail", min_class_count=1000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(scenes_root, tmp_path, [focus])
+    assert trainer.global_step == 4 and focus.num_violations == 0
+    said = [str(w.message) for w in caught if "not enough evidence for a verdict" in str(w.message)]
+    assert len(said) == 2 and all("fewer than the 1000 needed" in m or "no true positive" in m for m in said)
+    run = newest_offline_run(tmp_path)
+    assert all(v >= 1 for v in scalar_history(run, "focus/insufficient_evidence"))
+    assert scalar_history(run, "focus/violations") == [0.0, 0.0]
+    with pytest.raises(ValueError, match="min_class_count must be an integer >= 1"):
+        FocusRegressionCallback(min_class_count=0)
