@@ -17,7 +17,7 @@ from wandb_utils import image_events, newest_offline_run
 import detlens
 from detlens.adapters import AdapterRegistry, TwoStageAdapter, adapter_for, find_network
 from detlens.adapters import registry as registry_module
-from detlens.callbacks import BoxEmbeddingCallback, GradCAMCallback
+from detlens.callbacks import BoxEmbeddingCallback, GradCAMCallback, PredictionOverlayCallback
 from detlens.data import SyntheticDataModule
 from detlens.lightning_modules import TorchvisionDetector
 
@@ -73,10 +73,17 @@ def test_a_network_under_any_attribute_name_is_found_without_adapter(scenes, tmp
     (ex,) = detlens.explain(module, [scenes.val_dataset[0][0]], top_k=2, score_threshold=0.0)
     assert len(ex) == 2
 
-    fit(module, scenes, [GradCAMCallback(top_k=2, score_threshold=0.0, num_probe_images=2)], save_dir=tmp_path)
+    callbacks = [GradCAMCallback(top_k=2, score_threshold=0.0, num_probe_images=2),
+                 PredictionOverlayCallback(score_threshold=0.0, max_detections=3, num_probe_images=2),
+                 BoxEmbeddingCallback(method="pca", score_threshold=0.0, max_detections=3, num_probe_images=2)]
+    fit(module, scenes, callbacks, save_dir=tmp_path)
     wandb.finish()
-    (event,) = image_events(newest_offline_run(tmp_path), "gradcam/probe")
+    run = newest_offline_run(tmp_path)
+    (event,) = image_events(run, "gradcam/probe")
     assert len(event.captions) == 2
+    (predictions,) = image_events(run, "predictions/probe")
+    assert [len(p["box_data"]) for p in predictions.boxes(run, "predictions")] == [3, 3]
+    assert image_events(run, "embeddings/scatter")
 
 
 def test_a_compiled_or_ddp_wrapped_network_is_found_through_its_wrapper():

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from detlens.adapters import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.base import ProbeCallback, ProbeResult
 from detlens.sinks import MediaImage, log_media
@@ -41,8 +42,11 @@ class PredictionOverlayCallback(ProbeCallback):
     detections, absent when there are none) and ``<log_key>/detections_per_image``.
     TensorBoard gets the boxes drawn into the image.
 
-    The detector is called as ``pl_module(images)`` in eval mode and must return
-    torchvision's ``list[dict(boxes[K, 4], scores[K], labels[K])]`` in input pixels.
+    A LightningModule with its own ``forward`` (detlens' detectors) is called as
+    ``pl_module(images)`` in eval mode and must return torchvision's
+    ``list[dict(boxes[K, 4], scores[K], labels[K])]`` in input pixels. A module without
+    one (the network held under any attribute), or with ``adapter``/``model_attr`` given,
+    is run through its detector's adapter (:mod:`detlens.adapters.registry`).
     When the event follows a validation epoch whose ``validation_step`` makes that call
     on the probe images (as detlens' detectors do), their predictions are read from it
     and no forward of the callback's own runs for them (see
@@ -51,8 +55,8 @@ class PredictionOverlayCallback(ProbeCallback):
     Args:
         score_threshold: keep detections with ``score >= score_threshold``.
         max_detections: keep at most this many per image (highest scores).
-        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key:
-            see :class:`~detlens.callbacks.base.ProbeCallback`.
+        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key, adapter,
+            model_attr: see :class:`~detlens.callbacks.base.ProbeCallback`.
     """
 
     def __init__(
@@ -65,6 +69,8 @@ class PredictionOverlayCallback(ProbeCallback):
         probe_indices: list[int] | None = None,
         probe_dir: str | None = None,
         log_key: str = "predictions",
+        adapter: dict[str, Any] | DetectorAdapter | None = None,
+        model_attr: str | None = None,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -73,6 +79,8 @@ class PredictionOverlayCallback(ProbeCallback):
             probe_indices=probe_indices,
             probe_dir=probe_dir,
             log_key=log_key,
+            adapter=adapter,
+            model_attr=model_attr,
         )
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"PredictionOverlayCallback: score_threshold must be in [0, 1], got {score_threshold}")
@@ -84,9 +92,21 @@ class PredictionOverlayCallback(ProbeCallback):
     def explain_shard(
         self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
     ) -> list[ProbePrediction]:
+        if self._through_adapter(pl_module):
+            out = self.detector_adapter(pl_module).run(images, top_k=None, score_threshold=0.0, with_grad=False)
+            return [self._keep({"boxes": d.boxes, "scores": d.scores, "labels": d.labels}) for d in out.detections]
         with torch.no_grad():  # predictions only: no graph needed
             detections = pl_module(images)
         return [self._keep(d) for d in detections]
+
+    def _through_adapter(self, pl_module: pl.LightningModule) -> bool:
+        own_forward = type(pl_module).forward not in (pl.LightningModule.forward, torch.nn.Module.forward)
+        return self.adapter is not None or self.model_attr is not None or not own_forward
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._through_adapter(pl_module):
+            self.detector_adapter(pl_module)  # no adapter, or several detectors: an error before the first step
 
     reads_validation_forward = True
 
