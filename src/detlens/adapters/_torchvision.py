@@ -120,9 +120,3 @@ def _static_feature_keys(backbone: nn.Module) -> list[str] | None:
     if isinstance(extra, LastLevelP6P7):
         return keys + ["p6", "p7"]
     return None  # a custom extra block: its names are only known by running it
-
-
-def level_of_index(index: Tensor, counts: list[int]) -> Tensor:
-    """For indices into a concatenation of chunks of sizes ``counts``, the chunk index."""
-    bounds = torch.tensor(counts, device=index.device).cumsum(0)
-    return torch.bucketize(index, bounds, right=True)

@@ -4,7 +4,7 @@ No model and no logger here: arrays in, arrays or plain dicts out.
 """
 
 from detlens.render.boxes import class_color, class_labels_for, draw_boxes, wandb_box_data, wandb_boxes
-from detlens.render.heatmap import colorize, heatmap_grid, merge_maps, overlay_heatmap
+from detlens.render.heatmap import colorize, merge_maps, overlay_heatmap
 from detlens.render.scatter import box_thumbnail, render_scatter
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "class_labels_for",
     "colorize",
     "draw_boxes",
-    "heatmap_grid",
     "merge_maps",
     "overlay_heatmap",
     "wandb_box_data",

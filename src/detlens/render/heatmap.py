@@ -18,7 +18,7 @@ from matplotlib import colormaps
 from detlens.render.attention import to_uint8_image
 from detlens.render.boxes import draw_boxes
 
-__all__ = ["colorize", "heatmap_grid", "merge_maps", "overlay_heatmap", "tile_images"]
+__all__ = ["colorize", "merge_maps", "overlay_heatmap", "tile_images"]
 
 
 def _as_map(value: Any, name: str = "map") -> np.ndarray:
@@ -88,42 +88,6 @@ def overlay_heatmap(
     if boxes is not None:
         blended = draw_boxes(blended, boxes, labels, scores=scores, class_names=class_names)
     return blended
-
-
-def heatmap_grid(
-    image: Any,
-    maps: Any,
-    titles: Sequence[str] | None = None,
-    *,
-    columns: int = 4,
-    alpha: float = 0.6,
-    colormap: str = "viridis",
-    gap: int = 2,
-) -> np.ndarray:
-    """Tiles one overlay per map (e.g. a feature grid's channels) into one image.
-
-    Args:
-        image: the image the maps belong to (see :func:`overlay_heatmap`).
-        maps: ``[k, H, W]`` display maps in ``[0, 1]``.
-        titles: ``k`` short captions written into each tile's corner.
-        columns: tiles per row.
-        gap: white pixels between tiles.
-
-    Returns:
-        ``uint8[rows * (H + gap) - gap, cols * (W + gap) - gap, 3]`` RGB.
-    """
-    array = maps.detach().float().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, np.float32)
-    if array.ndim != 3 or array.shape[0] == 0:
-        raise ValueError(f"maps must be [k, H, W] with k >= 1, got shape {list(array.shape)}")
-    if titles is not None and len(titles) != array.shape[0]:
-        raise ValueError(f"{len(titles)} titles for {array.shape[0]} maps")
-    if columns < 1:
-        raise ValueError(f"columns must be >= 1, got {columns}")
-    tiles = [overlay_heatmap(image, m, alpha=alpha, colormap=colormap) for m in array]
-    if titles is not None:
-        for tile, title in zip(tiles, titles):
-            cv2.putText(tile, str(title), (2, 10), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 255), 1, cv2.LINE_AA)
-    return tile_images(tiles, columns=columns, gap=gap)
 
 
 def tile_images(tiles: Sequence[np.ndarray], *, columns: int, gap: int = 2) -> np.ndarray:
