@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from detlens.adapters import Detections, DetectorAdapter, DetrAdapter, ImageGeometry
 from detlens.adapters.base import filter_detections
 from detlens.adapters.observe import ForwardObserver, ObservedForward
-from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.callbacks.base import ProbeCallback, ProbeResult, class_names_of
 from detlens.explainers.attention import PROBE_FLAG, AttentionCapture, PerImageAttention, find_attention_modules
 from detlens.explainers.rollout import (
     attention_rollout,
@@ -392,7 +392,7 @@ class AttentionMapCallback(ProbeCallback):
 
     # ------------------------------------------------------------------ log (rank 0)
     def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
-        class_names = _class_names(trainer, pl_module)
+        class_names = class_names_of(trainer, pl_module)
         values: list[AttentionMapResult] = [r.value for r in results]
         names = {k for value in values for k in (*value.detection_maps, *value.point_maps)}
         if not names:
@@ -456,11 +456,3 @@ def _feature_padding_mask(geometry: list[ImageGeometry], feature_size: tuple[int
         mask[:rows, :cols] = False
         masks.append(mask)
     return torch.stack(masks)
-
-
-def _class_names(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, str] | None:
-    for owner in (pl_module, trainer.datamodule):
-        names = getattr(owner, "class_names", None)
-        if names:
-            return {int(k): str(v) for k, v in dict(names).items()}
-    return None

@@ -584,3 +584,12 @@ def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
         if any(changed[name] is not getattr(value, name) for name in fields):
             return dataclasses.replace(value, **changed)
     return value
+
+
+def class_names_of(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, str] | None:
+    """Label -> class name: the module's ``class_names``, else the DataModule's (``None`` without either)."""
+    for owner in (pl_module, trainer.datamodule):
+        names = getattr(owner, "class_names", None)
+        if names:
+            return {int(k): str(v) for k, v in dict(names).items()}
+    return None

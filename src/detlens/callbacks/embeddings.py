@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
-from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.callbacks.base import ProbeCallback, ProbeResult, class_names_of
 from detlens.callbacks.focus import record_embedding
 from detlens.adapters import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
@@ -202,7 +202,7 @@ class BoxEmbeddingCallback(ProbeCallback):
                 f"this time ({self.key('detections')} is 0; lower score_threshold to see an early model's boxes)"
             )
             return
-        class_names = _class_names(trainer, pl_module)
+        class_names = class_names_of(trainer, pl_module)
         # Probe images for the thumbnails are read here; the projection, the plot and the
         # table are built by detlens' media worker (detlens.render.media_jobs; t-SNE:
         # ~0.5 s for 100 points).
@@ -231,12 +231,3 @@ class BoxEmbeddingCallback(ProbeCallback):
             )
 
         log_media_later(trainer, build, step=step, then=then)
-
-
-def _class_names(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, str] | None:
-    """The module's ``class_names``, else the DataModule's (``detlens`` contracts)."""
-    for owner in (pl_module, trainer.datamodule):
-        names = getattr(owner, "class_names", None)
-        if names:
-            return {int(k): str(v) for k, v in dict(names).items()}
-    return None

@@ -14,9 +14,8 @@ from torch import Tensor
 
 from detlens.adapters import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
-from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.callbacks.base import ProbeCallback, ProbeResult, class_names_of
 from detlens.callbacks.focus import publish_focus_record, record_map_point
-from detlens.callbacks.prediction_overlay import _class_names
 from detlens.explainers.api import Explanation, Method, box_focus, explain, focus_summary, gradcam_explanations, peak_values
 from detlens.explainers.drise import MAX_MASKS
 from detlens.explainers.gradcam import Target
@@ -268,7 +267,7 @@ class GradCAMCallback(ProbeCallback):
         return ProbeMaps(boxes=ex.boxes, scores=ex.scores, labels=ex.labels, raw=ex.raw, focus=focus, below_threshold=below)
 
     def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
-        class_names = _class_names(trainer, pl_module)
+        class_names = class_names_of(trainer, pl_module)
         step = self.model_step(trainer)
         probes = []
         for result in results:

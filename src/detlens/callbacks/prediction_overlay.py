@@ -12,7 +12,7 @@ from torch import Tensor
 
 from detlens.adapters import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
-from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.callbacks.base import ProbeCallback, ProbeResult, class_names_of
 from detlens.sinks import MediaImage, log_media
 
 __all__ = ["PredictionOverlayCallback", "ProbePrediction"]
@@ -128,7 +128,7 @@ class PredictionOverlayCallback(ProbeCallback):
         )
 
     def log_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, results: list[ProbeResult]) -> None:
-        class_names = _class_names(trainer, pl_module)
+        class_names = class_names_of(trainer, pl_module)
         media: list[MediaImage] = []
         all_scores: list[np.ndarray] = []
         for result in results:
@@ -158,12 +158,3 @@ class PredictionOverlayCallback(ProbeCallback):
 def _to_uint8_hwc(image: Tensor) -> np.ndarray:
     """``FloatTensor[3, H, W]`` in ``[0, 1]`` -> ``uint8[H, W, 3]``."""
     return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-def _class_names(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, str] | None:
-    """The module's ``class_names``, else the DataModule's (``detlens`` contracts)."""
-    for owner in (pl_module, trainer.datamodule):
-        names = getattr(owner, "class_names", None)
-        if names:
-            return {int(k): str(v) for k, v in dict(names).items()}
-    return None
