@@ -63,6 +63,7 @@ from detlens.explainers.entropy import CollapseDetector, entropy_metrics
 from detlens.explainers.modules import named_modules
 from detlens.render.media_jobs import entropy_heatmap_media
 from detlens.sinks import log_media, log_media_later
+from detlens.sinks.online import is_online
 
 __all__ = ["AttentionEntropyCallback"]
 
@@ -353,8 +354,7 @@ def _alert_if_online(trainer: pl.Trainer, key: str, message: str) -> None:
             continue
         try:
             run = logger.experiment
-            mode = getattr(getattr(run, "settings", None), "mode", "offline")
-            if mode in ("online", "run", "shared"):
+            if is_online(run):
                 run.alert(title=f"attention collapse: {key}"[:63], text=message, level="WARN")
         except Exception as err:  # noqa: BLE001 - an alert must never stop training
             rank_zero_warn(f"[detlens] W&B alert failed: {type(err).__name__}: {err}")

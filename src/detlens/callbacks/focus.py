@@ -44,6 +44,7 @@ from detlens.focus.record import (
 )
 from detlens.render.attention import to_uint8_image
 from detlens.sinks import flush_media, log_media
+from detlens.sinks.online import is_online
 
 __all__ = [
     "FocusRegressionCallback",
@@ -199,8 +200,7 @@ def publish_focus_record(trainer: pl.Trainer) -> None:
     writer = _WRITERS.get(focus_record_dir(trainer).resolve())  # the W&B run's folder, as run is set
     if writer is None or not writer.path.exists():
         return
-    mode = getattr(getattr(run, "settings", None), "mode", "offline")
-    if mode not in ("online", "run", "shared"):
+    if not is_online(run):
         return
     size = writer.path.stat().st_size
     if _PUBLISHED.get(writer.path) == size:
@@ -421,8 +421,7 @@ class FocusRegressionCallback(pl.Callback):
         import wandb
 
         run = wandb.run
-        mode = getattr(getattr(run, "settings", None), "mode", "offline") if run is not None else "offline"
-        if run is None or mode not in ("online", "run", "shared"):
+        if not is_online(run):
             raise ValueError(
                 f"{name}: baseline {ref!r} is not a local focus record and looks like a W&B artifact, which cannot be "
                 f"downloaded offline; run `wandb artifact get {ref}` where there is network and pass the folder"
@@ -528,8 +527,7 @@ class FocusRegressionCallback(pl.Callback):
         rank_zero_warn(f"[detlens] {type(self).__name__}: {message}")
         if self.action == "alert":
             run = _wandb_run(trainer)
-            mode = getattr(getattr(run, "settings", None), "mode", "offline") if run is not None else "offline"
-            if run is not None and mode in ("online", "run", "shared"):
+            if is_online(run):
                 try:
                     run.alert(title=f"focus regression at step {step}"[:63], text=message, level="WARN")
                 except Exception as err:  # noqa: BLE001 - an alert must never stop training
