@@ -137,7 +137,8 @@ class AttentionMapCallback(ProbeCallback):
         grid_size: points per side of the reference grid.
         top_k: explain at most this many detections per image (highest scores).
         score_threshold: explain detections scoring above this.
-        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key:
+        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key, adapter,
+            model_attr:
             see :class:`~detlens.callbacks.base.ProbeCallback`.
 
     Raises:

@@ -86,7 +86,8 @@ class BoxEmbeddingCallback(ProbeCallback):
         perplexity: t-SNE perplexity (clipped for small sets).
         n_jobs: threads t-SNE may use on rank 0.
         seed: seeds the row sample and the projection (the global RNG is never used).
-        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key:
+        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key, adapter,
+            model_attr:
             see :class:`~detlens.callbacks.base.ProbeCallback`.
     """
 

@@ -109,7 +109,8 @@ class GradCAMCallback(ProbeCallback):
         min_detections: explain at least this many detections per image, the highest
             scoring ones, even below ``score_threshold`` (early in training nothing may pass
             it); ``0`` shows only detections above it.
-        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key:
+        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key, adapter,
+            model_attr:
             see :class:`~detlens.callbacks.base.ProbeCallback`.
     """
 
