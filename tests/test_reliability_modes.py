@@ -1,7 +1,7 @@
 """Every detlens callback under the precisions and trainer modes users run.
 
 * ``bf16-mixed`` and ``32-true`` on the CPU: every callback explains and logs its media
-  (explanations run in the trainer's precision context, DESIGN.md rule 2);
+  (explanations run in the trainer's precision context, docs/DESIGN.md rule 2);
 * ``trainer.validate()`` / ``trainer.test()`` run under ``torch.inference_mode()``, where
   no tensor can enter autograd unless detlens steps out of it: each callback logs once;
 * ``fast_dev_run`` and the sanity check produce no media and no work;

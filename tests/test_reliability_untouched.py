@@ -1,4 +1,4 @@
-"""Training is untouched (DESIGN.md rule 1), for every detlens callback at once.
+"""Training is untouched (docs/DESIGN.md rule 1), for every detlens callback at once.
 
 A fit with every callback on at its most frequent cadence (every optimiser step, plus the
 attention-entropy reading of every training forward) and a fit with none, same seed,

@@ -1,6 +1,6 @@
 """Gathering variable-size per-rank results to rank 0, and sharding the probe set.
 
-Rule 3 of DESIGN.md: every rank explains its shard; rank 0 alone renders and logs.
+Rule 3 of docs/DESIGN.md: every rank explains its shard; rank 0 alone renders and logs.
 :func:`gather_to_rank_zero` is a collective: **every rank must call it, the same number
 of times, in the same order** — never inside ``if trainer.is_global_zero:`` or a
 ``@rank_zero_only`` function, or the other ranks wait forever.

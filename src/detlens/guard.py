@@ -1,4 +1,4 @@
-"""The side-effect guard every detlens explanation runs inside (DESIGN.md rules 1 and 2).
+"""The side-effect guard every detlens explanation runs inside (docs/DESIGN.md rules 1 and 2).
 
 ``with explaining(module, trainer) as guard:`` gives an explainer a model it may run
 forward and differentiate (eval mode, gradients on, the trainer's precision context) and

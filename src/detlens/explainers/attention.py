@@ -16,7 +16,7 @@ approach of ``docs/ARCHITECTURE.md``) switches ``F.multi_head_attention_forward`
 ``scaled_dot_product_attention`` to an explicit ``bmm`` + softmax: in the installed
 torch the module *output* then differs by ~1e-7 whenever grad is enabled, and in
 training mode the dropout on the weights draws from the global RNG differently. That
-breaks "training is untouched" (DESIGN.md rule 1). So by default
+breaks "training is untouched" (docs/DESIGN.md rule 1). So by default
 (``strategy="recompute"``) detlens leaves the call alone and, in a forward hook,
 recomputes ``softmax(q k^T / sqrt(d) + mask)`` from the call's own inputs with the
 module's own projection weights, under ``no_grad`` and in float32 — exactly the maths

@@ -3,7 +3,7 @@
 ``torch.compile(module)`` wraps ``module`` in an ``OptimizedModule`` whose only child is
 ``_orig_mod``, so ``named_modules()`` grows ``backbone._orig_mod.body.layer3`` where the
 user wrote ``backbone.body.layer3``. Layer names in configs and metric keys must not
-depend on that (stable keys, DESIGN.md rule 5), so detlens resolves names through
+depend on that (stable keys, docs/DESIGN.md rule 5), so detlens resolves names through
 :func:`named_modules`, which drops the wrapper and names the original module.
 """
 

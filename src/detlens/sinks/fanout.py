@@ -3,7 +3,7 @@
 Rank 0 only (``log_results`` runs there); it runs no collectives. A logger that fails
 costs one warning and never an exception into training.
 
-W&B media are built off the training thread (DESIGN.md rule 4): drawing overlays and
+W&B media are built off the training thread (docs/DESIGN.md rule 4): drawing overlays and
 plots, a t-SNE, encoding an image file per ``wandb.Image``: seconds per logging event, time a GPU
 would otherwise sit idle. They are built in order, either by detlens' media process
 (:mod:`detlens.sinks.media_process`: a separate Python process with its own GIL) or by a
