@@ -213,7 +213,7 @@ def test_runs_without_a_shared_probe_image_are_not_enough_evidence(runs, tmp_pat
 
 
 def test_min_matched_and_min_class_count_are_never_zero(runs, tmp_path):
-    with pytest.raises(ValueError, match="min_matched must be >= 1"):
+    with pytest.raises(ValueError, match="min_matched must be an integer >= 1"):
         compare_records(read_focus_record(runs["a"]), read_focus_record(runs["b"]), min_matched=0)
     with pytest.raises(SystemExit):
         main(["compare", str(runs["a"]), str(runs["b"]), "--min-class-count", "0"])

@@ -24,7 +24,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from detlens.focus.evidence import MIN_CLASS_COUNT, MIN_MATCHED
+from detlens.focus.evidence import MIN_CLASS_COUNT, MIN_MATCHED, require_min_count
 
 DEFAULT_LOGGER: dict[str, Any] = {
     "class_path": "pytorch_lightning.loggers.WandbLogger",
@@ -132,9 +132,9 @@ def _focus_parser(command: str) -> argparse.ArgumentParser:
                             "a negative value disables the check")
         parser.add_argument("--min-energy-in-box", type=float, default=None,
                             help="smallest allowed per-class energy-in-box of the candidate (default: not checked)")
-        parser.add_argument("--min-matched", type=_positive_int, default=MIN_MATCHED,
+        parser.add_argument("--min-matched", type=_min_count, default=MIN_MATCHED,
                             help=f"matched detections needed for a drift verdict (default {MIN_MATCHED}; >= 1)")
-        parser.add_argument("--min-class-count", type=_positive_int, default=MIN_CLASS_COUNT,
+        parser.add_argument("--min-class-count", type=_min_count, default=MIN_CLASS_COUNT,
                             help=f"true positives of a class needed for its energy-in-box verdict (default {MIN_CLASS_COUNT}; >= 1)")
         parser.add_argument("--allow-insufficient-evidence", action="store_true",
                             help="exit 0 instead of 3 when the evidence is not enough for a verdict (it is still reported)")
@@ -150,11 +150,11 @@ def _focus_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (a gate never decides on nothing), got {value}")
-    return value
+def _min_count(text: str) -> int:
+    try:
+        return require_min_count("the count", int(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def focus_command(argv: list[str]) -> int:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from detlens.focus.compare import gate_checks
 from detlens.focus.drift import entropy_drift, focus_metrics, point_drift
-from detlens.focus.evidence import MIN_CLASS_COUNT, MIN_MATCHED, Check
+from detlens.focus.evidence import MIN_CLASS_COUNT, MIN_MATCHED, Check, require_min_count
 from detlens.focus.record import (
     DIRNAME,
     EmbeddingPoint,
@@ -302,8 +302,10 @@ class FocusRegressionCallback(pl.Callback):
         super().__init__()
         name = type(self).__name__
         for arg, value in (("min_matched", min_matched), ("min_class_count", min_class_count)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {arg} must be an integer >= 1 (a gate never decides on nothing), got {value!r}")
+            try:
+                require_min_count(arg, value)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from err
         if action not in ("warn", "alert", "fail"):
             raise ValueError(f"{name}: action must be 'warn', 'alert' or 'fail', got {action!r}")
         for arg, value, upper in (("max_drift", max_drift, 2.0), ("max_drift_prev", max_drift_prev, 2.0),

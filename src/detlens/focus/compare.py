@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from detlens.focus.drift import EntropyDrift, PointDrift, energy_by_class, entropy_drift, focus_metrics, point_drift
-from detlens.focus.evidence import MIN_CLASS_COUNT, MIN_MATCHED, Check, Verdict, judge, overall_verdict
+from detlens.focus.evidence import MIN_CLASS_COUNT, MIN_MATCHED, Check, Verdict, judge, overall_verdict, require_min_count
 from detlens.focus.record import FocusRecord, FocusRecordError, MapPoint, read_focus_record
 
 __all__ = ["Comparison", "TrainingCurves", "compare_records", "gate_checks", "load_record", "training_curves"]
@@ -154,9 +154,8 @@ def compare_records(
         FocusRecordError: neither record has map entries of ``log_key``.
         ValueError: ``min_matched`` or ``min_class_count`` below 1.
     """
-    for arg, value in (("min_matched", min_matched), ("min_class_count", min_class_count)):
-        if int(value) < 1:
-            raise ValueError(f"{arg} must be >= 1 (a gate never decides on nothing), got {value}")
+    require_min_count("min_matched", min_matched)
+    require_min_count("min_class_count", min_class_count)
     keys = baseline.map_keys() or candidate.map_keys()
     key = log_key if log_key is not None else (keys[0] if keys else "")
     points_a, points_b = baseline.map_points(key), candidate.map_points(key)

@@ -43,6 +43,7 @@ __all__ = [
     "bootstrap_interval",
     "judge",
     "overall_verdict",
+    "require_min_count",
 ]
 
 Verdict = Literal["pass", "fail", "insufficient"]
@@ -53,6 +54,14 @@ MIN_CLASS_COUNT = 5
 """Default minimum of true positives behind a class's energy-in-box verdict."""
 CONFIDENCE = 0.95
 RESAMPLES = 2000
+
+
+def require_min_count(arg: str, value: object) -> int:
+    """``value`` as a minimum count of detections: an integer ``>= 1``, else a ``ValueError``
+    naming ``arg`` (a gate never decides on nothing)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{arg} must be an integer >= 1 (a gate never decides on nothing), got {value!r}")
+    return value
 
 
 def bootstrap_interval(
@@ -129,8 +138,7 @@ def judge(
         unit: what a value is, for the reason text.
         param: the threshold's option name for the reason text (``"max_drift"``); default ``bound``.
     """
-    if min_count < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    require_min_count("min_count", min_count)
     if bound not in ("max", "min"):
         raise ValueError(f"bound must be 'max' or 'min', got {bound!r}")
     v = np.asarray(values, np.float64).reshape(-1)
