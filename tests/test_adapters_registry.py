@@ -156,3 +156,11 @@ def test_a_third_party_adapter_is_found_through_the_entry_point_group(tmp_path, 
     plugin = sys.modules.get("my_detlens_plugin") or __import__("my_detlens_plugin")
     path, net, family = find_network(MyModule(head=plugin.TinyNet()))
     assert path == "head" and family.name == "tiny nets" and type(adapter_for(net)).__name__ == "TinyAdapter"
+
+
+def test_an_adapter_class_given_for_a_module_with_two_detectors_needs_model_attr():
+    module = MyModule(student=faster_rcnn(), teacher=faster_rcnn())
+    with pytest.raises(ValueError, match="2 detectors"):
+        GradCAMCallback(adapter={"class_path": "detlens.adapters.TwoStageAdapter"}).detector_adapter(module)
+    chosen = GradCAMCallback(adapter={"class_path": "detlens.adapters.TwoStageAdapter"}, model_attr="teacher")
+    assert chosen.detector_adapter(module).model is module.teacher

@@ -206,10 +206,11 @@ def resolve_adapter(root: nn.Module, adapter: DetectorAdapter | dict[str, Any] |
 
 def _find_network_or_root(root: nn.Module, model_attr: str | None) -> nn.Module:
     """``model_attr``'s module, else the recognised network, else ``root`` itself (for an adapter
-    class the registry does not know, given explicitly)."""
+    class the registry does not know, given explicitly). Several recognised networks stay an
+    error: the adapter would otherwise be built on the wrong module."""
     if model_attr is not None:
         return _attribute(root, model_attr)
     try:
         return find_network(root)[1]
-    except (TypeError, ValueError):
+    except TypeError:
         return _unwrapped(root)
