@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import torch
 import wandb
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
@@ -69,9 +70,18 @@ def fit(root: Path, save_dir: Path, extra: list[pl.Callback], *, max_epochs: int
 
 @pytest.fixture(scope="module")
 def baseline_run(scenes_root, tmp_path_factory) -> Path:
-    """An offline run of the same fit (GradCAM only): the baseline, read from its local folder."""
+    """An offline run of the same fit (GradCAM only): the baseline, read from its local folder.
+
+    On one intra-op thread, as the tests' own fits (the ``one_thread`` fixture): a module
+    fixture is set up before function fixtures, and another thread count sums in another
+    order, which on some kernels (``ATEN_CPU_CAPABILITY=default``) trains another model."""
     save_dir = tmp_path_factory.mktemp("baseline")
-    fit(scenes_root, save_dir, [])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(scenes_root, save_dir, [])
+    finally:
+        torch.set_num_threads(threads)
     return newest_offline_run(save_dir).run_dir
 
 
