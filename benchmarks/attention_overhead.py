@@ -1,4 +1,4 @@
-"""Cost of attention monitoring on detlens' DETR.
+"""Cost of attention monitoring on detlens' DETR and on transformers' Deformable DETR.
 
 1. Training-step time with and without ``EntropyMonitor`` armed. Plain and armed steps
    are interleaved (same batch, same weights: optimizer off) and the medians compared,
@@ -85,6 +85,45 @@ def bench_training(args: argparse.Namespace) -> None:
         print(f"  armed every {every:<3d}    overhead {100 * extra / every:+.3f}% (amortised)")
 
 
+def bench_hf_deformable_training(args: argparse.Namespace) -> None:
+    """The same interleaved measurement on transformers' Deformable DETR trained with its own loss:
+    entropy over levels x points of every deformable and dense attention module."""
+    from detlens.lightning_modules.hf_detector import build_hf_detector, hf_inputs, hf_labels
+
+    torch.manual_seed(0)
+    net = build_hf_detector("deformable_detr", 6, dict(d_model=args.hidden_dim, encoder_layers=args.layers,
+                                                        decoder_layers=args.layers, num_queries=args.queries)).train()
+    monitor = EntropyMonitor(net)
+    images = _images(args.batch, args.image_size, 0)
+    pixel_values, pixel_mask = hf_inputs(images)
+    labels = hf_labels([{"boxes": t["boxes"], "labels": t["labels"]} for t in _targets(images)], tuple(pixel_values.shape[-2:]))
+
+    def step(armed: bool) -> float:
+        net.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        if armed:
+            monitor.arm()
+        net(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss.backward()
+        if armed:
+            monitor.collect()
+            monitor.disarm()
+        return time.perf_counter() - start
+
+    step(False), step(True)  # warm-up
+    plain, armed = [], []
+    for _ in range(args.steps):
+        plain.append(step(False))
+        armed.append(step(True))
+    t_plain, t_armed = statistics.median(plain), statistics.median(armed)
+    extra = (t_armed - t_plain) / t_plain
+    print(f"transformers Deformable DETR training step, batch {args.batch} x {args.image_size}px, "
+          f"{len(monitor.names)} attention modules")
+    print(f"  plain step        {t_plain * 1e3:8.1f} ms (median of {args.steps})")
+    print(f"  armed every step  {t_armed * 1e3:8.1f} ms  -> overhead {100 * extra:+.2f}%")
+    for every in (args.every, 10):
+        print(f"  armed every {every:<3d}    overhead {100 * extra / every:+.3f}% (amortised)")
+
+
 def bench_maps(args: argparse.Namespace) -> None:
     net = _net(args).eval()
     names = transformer_attention_names(net)
@@ -142,6 +181,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} CPU threads")
     bench_training(args)
     bench_maps(args)
+    try:
+        import transformers  # noqa: F401 - the hf extra
+    except ImportError:
+        print("transformers not installed (pip install 'detlens[hf]'): Deformable DETR rows skipped")
+    else:
+        bench_hf_deformable_training(args)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,19 @@ def build(name: str, size: int) -> tuple[torch.nn.Module, str, str]:
         )
         # FPN level "0" is exactly the output of layer_blocks[0]
         return module.model.eval(), "features/0", "backbone.fpn.layer_blocks.0"
+    if name in ("hf_detr_r50", "hf_deformable_detr_r50"):
+        # transformers' models at their published sizes (ResNet-50 trunk, 6 + 6 layers, 256 wide),
+        # random weights: the class-default configs with the trunk built from its config.
+        from detlens.lightning_modules.hf_detector import build_hf_detector
+
+        base = dict(d_model=256, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
+                    encoder_ffn_dim=1024, decoder_ffn_dim=1024, num_queries=100)
+        from transformers import ResNetConfig
+
+        trunk = ResNetConfig(out_features=["stage4"] if name == "hf_detr_r50" else ["stage2", "stage3", "stage4"])
+        net = build_hf_detector("detr" if name == "hf_detr_r50" else "deformable_detr", 21, dict(base, backbone_config=trunk))
+        layer = "model.backbone.model.encoder.stages.3"
+        return net.eval(), layer, layer
     module = DETR(num_classes=20, backbone="resnet50", image_size=size, num_queries=100, score_thresh=0.0)
     return module.model.eval(), "backbone.layer4", "backbone.layer4"
 
@@ -56,7 +69,8 @@ def best_of(repeats: int, fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["fasterrcnn_mobilenet_v3_fpn", "detr_r50"])
+    parser.add_argument("--models", nargs="+",
+                        default=["fasterrcnn_mobilenet_v3_fpn", "detr_r50", "hf_detr_r50", "hf_deformable_detr_r50"])
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 10, 50])
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--threads", type=int, default=1)
@@ -97,7 +111,8 @@ def time_pytorch_grad_cam(net, adapter, image, layer, module_name, k, repeats) -
     dets = adapter.run([image], [layer], top_k=k, with_grad=False).detections[0]
     target_layer = dict(net.named_modules())[module_name]
     batch = image[None]
-    net = _ListInput(net)  # pytorch-grad-cam calls model(batch_tensor); detectors take a list
+    # pytorch-grad-cam calls model(batch_tensor) and reads torchvision-style detection dicts
+    net = _DetectionDicts(adapter) if adapter.family == "hf_detr" else _ListInput(net)
 
     def run() -> None:
         with warnings.catch_warnings():
@@ -120,6 +135,23 @@ class _ListInput(torch.nn.Module):
 
     def forward(self, batch: torch.Tensor):
         return self.net(list(batch))
+
+
+class _DetectionDicts(torch.nn.Module):
+    """``model(batch)`` -> torchvision's ``[{boxes, scores, labels}]`` with differentiable scores, for a
+    transformers detector (the same scores detlens explains, one detection per query)."""
+
+    def __init__(self, adapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.net = adapter.model
+
+    def forward(self, batch: torch.Tensor):
+        images = list(batch)
+        pixel_values, pixel_mask, padded = self.adapter._pixels(images)
+        out = self.adapter._call(pixel_values, pixel_mask)
+        dets, _ = self.adapter._detections(out, images, padded, None, 0.0)
+        return [{"boxes": d.box_graph, "scores": d.score_graph, "labels": d.labels} for d in dets]
 
 
 if __name__ == "__main__":

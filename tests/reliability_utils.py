@@ -73,6 +73,27 @@ def tiny_detr(dm: SyntheticDataModule, **overrides: Any) -> DETR:
     return DETR(**kwargs)
 
 
+def hf_detector(architecture: str):
+    """A small ``transformers`` detector (width 32, 1 encoder + 2 decoder layers, 8 queries,
+    dropout on) trained by ``HFDetector``; eager attention so every attention callback reads it."""
+
+    def make(dm: SyntheticDataModule, **overrides: Any) -> Any:
+        from detlens.lightning_modules import HFDetector
+
+        config: dict[str, Any] = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, num_queries=8, dropout=0.1)
+        if architecture in ("rt_detr", "rt_detr_v2", "d_fine"):
+            config = dict(d_model=32, encoder_hidden_dim=32, decoder_in_channels=[32, 32, 32], decoder_layers=2,
+                          num_queries=8, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.1)
+        kwargs: dict[str, Any] = dict(architecture=architecture, num_classes=dm.num_classes, class_names=dm.class_names,
+                                      config=config, score_thresh=0.0, warmup_steps=1)
+        kwargs.update(overrides)
+        return HFDetector(**kwargs)
+
+    make.__name__ = f"hf_{architecture}"
+    return make
+
+
 def every_callback(every_n_steps: int | None = 1, num_probe_images: int = 2, **common: Any) -> list[ProbeCallback]:
     """Every detlens callback, each at its most frequent cadence (every optimiser step) by default.
 

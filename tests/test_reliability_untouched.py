@@ -31,6 +31,7 @@ from reliability_utils import (
     differing_leaves,
     every_callback,
     faster_rcnn,
+    hf_detector,
     quiet_trainer,
     rng_state,
     same_rng_state,
@@ -85,11 +86,14 @@ def assert_same_training(with_callbacks: dict, without: dict) -> None:
     assert not same_rng_state(with_callbacks["rng"], without["rng"]), "global RNG streams differ"
 
 
+NEEDS_HF = pytest.mark.skipif(sys.version_info < (3, 11), reason="detlens[hf] (transformers 5) needs Python >= 3.11")
 CASES = [
     pytest.param(faster_rcnn, 1, id="faster_rcnn+attention"),
     pytest.param(tiny_detr, 1, id="detr"),
     pytest.param(faster_rcnn, 2, id="faster_rcnn+attention-accumulate2"),
     pytest.param(tiny_detr, 2, id="detr-accumulate2"),
+    pytest.param(hf_detector("detr"), 1, id="hf-detr", marks=NEEDS_HF),
+    pytest.param(hf_detector("deformable_detr"), 1, id="hf-deformable-detr", marks=NEEDS_HF),
 ]
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from .base import AdapterOutput, Detections, DetectorAdapter, ImageGeometry, LayerCapture, RoIScoring
 from .detr import DetrAdapter, is_detr
+from .hf_detr import HFDetrAdapter, hf_detector_kind
 from .one_stage import OneStageAdapter
 from .registry import AdapterRegistry, find_network, register, resolve_adapter
 from .two_stage import TwoStageAdapter
@@ -22,6 +23,7 @@ __all__ = [
     "Detections",
     "DetectorAdapter",
     "DetrAdapter",
+    "HFDetrAdapter",
     "ImageGeometry",
     "LayerCapture",
     "OneStageAdapter",
@@ -53,6 +55,7 @@ def _one_stage(net: nn.Module) -> bool:
 register(_two_stage, TwoStageAdapter, "torchvision two-stage (Faster/Mask/Keypoint R-CNN)")
 register(_one_stage, OneStageAdapter, "torchvision one-stage (RetinaNet, FCOS, SSD)")
 register(is_detr, DetrAdapter, "detlens DETR")
+register(lambda net: hf_detector_kind(net) is not None, HFDetrAdapter, "Hugging Face transformers DETR family")
 
 
 def adapter_for(

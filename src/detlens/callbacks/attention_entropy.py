@@ -48,6 +48,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from detlens.adapters import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.attention_maps import no_attention_error
 from detlens.callbacks.base import ProbeCallback, ProbeResult
@@ -87,8 +88,10 @@ class AttentionEntropyCallback(ProbeCallback):
         drop_fraction, window, min_history: the collapse detector's thresholds (see
             :class:`~detlens.explainers.entropy.CollapseDetector`).
         alert: send a ``wandb.alert`` on a new collapse when the W&B run is online.
-        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key:
-            the probe-set cadence and keys, see :class:`~detlens.callbacks.base.ProbeCallback`.
+        every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key, adapter, model_attr:
+            the probe-set cadence and keys, and how the detector is found and run on the probe
+            images (through its adapter when the module has no detlens-style ``forward(images)``),
+            see :class:`~detlens.callbacks.base.ProbeCallback`.
 
     Raises:
         ValueError: bad arguments; at ``setup``: a model without readable attention (the
@@ -109,6 +112,8 @@ class AttentionEntropyCallback(ProbeCallback):
         probe_indices: list[int] | None = None,
         probe_dir: str | None = None,
         log_key: str = "attention",
+        adapter: dict[str, Any] | DetectorAdapter | None = None,
+        model_attr: str | None = None,
     ) -> None:
         super().__init__(
             every_n_epochs=every_n_epochs,
@@ -116,6 +121,8 @@ class AttentionEntropyCallback(ProbeCallback):
             num_probe_images=num_probe_images,
             probe_indices=probe_indices,
             probe_dir=probe_dir,
+            adapter=adapter,
+            model_attr=model_attr,
             log_key=log_key,
         )
         name = type(self).__name__
@@ -272,11 +279,15 @@ class AttentionEntropyCallback(ProbeCallback):
         self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
     ) -> list[Sums]:
         monitor = self._probe_monitor_of(pl_module)
+        adapter = self.detector_adapter(pl_module) if self.runs_through_adapter(pl_module) else None
         results = []
         with torch.no_grad():  # entropies only: no graph
             for image in images:  # one image per forward: independent of batching and sharding
                 with monitor.armed_for():
-                    pl_module([image])
+                    if adapter is None:
+                        pl_module([image])
+                    else:
+                        adapter.run([image], [], with_grad=False)
                 results.append(monitor.collect_sums())
         return results
 

@@ -33,11 +33,12 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from detlens.adapters import Detections, DetectorAdapter, DetrAdapter, ImageGeometry
+from detlens.adapters import Detections, DetectorAdapter, DetrAdapter, HFDetrAdapter, ImageGeometry
 from detlens.adapters.base import filter_detections
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.base import ProbeCallback, ProbeResult, class_names_of
 from detlens.explainers.attention import PROBE_FLAG, AttentionCapture, PerImageAttention, find_attention_modules
+from detlens.explainers.query_attention import detection_attention_maps
 from detlens.explainers.rollout import (
     attention_rollout,
     decoder_rollout,
@@ -103,6 +104,7 @@ class _Plan:
     last_decoder: str | None  # cross-attention the rollout starts from
     spatial: list[str]  # probe-protocol modules
     grid_layer: str | None  # DETR: module whose output is the [B, D, Hf, Wf] token grid
+    query_attention: bool = False  # read through the adapter's query_attention (transformers DETRs)
 
 
 class AttentionMapCallback(ProbeCallback):
@@ -222,6 +224,12 @@ class AttentionMapCallback(ProbeCallback):
 
     def _make_plan(self, pl_module: nn.Module) -> _Plan:
         who = type(self).__name__
+        try:
+            hf = self.detector_adapter(pl_module)
+        except (TypeError, ValueError):
+            hf = None
+        if isinstance(hf, HFDetrAdapter):
+            return self._query_attention_plan(hf, who)
         readable, unavailable = find_attention_modules(pl_module)
         if not readable:
             raise no_attention_error(who, pl_module, unavailable)
@@ -269,12 +277,71 @@ class AttentionMapCallback(ProbeCallback):
             grid_layer="input_proj" if is_detr and (decoder or encoder or rollout) else None,
         )
 
+    def _query_attention_plan(self, adapter: HFDetrAdapter, who: str) -> _Plan:
+        """transformers DETRs: decoder cross-attention (dense or deformable) per layer; the dense
+        encoder's self-attention at reference points and the rollout (DETR, Conditional DETR)."""
+        count = adapter.decoder_layer_count()
+        encoder_layers = adapter.encoder_layer_count()
+        dense = adapter.kind == "dense"  # a rollout composes dense cross-attention with the encoder's
+        available = {"decoder": count > 0, "encoder": encoder_layers > 0,
+                     "rollout": dense and count > 0 and encoder_layers > 0, "spatial": False}
+        wanted = self.maps if self.maps is not None else [k for k, ok in available.items() if ok]
+        missing = [k for k in wanted if not available[k]]
+        if missing:
+            have = [k for k, ok in available.items() if ok]
+            raise ValueError(f"{who}: {type(adapter.model).__name__} has no attention for maps {missing} (it has: {have})")
+        decoder = {}
+        if "decoder" in wanted:
+            for layer in self.layers if self.layers is not None else [-1]:
+                index = _layer_index(layer, count, "decoder layer", who)
+                decoder[index] = str(index)
+        encoder = None
+        if "encoder" in wanted:
+            encoder = (_layer_index(self.encoder_layer, encoder_layers, "encoder_layer", who), "")
+        return _Plan(decoder=dict(sorted(decoder.items())), encoder=encoder,
+                     rollout=["encoder"] if "rollout" in wanted else [], last_decoder=None, spatial=[],
+                     grid_layer=None, query_attention=True)
+
+    def _explain_query_attention(self, plan: _Plan, adapter: HFDetrAdapter, images: list[Tensor]) -> list[AttentionMapResult]:
+        layers = list(plan.decoder) or [-1]
+        if plan.rollout and adapter.decoder_layer_count() - 1 not in layers:
+            layers.append(-1)
+        attention = adapter.query_attention(
+            images, top_k=self.top_k, score_threshold=self.score_threshold, layers=layers,
+            encoder=plan.encoder is not None or bool(plan.rollout),
+        )
+        geometry, detections = attention.output.geometry, attention.output.detections
+        scales = [min(1.0, _MAX_MAP_SIDE / max(g.original_size)) for g in geometry]
+        sizes = [(max(1, round(g.original_size[0] * s)), max(1, round(g.original_size[1] * s))) for g, s in zip(geometry, scales)]
+        grid_points = [_grid_points(g.original_size, self.grid_size) for g in geometry]
+        use_grid = self.reference_points == "grid"
+        refs = [(p if use_grid else _box_centres(d.boxes)) * s for p, d, s in zip(grid_points, detections, scales)]
+        maps = detection_attention_maps(
+            attention, sizes, heads="none" if self.heads == "all" else "mean", reference_points=refs,
+            encoder_layer=plan.encoder[0] if plan.encoder else None, rollout=bool(plan.rollout),
+        )
+        results = []
+        for b, d in enumerate(detections):
+            decoder_maps = {k: v for k, v in maps[b].items() if not k.startswith("encoder/")
+                            and (k == "rollout" or int(k.split("/")[1][5:]) in plan.decoder)}
+            encoder_maps = {k: v for k, v in maps[b].items() if k.startswith("encoder/")}
+            results.append(AttentionMapResult(
+                boxes=d.boxes.detach().float().cpu(), scores=d.scores.detach().float().cpu(),
+                labels=d.labels.detach().long().cpu(), points=grid_points[b] if use_grid else torch.zeros(0, 2),
+                detection_maps={**decoder_maps, **({} if use_grid else encoder_maps)},
+                point_maps=encoder_maps if use_grid else {},
+            ))
+        return results
+
     # ------------------------------------------------------------------ explain (every rank)
     def explain_shard(
         self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
     ) -> list[AttentionMapResult]:
         plan = self._plan_for(pl_module)
         adapter = self.detector_adapter(pl_module)
+        if plan.query_attention:
+            assert isinstance(adapter, HFDetrAdapter)
+            return self._explain_query_attention(plan, adapter, images)
         modules = sorted({*plan.decoder.values(), *plan.rollout, *plan.spatial}
                          | ({plan.encoder[1]} if plan.encoder else set())
                          | ({plan.last_decoder} if plan.last_decoder else set()))
@@ -295,7 +362,7 @@ class AttentionMapCallback(ProbeCallback):
         # observed forward's RoI replay). DETR's maps keep the probe forward: a hook inside an
         # nn.TransformerEncoderLayer turns off its fused inference kernel and moves its outputs.
         plan = self._plan_for(pl_module)
-        if plan.grid_layer is not None or not plan.spatial:
+        if plan.query_attention or plan.grid_layer is not None or not plan.spatial:
             return None
         adapter = self.detector_adapter(pl_module)
         observer = ForwardObserver(

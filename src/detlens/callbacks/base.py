@@ -241,6 +241,14 @@ class ProbeCallback(pl.Callback):
             self._adapter_cache = (id(pl_module), adapter_for(pl_module, self.adapter, self.model_attr))
         return self._adapter_cache[1]
 
+    def runs_through_adapter(self, pl_module: nn.Module) -> bool:
+        """Whether the detector is run through its adapter rather than ``pl_module(images)``: an
+        ``adapter``/``model_attr`` was given, or the module has no ``forward`` of its own (a
+        LightningModule that only holds its network). A ``forward`` of another kind (e.g.
+        ``forward(pixel_values, pixel_mask)``) needs ``adapter=`` or ``model_attr=``."""
+        own_forward = type(pl_module).forward not in (pl.LightningModule.forward, nn.Module.forward)
+        return self.adapter is not None or self.model_attr is not None or not own_forward
+
     def model_step(self, trainer: pl.Trainer) -> int:
         """The global step of the model being explained: ``trainer.global_step`` while fitting;
         under ``validate``/``test``/``predict`` of a checkpoint, the step it was saved at

@@ -100,8 +100,7 @@ class PredictionOverlayCallback(ProbeCallback):
         return [self._keep(d) for d in detections]
 
     def _through_adapter(self, pl_module: pl.LightningModule) -> bool:
-        own_forward = type(pl_module).forward not in (pl.LightningModule.forward, torch.nn.Module.forward)
-        return self.adapter is not None or self.model_attr is not None or not own_forward
+        return self.runs_through_adapter(pl_module)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

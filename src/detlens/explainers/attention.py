@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from detlens.adapters.hf_detr import hf_attention_kind, hf_attention_weights
 from detlens.explainers.entropy import entropy_sums
 from detlens.explainers.modules import named_modules
 
@@ -103,6 +104,24 @@ def _is_probe(module: nn.Module) -> bool:
     return hasattr(module, PROBE_FLAG)
 
 
+def _is_returning(module: nn.Module) -> bool:
+    """A ``transformers`` attention module that returns its weights (see ``detlens.adapters.hf_detr``)."""
+    return hf_attention_kind(module) is not None and _returning_reason(module) is None
+
+
+def _returning_reason(module: nn.Module) -> str | None:
+    """Why a ``transformers`` dense attention module returns no weights (not eager), else ``None``."""
+    if hf_attention_kind(module) != "dense":
+        return None
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", "eager")
+    if implementation in (None, "eager"):
+        return None
+    return (
+        f"{type(module).__name__} runs the {implementation!r} attention implementation, which returns no weights; "
+        "build or load the transformers model with attn_implementation='eager' to read it"
+    )
+
+
 def _can_recompute(module: nn.Module) -> bool:
     # A subclass that overrides forward may compute something else from the same weights.
     return _is_mha(module) and type(module).forward is nn.MultiheadAttention.forward
@@ -111,6 +130,8 @@ def _can_recompute(module: nn.Module) -> bool:
 def _fused_attention_reason(module: nn.Module) -> str | None:
     """Static check: does the module's own ``forward`` call a fused attention kernel?"""
     cls = type(module)
+    if hf_attention_kind(module) is not None:
+        return _returning_reason(module)
     if cls.__module__.startswith("torch.") or _is_mha(module) or _is_probe(module):
         return None
     try:
@@ -151,7 +172,7 @@ def find_attention_modules(
     unavailable: dict[str, str] = {}
     if modules is None:
         for name, mod in named.items():
-            if _is_mha(mod) or _is_probe(mod):
+            if _is_mha(mod) or _is_probe(mod) or _is_returning(mod):
                 readable[name] = mod
             elif (why := _fused_attention_reason(mod)) is not None:
                 unavailable[name] = why
@@ -166,13 +187,13 @@ def find_attention_modules(
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise ValueError(f"module {name!r} not found in {type(model).__name__}.{hint}")
         mod = named[name]
-        if _is_mha(mod) or _is_probe(mod):
+        if _is_mha(mod) or _is_probe(mod) or _is_returning(mod):
             readable[name] = mod
             continue
         inner = {
             f"{name}.{sub}" if name else sub: m
             for sub, m in named_modules(mod)
-            if sub and (_is_mha(m) or _is_probe(m))
+            if sub and (_is_mha(m) or _is_probe(m) or _is_returning(m))
         }
         if inner:
             readable.update(inner)
@@ -365,6 +386,8 @@ class _HookSet:
                 if force:
                     self._handles.append(mod.register_forward_pre_hook(_force_weights, with_kwargs=True))
                 self._handles.append(mod.register_forward_hook(self._mha_hook(name, force), with_kwargs=True))
+            elif _is_returning(mod):
+                self._handles.append(mod.register_forward_hook(self._returned_hook(name)))
             else:
                 self._handles.append(_ProbeReaders.add(mod, functools.partial(self._read_probe, name)))
 
@@ -401,6 +424,12 @@ class _HookSet:
             call["_sequence_length"] = self._encoder_len.get(id(enc)) if enc is not None else None
             call["_forced"] = forced
             self.on_weights(name, weights, call)
+
+        return hook
+
+    def _returned_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self.on_weights(name, hf_attention_weights(module, output), {"_probe": True, "_returned": True})
 
         return hook
 
@@ -596,6 +625,8 @@ class AttentionCapture:
         if call.get("_probe"):
             if weights is None or weights.dim() != 4:
                 self.unavailable[name] = (
+                    f"{type(module).__name__} returned no attention weights: load or build the transformers model "
+                    "with attn_implementation='eager'" if call.get("_returned") else
                     f"{type(module).__name__} has {PROBE_FLAG} but stored no last_attention "
                     f"[B, heads, Q, K] (got {None if weights is None else tuple(weights.shape)})"
                 )
@@ -749,7 +780,9 @@ class EntropyMonitor:
         with torch.no_grad(), torch.autocast(device_type=_device_type(module, weights), enabled=False):
             if call.get("_probe") or call.get("_forced"):
                 if weights is None or weights.dim() != 4:
-                    self.unavailable[name] = f"{type(module).__name__} produced no attention weights"
+                    self.unavailable[name] = f"{type(module).__name__} produced no attention weights" + (
+                        " (a transformers model returns them under attn_implementation='eager')"
+                        if call.get("_returned") else "")
                     return
                 kpm, qpm = _padding_masks(call, weights) if not call.get("_probe") else (None, None)
                 s, n = entropy_sums(weights.detach().float(), kpm, qpm, per_image=True)

@@ -8,6 +8,7 @@ logged as ``train/*``, ``val/mAP`` and ``val/mAP_50``); see ``docs/ARCHITECTURE.
 from detlens.lightning_modules.attention import SpatialSelfAttention
 from detlens.lightning_modules.base import DetectionModule
 from detlens.lightning_modules.detr import DETR
+from detlens.lightning_modules.hf_detector import HFDetector
 from detlens.lightning_modules.torchvision_detector import TorchvisionDetector
 
-__all__ = ["DETR", "DetectionModule", "SpatialSelfAttention", "TorchvisionDetector"]
+__all__ = ["DETR", "DetectionModule", "HFDetector", "SpatialSelfAttention", "TorchvisionDetector"]

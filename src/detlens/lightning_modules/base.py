@@ -161,10 +161,12 @@ class DetectionModule(pl.LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters split into decayed weights and undecayed norms/biases."""
         decay, no_decay = [], []
+        seen: set[int] = set()  # a module shared by several parents (e.g. one head for every decoder layer)
         for module in self.model.modules():
             for name, param in module.named_parameters(recurse=False):
-                if not param.requires_grad:
+                if not param.requires_grad or id(param) in seen:
                     continue
+                seen.add(id(param))
                 is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
                 (no_decay if is_norm or name == "bias" or param.ndim <= 1 else decay).append(param)
         return [
