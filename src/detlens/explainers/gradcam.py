@@ -1,4 +1,4 @@
-"""Per-detection Grad-CAM and element-wise gradient x activation (HiResCAM / ODAM style).
+"""Per-detection Grad-CAM, element-wise gradient x activation (HiResCAM / ODAM style) and LayerCAM.
 
 Both take an :class:`~detlens.adapters.AdapterOutput` (one forward already done) and
 return, per image, ``FloatTensor[K, H, W]`` raw maps (non-negative, the model's own
@@ -8,6 +8,8 @@ scale) at original-image resolution.
   mean of ``d score / d A_c`` (Selvaraju et al.).
 * ``weighting="elementwise"``: ``ReLU(sum_c (d score / d A_c) * A_c)`` per position
   (HiResCAM, Draelos & Collins; ODAM, Zhao et al.).
+* ``weighting="layercam"``: ``ReLU(sum_c ReLU(d score / d A_c) * A_c)`` per position
+  (LayerCAM, Jiang et al., 2021): only positive gradients weigh each position.
 
 ``target``: ``"class"`` explains the detection's class probability; ``"box"`` the four
 box coordinates (each map normalised by its maximum, then the element-wise max);
@@ -44,10 +46,11 @@ from detlens.adapters.base import AdapterOutput, Detections, unknown_layer_error
 
 from ._autograd import GRAD_MEMORY_BUDGET, looped_grads, per_output_grads
 
-__all__ = ["Target", "Weighting", "combine_targets", "detection_layers", "gradcam", "target_outputs"]
+__all__ = ["WEIGHTINGS", "Target", "Weighting", "combine_targets", "detection_layers", "gradcam", "target_outputs"]
 
 Target = Literal["class", "box", "both"]
-Weighting = Literal["gradcam", "elementwise"]
+Weighting = Literal["gradcam", "elementwise", "layercam"]
+WEIGHTINGS: tuple[str, ...] = ("gradcam", "elementwise", "layercam")
 
 _EPS = 1e-12
 
@@ -108,7 +111,9 @@ def _cam(grads: Tensor, acts: Tensor, weighting: Weighting) -> Tensor:
         return torch.einsum("rc,rchw->rhw", alpha, acts).clamp_min(0)
     if weighting == "elementwise":
         return (grads * acts).sum(1).clamp_min(0)
-    raise ValueError(f"weighting must be 'gradcam' or 'elementwise', got {weighting!r}")
+    if weighting == "layercam":
+        return (grads.clamp_min(0) * acts).sum(1).clamp_min(0)
+    raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
 
 
 def gradcam(
@@ -124,7 +129,7 @@ def gradcam(
         output: an adapter run that captured ``layer`` (with gradients).
         layer: a captured layer, or a per-detection-level layer such as ``"features"``.
         target: ``"class"``, ``"box"`` or ``"both"``.
-        weighting: ``"gradcam"`` (channel-mean gradients) or ``"elementwise"``.
+        weighting: ``"gradcam"`` (channel-mean gradients), ``"elementwise"`` or ``"layercam"``.
         fast: use the fast paths (module docstring); ``False`` runs the per-detection
             reference loop.
 
@@ -141,8 +146,8 @@ def gradcam(
 def _target_outputs_check(target: str, weighting: str) -> None:
     if target not in ("class", "box", "both"):
         raise ValueError(f"target must be 'class', 'box' or 'both', got {target!r}")
-    if weighting not in ("gradcam", "elementwise"):
-        raise ValueError(f"weighting must be 'gradcam' or 'elementwise', got {weighting!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
 
 
 def _empty_maps(output: AdapterOutput) -> list[Tensor]:
@@ -278,6 +283,8 @@ def _roi_cams(
         out = torch.einsum("ntc,chw->nthw", alpha, feat).clamp_min(0)
     else:
         crops = feat[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # [n, C, ch, cw]
+        if weighting == "layercam":
+            grad = grad.clamp_min(0)
         local_maps = (grad * crops[:, None]).sum(2).clamp_min(0)  # [n, T, ch, cw]
         k = torch.arange(n)[:, None, None, None]
         tt = torch.arange(t)[None, :, None, None]
