@@ -8,8 +8,9 @@ A subclass only says how to run its network up to those per-level outputs
 (:meth:`DenseHeadAdapter.dense_forward`, returning :class:`DenseLevels`); this class does
 the rest for every such model:
 
-* candidates, class-aware NMS (torchvision's ``batched_nms``) and ``max_det`` on **detached**
-  boxes and scores, so every detection keeps its origin: the level and the index of its
+* candidates (each anchor's best class above ``candidate_threshold``), class-aware NMS
+  (torchvision's ``batched_nms``, on unclipped boxes) and ``max_det`` on **detached** boxes and
+  scores; boxes are then clipped to the image, so every detection keeps its origin: the level and the index of its
   anchor point among all anchors of the image (levels concatenated, row-major);
 * ``score_graph``: the detection's class score (sigmoid or softmax of its logit row, as the
   model scores), differentiable w.r.t. every captured activation; ``box_graph``: its box,
@@ -212,7 +213,7 @@ class DenseHeadAdapter(DetectorAdapter):
                 cand = torch.nonzero(best > self.candidate_threshold).flatten()
                 cand = cand[torch.argsort(best[cand], descending=True, stable=True)][: self.pre_nms_top_n]
                 boxes = self._boxes(regression[i].detach().float()[cand], anchor_xy[cand], anchor_stride[cand], bins)
-                boxes = box_ops.clip_boxes_to_image(boxes, size)
+                # NMS on the decoded boxes, clipping after it (as YOLOv8 and DAMO-YOLO post-process)
                 keep = box_ops.batched_nms(boxes, best[cand], label[cand], self.nms_iou)[: self.max_det]
                 keep = keep[best[cand][keep] > score_threshold]
                 if top_k is not None:
