@@ -19,7 +19,7 @@ ULTRALYTICS_RUNTIME := 'polars>=0.20' 'psutil>=5.8'
 $(STAMP): pyproject.toml plugins/detlens-ultralytics/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,damo]'
 	$(BIN)/python -m pip install --quiet --no-deps $(ULTRALYTICS_DEPS)
 	$(BIN)/python -m pip install --quiet $(ULTRALYTICS_RUNTIME)
 	$(BIN)/python -m pip install --quiet --no-deps -e plugins/detlens-ultralytics

@@ -11,6 +11,8 @@ from __future__ import annotations
 from torch import nn
 
 from .base import AdapterOutput, Detections, DetectorAdapter, ImageGeometry, LayerCapture, RoIScoring
+from .damo_yolo import DamoYoloAdapter, is_damo_yolo
+from .dense_head import DenseHeadAdapter, DenseLevels
 from .detr import DetrAdapter, is_detr
 from .one_stage import OneStageAdapter
 from .registry import AdapterRegistry, find_network, register, resolve_adapter
@@ -19,6 +21,9 @@ from .two_stage import TwoStageAdapter
 __all__ = [
     "AdapterOutput",
     "AdapterRegistry",
+    "DamoYoloAdapter",
+    "DenseHeadAdapter",
+    "DenseLevels",
     "Detections",
     "DetectorAdapter",
     "DetrAdapter",
@@ -53,6 +58,7 @@ def _one_stage(net: nn.Module) -> bool:
 register(_two_stage, TwoStageAdapter, "torchvision two-stage (Faster/Mask/Keypoint R-CNN)")
 register(_one_stage, OneStageAdapter, "torchvision one-stage (RetinaNet, FCOS, SSD)")
 register(is_detr, DetrAdapter, "detlens DETR")
+register(is_damo_yolo, DamoYoloAdapter, "DAMO-YOLO (modelscope's Detector with ZeroHead)")
 
 
 def adapter_for(

@@ -8,7 +8,7 @@ A subclass only says how to run its network up to those per-level outputs
 (:meth:`DenseHeadAdapter.dense_forward`, returning :class:`DenseLevels`); this class does
 the rest for every such model:
 
-* candidates (each anchor's best class above ``candidate_threshold``), class-aware NMS
+* candidates (each anchor's best class, or every class, above ``candidate_threshold``), class-aware NMS
   (torchvision's ``batched_nms``, on unclipped boxes) and ``max_det`` on **detached** boxes and
   scores; boxes are then clipped to the image, so every detection keeps its origin: the level and the index of its
   anchor point among all anchors of the image (levels concatenated, row-major);
@@ -91,7 +91,9 @@ class DenseHeadAdapter(DetectorAdapter):
         grid_offset: anchor point of cell ``(y, x)`` at ``((x + o) * s, (y + o) * s)``.
         distance_scale: ``"stride"`` -- distances are in grid cells (multiplied by the
             stride) -- or ``"pixels"``.
-        candidate_threshold: anchors whose best class score is at or below it are no candidates.
+        candidate_threshold: scores at or below it are no candidates.
+        multi_label: ``False``: each anchor's best class is its one candidate (YOLOv8);
+            ``True``: every (anchor, class) pair above the threshold is one (DAMO-YOLO, mmdet).
         pre_nms_top_n: at most this many candidates per image enter NMS (highest scores).
         nms_iou: IoU of class-aware NMS; max_det: detections kept per image after NMS.
         pad_value: value of the padding :meth:`preprocess` adds (bottom and right).
@@ -102,6 +104,7 @@ class DenseHeadAdapter(DetectorAdapter):
     grid_offset: float = 0.5
     distance_scale: Literal["stride", "pixels"] = "stride"
     candidate_threshold: float = 0.001
+    multi_label: bool = False
     pre_nms_top_n: int = 1000
     nms_iou: float = 0.7
     max_det: int = 300
@@ -209,16 +212,23 @@ class DenseHeadAdapter(DetectorAdapter):
             geometry.append(ImageGeometry(original_size=size, input_size=size, batch_size=padded))
             with torch.no_grad():
                 probs = self._scores(logits[i].detach().float())  # [A, C']
-                best, label = probs.max(1)
-                cand = torch.nonzero(best > self.candidate_threshold).flatten()
-                cand = cand[torch.argsort(best[cand], descending=True, stable=True)][: self.pre_nms_top_n]
+                if self.multi_label:  # every (anchor, class) pair above the threshold
+                    flat = probs.flatten()
+                    pairs = torch.nonzero(flat > self.candidate_threshold).flatten()
+                    cand, label, best = pairs // probs.shape[1], pairs % probs.shape[1], flat[pairs]
+                else:  # each anchor's best class
+                    best, label = probs.max(1)
+                    cand = torch.nonzero(best > self.candidate_threshold).flatten()
+                    best, label = best[cand], label[cand]
+                order = torch.argsort(best, descending=True, stable=True)[: self.pre_nms_top_n]
+                cand, label, best = cand[order], label[order], best[order]
                 boxes = self._boxes(regression[i].detach().float()[cand], anchor_xy[cand], anchor_stride[cand], bins)
                 # NMS on the decoded boxes, clipping after it (as YOLOv8 and DAMO-YOLO post-process)
-                keep = box_ops.batched_nms(boxes, best[cand], label[cand], self.nms_iou)[: self.max_det]
-                keep = keep[best[cand][keep] > score_threshold]
+                keep = box_ops.batched_nms(boxes, best, label, self.nms_iou)[: self.max_det]
+                keep = keep[best[keep] > score_threshold]
                 if top_k is not None:
                     keep = keep[: max(int(top_k), 0)]
-                anchor_idx, det_label = cand[keep], label[cand][keep]
+                anchor_idx, det_label = cand[keep], label[keep]
             lvl = anchor_level[anchor_idx]
             score_graph = self._scores(logits[i][anchor_idx].float()).gather(1, det_label[:, None])[:, 0] \
                 if len(anchor_idx) else logits.new_zeros((0,))
