@@ -196,5 +196,6 @@ def test_two_rank_cpu_ddp_fit_makes_one_run_with_every_probe_image(tmp_path):
     for key in ("predictions/probe", "gradcam/probe"):
         events = image_events(run, key)
         assert [e.global_step for e in events] == [2]
-        assert [c.split(" (")[0] for c in events[0].captions] == ["img 0", "img 1", "img 2"]
+        # the 3 probe images of the 4 validation images, as the other DDP tests pick them, over both ranks
+        assert [c.split(" (")[0] for c in events[0].captions] == ["img 0", "img 2", "img 3"]
     assert len(run.history_of("val/mAP")) == 1
