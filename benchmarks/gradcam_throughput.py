@@ -13,9 +13,9 @@ and prints milliseconds per detection and the speed-up, one line per model and K
 
     .venv/bin/python benchmarks/gradcam_throughput.py            # 1 CPU thread, best of 3
     .venv/bin/python benchmarks/gradcam_throughput.py --threads 4 --repeats 5 --ks 1 10 50
-    .venv/bin/python benchmarks/gradcam_throughput.py --models yolov8n --quick   # smoke run
+    .venv/bin/python benchmarks/gradcam_throughput.py --models damo_yolo_t yolov8n --quick   # smoke run
 
-``yolov8n`` needs the Ultralytics plugin (``plugins/detlens-ultralytics``, AGPL-3.0, imported
+``damo_yolo_t`` needs the ``detlens[damo]`` extra; ``yolov8n`` needs the Ultralytics plugin (``plugins/detlens-ultralytics``, AGPL-3.0, imported
 only when that row is asked for); pytorch-grad-cam then scores the detection's box with its
 ``FasterRCNNBoxScoreTarget`` on the head's pre-NMS boxes of every anchor.
 
@@ -53,6 +53,11 @@ def build(name: str, size: int) -> tuple[torch.nn.Module, str, str]:
         for branch in module.model.model[-1].cv3:  # scores spread around 0.1, so K detections exist
             branch[-1].bias.data.fill_(-2.0)
         return module.model.eval(), "model.15", "model.15"  # the P3 neck output the head reads
+    if name == "damo_yolo_t":
+        from detlens.lightning_modules import DamoYolo  # the detlens[damo] extra
+
+        module = DamoYolo(num_classes=20, score_thresh=0.0)
+        return module.model.eval(), "neck.merge_5", "neck.merge_5"  # the P3 neck output ZeroHead reads
     module = DETR(num_classes=20, backbone="resnet50", image_size=size, num_queries=100, score_thresh=0.0)
     return module.model.eval(), "backbone.layer4", "backbone.layer4"
 

@@ -75,7 +75,8 @@ class DamoYoloAdapter(DenseHeadAdapter):
     def module_layers(self) -> list[str]:
         m = self.model
         names = [f"backbone.block_list.{i}" for i in range(len(m.backbone.block_list))]
-        return names + [f"neck.{n}" for n, _ in m.neck.named_children()]
+        # the neck's upsample module runs twice per forward: no single activation to explain
+        return names + [f"neck.{n}" for n, _ in m.neck.named_children() if n != "upsample"]
 
     def dense_forward(self, batch: Tensor) -> DenseLevels:
         m = self.model
