@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# Ultralytics writes its settings file at import: into a scratch folder, not the user's home
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="detlens-yolo-settings-"))
 os.environ.setdefault("WANDB_MODE", "offline")
 
 REPO_TESTS = Path(__file__).resolve().parents[3] / "tests"
