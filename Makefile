@@ -9,10 +9,20 @@ PYTEST_ARGS ?=
 
 .PHONY: install browser demo test bench bench-gpu clean
 
-$(STAMP): pyproject.toml
+# The Ultralytics plugin (AGPL-3.0, plugins/detlens-ultralytics) and its tests come too.
+# Ultralytics declares opencv-python, which would overwrite detlens' opencv-python-headless
+# (both are the cv2 module): it is installed without its declared dependencies, plus those
+# it needs for building and training detection models.
+ULTRALYTICS_DEPS := 'ultralytics>=8.3,<9' 'ultralytics-thop>=2.0'
+ULTRALYTICS_RUNTIME := 'polars>=0.20' 'psutil>=5.8'
+
+$(STAMP): pyproject.toml plugins/detlens-ultralytics/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,damo]'
+	$(BIN)/python -m pip install --quiet --no-deps $(ULTRALYTICS_DEPS)
+	$(BIN)/python -m pip install --quiet $(ULTRALYTICS_RUNTIME)
+	$(BIN)/python -m pip install --quiet --no-deps -e plugins/detlens-ultralytics
 	touch $(STAMP)
 
 install: $(STAMP)

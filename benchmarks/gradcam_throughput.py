@@ -4,7 +4,7 @@ Measured, not asserted. For each model and K (detections explained on one image)
 process, on the same model, layer and target (the class score), it times:
 
 * ``detlens``: one forward + one backward for all K maps (two-stage RoI path on Faster
-  R-CNN; vectorised backward on DETR);
+  R-CNN; vectorised backward on DETR, transformers' DETR and Deformable DETR, and the dense heads);
 * ``loop``: the same forward, then one backward per detection (``gradcam(..., fast=False)``);
 * ``pytorch-grad-cam``: ``GradCAM`` with a ``FasterRCNNBoxScoreTarget`` per detection, i.e.
   one forward and one backward per detection, as its detection tutorial does.
@@ -13,6 +13,13 @@ and prints milliseconds per detection and the speed-up, one line per model and K
 
     .venv/bin/python benchmarks/gradcam_throughput.py            # 1 CPU thread, best of 3
     .venv/bin/python benchmarks/gradcam_throughput.py --threads 4 --repeats 5 --ks 1 10 50
+    .venv/bin/python benchmarks/gradcam_throughput.py --models damo_yolo_t yolov8n --quick   # smoke run
+
+``hf_*`` rows need the ``detlens[hf]`` extra (transformers' models at their published sizes,
+random weights; pytorch-grad-cam reads their detections as torchvision's dicts, one per query);
+``damo_yolo_t`` needs the ``detlens[damo]`` extra; ``yolov8n`` needs the Ultralytics plugin (``plugins/detlens-ultralytics``, AGPL-3.0, imported
+only when that row is asked for); pytorch-grad-cam then scores the detection's box with its
+``FasterRCNNBoxScoreTarget`` on the head's pre-NMS boxes of every anchor.
 
 Models are randomly initialised (score threshold 0 so that K detections exist); cost does
 not depend on the weights.
@@ -54,6 +61,18 @@ def build(name: str, size: int) -> tuple[torch.nn.Module, str, str]:
         net = build_hf_detector("detr" if name == "hf_detr_r50" else "deformable_detr", 21, dict(base, backbone_config=trunk))
         layer = "model.backbone.model.encoder.stages.3"
         return net.eval(), layer, layer
+    if name == "yolov8n":
+        from detlens_ultralytics import UltralyticsDetector  # the AGPL plugin: only for this row
+
+        module = UltralyticsDetector(num_classes=20, model_yaml="yolov8n.yaml")
+        for branch in module.model.model[-1].cv3:  # scores spread around 0.1, so K detections exist
+            branch[-1].bias.data.fill_(-2.0)
+        return module.model.eval(), "model.15", "model.15"  # the P3 neck output the head reads
+    if name == "damo_yolo_t":
+        from detlens.lightning_modules import DamoYolo  # the detlens[damo] extra
+
+        module = DamoYolo(num_classes=20, score_thresh=0.0)
+        return module.model.eval(), "neck.merge_5", "neck.merge_5"  # the P3 neck output ZeroHead reads
     module = DETR(num_classes=20, backbone="resnet50", image_size=size, num_queries=100, score_thresh=0.0)
     return module.model.eval(), "backbone.layer4", "backbone.layer4"
 
@@ -70,13 +89,17 @@ def best_of(repeats: int, fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+",
-                        default=["fasterrcnn_mobilenet_v3_fpn", "detr_r50", "hf_detr_r50", "hf_deformable_detr_r50"])
+                        default=["fasterrcnn_mobilenet_v3_fpn", "detr_r50", "hf_detr_r50", "hf_deformable_detr_r50",
+                                 "damo_yolo_t", "yolov8n"])
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 10, 50])
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-pytorch-grad-cam", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke run: K = 1, 3 at 128 px, one repeat")
     args = parser.parse_args()
+    if args.quick:
+        args.ks, args.size, args.repeats = [1, 3], 128, 1
     torch.set_num_threads(args.threads)
     image = torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.size} px, best of {args.repeats}")
@@ -111,8 +134,15 @@ def time_pytorch_grad_cam(net, adapter, image, layer, module_name, k, repeats) -
     dets = adapter.run([image], [layer], top_k=k, with_grad=False).detections[0]
     target_layer = dict(net.named_modules())[module_name]
     batch = image[None]
-    # pytorch-grad-cam calls model(batch_tensor) and reads torchvision-style detection dicts
-    net = _DetectionDicts(adapter) if adapter.family == "hf_detr" else _ListInput(net)
+    from detlens.adapters.dense_head import DenseHeadAdapter
+
+    # pytorch-grad-cam calls model(batch_tensor) and reads torchvision-style detection dicts; detectors take a list
+    if adapter.family == "hf_detr":
+        net = _DetectionDicts(adapter)
+    elif isinstance(adapter, DenseHeadAdapter):
+        net = _DenseBoxes(adapter)
+    else:
+        net = _ListInput(net)
 
     def run() -> None:
         with warnings.catch_warnings():
@@ -152,6 +182,40 @@ class _DetectionDicts(torch.nn.Module):
         out = self.adapter._call(pixel_values, pixel_mask)
         dets, _ = self.adapter._detections(out, images, padded, None, 0.0)
         return [{"boxes": d.box_graph, "scores": d.score_graph, "labels": d.labels} for d in dets]
+
+
+class _DenseBoxes(torch.nn.Module):
+    """A dense head as pytorch-grad-cam's detection targets read a model: per image, the boxes,
+    best-class scores and labels of every anchor (before NMS, differentiable)."""
+
+    def __init__(self, adapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.net = adapter.model
+
+    def forward(self, batch: torch.Tensor):
+        from detlens.adapters.dense_head import decode_distances
+
+        ad = self.adapter
+        levels = ad.dense_forward(ad.preprocess(list(batch)))
+        out = []
+        for i in range(batch.shape[0]):
+            logits = torch.cat([x[i].flatten(1) for x in levels.cls_logits], 1).T
+            reg = torch.cat([x[i].flatten(1) for x in levels.box_regression], 1).T
+            pts, strides = [], []
+            for x, s in zip(levels.cls_logits, levels.strides):
+                h, w = x.shape[-2:]
+                ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+                pts.append((torch.stack([xs.flatten(), ys.flatten()], 1).float() + ad.grid_offset) * s)
+                strides.append(torch.full((h * w,), float(s)))
+            anchors, stride = torch.cat(pts), torch.cat(strides)
+            dist = decode_distances(reg, reg.shape[1] // 4) * stride[:, None]
+            boxes = torch.cat([anchors - dist[:, :2], anchors + dist[:, 2:]], 1)
+            boxes = torch.stack([boxes[:, 0].clamp(0, batch.shape[-1]), boxes[:, 1].clamp(0, batch.shape[-2]),
+                                 boxes[:, 2].clamp(0, batch.shape[-1]), boxes[:, 3].clamp(0, batch.shape[-2])], 1)
+            scores, labels = ad._scores(logits).max(1)
+            out.append({"boxes": boxes, "scores": scores, "labels": labels + ad.label_offset()})
+        return out
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def assert_same_maps(fast: list[torch.Tensor], slow: list[torch.Tensor], tol: fl
         assert float(((f - s).abs() / peak).max()) <= tol
 
 
-@pytest.mark.parametrize("weighting", ["gradcam", "elementwise"])
+@pytest.mark.parametrize("weighting", ["gradcam", "elementwise", "layercam"])
 @pytest.mark.parametrize("target", ["class", "box", "both"])
 def test_two_stage_fast_path_equals_one_backward_per_detection_on_a_trained_model(trained, weighting, target):
     module, items = trained
@@ -131,9 +131,29 @@ def test_vectorised_backward_equals_the_per_detection_loop(trained, name, layer)
             assert_same_maps(fast, slow)
             slows.append(slow)
         assert_every_detection_sees_the_layer(*slows)
+    for weighting in ("elementwise", "layercam"):
+        assert_same_maps(gradcam(out, layer, weighting=weighting, fast=True), gradcam(out, layer, weighting=weighting, fast=False))
 
 
-@pytest.mark.parametrize("method", ["gradcam", "elementwise", "input_gradient", "eigencam", "drise"])
+def test_layercam_weighs_each_position_by_its_positive_gradients_only(trained):
+    """LayerCAM = ReLU(sum_c ReLU(dS/dA_c) * A_c), from the detection's own backward; where the
+    gradient has negative entries on positive activations it differs from gradient x activation."""
+    module, items = trained
+    layer = "backbone.body.layer3_attention"
+    out = adapter_for(module).run([items[0][0]], [layer], top_k=3)
+    assert len(out.detections[0]) == 3
+    maps = gradcam(out, layer, weighting="layercam")[0]
+    elementwise = gradcam(out, layer, weighting="elementwise")[0]
+    act = out.activations[layer]
+    for d in range(3):
+        (g,) = torch.autograd.grad(out.detections[0].score_graph[d], act, retain_graph=True)
+        assert bool(((g < 0) & (act > 0)).any()), "the test needs negative gradients on active positions"
+        expected = (g[0].clamp_min(0) * act[0].detach()).sum(0).clamp_min(0)
+        assert_same_maps(maps[d : d + 1], out.to_image(expected[None], 0))
+        assert float((maps[d] - elementwise[d]).abs().max()) > 1e-3 * float(maps[d].max())
+
+
+@pytest.mark.parametrize("method", ["gradcam", "elementwise", "layercam", "input_gradient", "eigencam", "drise"])
 def test_explaining_k_detections_runs_the_backbone_once(trained, method):
     module, items = trained
     calls = []
@@ -147,7 +167,7 @@ def test_explaining_k_detections_runs_the_backbone_once(trained, method):
     assert len(calls) == (1 + 3 * 2 if method == "drise" else 1)
 
 
-METHODS = ["gradcam", "elementwise", "eigencam", "input_gradient", "feature_grid", "drise"]
+METHODS = ["gradcam", "elementwise", "layercam", "eigencam", "input_gradient", "feature_grid", "drise"]
 
 
 def check_maps(explanations, sizes):

@@ -11,6 +11,8 @@ from __future__ import annotations
 from torch import nn
 
 from .base import AdapterOutput, Detections, DetectorAdapter, ImageGeometry, LayerCapture, RoIScoring
+from .damo_yolo import DamoYoloAdapter, is_damo_yolo
+from .dense_head import DenseHeadAdapter, DenseLevels
 from .detr import DetrAdapter, is_detr
 from .hf_detr import HFDetrAdapter, hf_detector_kind
 from .one_stage import OneStageAdapter
@@ -20,6 +22,9 @@ from .two_stage import TwoStageAdapter
 __all__ = [
     "AdapterOutput",
     "AdapterRegistry",
+    "DamoYoloAdapter",
+    "DenseHeadAdapter",
+    "DenseLevels",
     "Detections",
     "DetectorAdapter",
     "DetrAdapter",
@@ -56,6 +61,7 @@ register(_two_stage, TwoStageAdapter, "torchvision two-stage (Faster/Mask/Keypoi
 register(_one_stage, OneStageAdapter, "torchvision one-stage (RetinaNet, FCOS, SSD)")
 register(is_detr, DetrAdapter, "detlens DETR")
 register(lambda net: hf_detector_kind(net) is not None, HFDetrAdapter, "Hugging Face transformers DETR family")
+register(is_damo_yolo, DamoYoloAdapter, "DAMO-YOLO (modelscope's Detector with ZeroHead)")
 
 
 def adapter_for(

@@ -184,6 +184,7 @@ class AdapterOutput:
     family: str
     level_layers: dict[str, str] = field(default_factory=dict)
     roi: RoIScoring | None = None
+    fused_layers: dict[str, list[str]] = field(default_factory=dict)
 
     def to_image(self, grid: Tensor, image_index: int) -> Tensor:
         """Resample maps on an activation grid to original-image pixels.
@@ -408,6 +409,11 @@ class DetectorAdapter:
         """Per-detection-level virtual layer -> prefix of its per-level layers."""
         return {}
 
+    def fused_layers(self) -> dict[str, list[str]]:
+        """Fused virtual layer -> the layers whose maps it fuses (at image resolution, element-wise
+        maximum; every detection is explained on each of them)."""
+        return {}
+
     def feature_recorder(self) -> Any:
         """A :class:`detlens.adapters.observe.FeatureRecorder` that rebuilds this adapter's
         :class:`Detections` (with ``features``) from the model's own eval forward, or
@@ -460,6 +466,10 @@ class DetectorAdapter:
             if layer in virt:  # the per-detection-level layer needs every level
                 virt.remove(layer)
                 virt.extend(n for n in self.virtual_layers() if n.startswith(prefix) and n not in virt)
+        for layer, members in self.fused_layers().items():
+            if layer in virt:  # a fused layer is its members' maps, each captured
+                virt.remove(layer)
+                virt.extend(n for n in members if n not in virt)
         grad_ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
         capture = LayerCapture(self.model, mod, virt, on_output=self._capture_output)
         with _eval_with_grad(self.model), grad_ctx, capture:
@@ -473,6 +483,7 @@ class DetectorAdapter:
             family=self.family,
             level_layers=self.level_layers(),
             roi=roi,
+            fused_layers=self.fused_layers(),
         )
 
 

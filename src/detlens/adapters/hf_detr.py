@@ -234,15 +234,16 @@ class HFDetrAdapter(DetectorAdapter):
         return names[0]
 
     def _discover_layers(self) -> list[str]:
-        """Modules that output one ``[B, C, h, w]`` map per forward (a dry forward on a small
-        image), most useful first; plus the encoder layers whose tokens form the grid."""
+        """Modules that output one ``[B, C, h, w]`` map per forward (found in one dry forward of a
+        320 x 320 image: large enough for encoders that keep their top-k tokens as queries,
+        RT-DETR's 300, and a multiple of every stride), most useful first, then the encoder
+        layers whose tokens form the grid."""
         outputs: dict[str, list[Any]] = {}
         modules = [(n, m) for n, m in self.model.named_modules() if n]
         handles = [m.register_forward_hook(_record_into(outputs, n)) for n, m in modules]
         param = next(self.model.parameters())
         try:
             with _eval_with_grad(self.model), torch.no_grad():
-                # large enough for the encoders that keep their top-k tokens as queries (RT-DETR: 300), a multiple of every stride
                 batch = torch.zeros(1, 3, 320, 320, device=param.device, dtype=param.dtype)
                 self.model(pixel_values=batch)
         finally:
@@ -437,7 +438,7 @@ class HFDetrAdapter(DetectorAdapter):
             enc = self._encoder_attention_modules()
             enc_readers = {i: _AttentionRead(m, "dense") for i, (_, m) in enumerate(enc)}
         inputs = prepare_images(images)
-        with torch.no_grad(), _eval_with_grad(self.model), torch.no_grad(), _eager(self.model, self.kind != "deformable" or bool(enc_readers)):
+        with _eval_with_grad(self.model), torch.no_grad(), _eager(self.model, self.kind != "deformable" or bool(enc_readers)):
             with self._grid_watch(), contextlib.ExitStack() as stack:
                 for reader in [*readers.values(), *enc_readers.values()]:
                     stack.enter_context(reader)

@@ -86,7 +86,7 @@ class GradCAMCallback(ProbeCallback):
     threshold" and left out of every true-positive metric, drift and gate. An overlay
     without any map shows the image untinted, captioned "no detection explained".
 
-    On a torchvision two-stage detector with ``method="gradcam"`` or ``"elementwise"`` and a
+    On a torchvision two-stage detector with ``method="gradcam"``, ``"elementwise"`` or ``"layercam"`` and a
     per-detection-level layer (the default ``"features"``), the probe images the validation
     loop ran need no forward of the callback's own: the detections, proposals and FPN maps
     of the validation forward feed the one-backward RoI path
@@ -95,7 +95,8 @@ class GradCAMCallback(ProbeCallback):
     did not run, get the callback's forward (see :class:`~detlens.callbacks.base.ProbeCallback`).
 
     Args:
-        method: ``"gradcam"``, ``"elementwise"`` (gradient x activation), ``"eigencam"``,
+        method: ``"gradcam"``, ``"elementwise"`` (gradient x activation), ``"layercam"`` (positive
+            gradients x activation), ``"eigencam"``,
             ``"input_gradient"`` or ``"drise"`` (black box: ``num_masks`` forwards per image).
         layer: target layer (``None``: the adapter's default, e.g. ``"features"`` = each
             detection's own FPN level on torchvision detectors). Checked at ``setup``; an
@@ -182,7 +183,7 @@ class GradCAMCallback(ProbeCallback):
     # ------------------------------------------------------------------ checks and state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         adapter = self.detector_adapter(pl_module)  # TypeError for a model detlens has no adapter for
-        if self.method in ("gradcam", "elementwise", "eigencam"):
+        if self.method in ("gradcam", "elementwise", "layercam", "eigencam"):
             self._layer_in_use = self.layer if self.layer is not None else adapter.default_layer()
             adapter.resolve_layers([self._layer_in_use])  # ValueError listing the closest names
         super().setup(trainer, pl_module, stage)
@@ -234,7 +235,7 @@ class GradCAMCallback(ProbeCallback):
         # Gradient maps on a two-stage detector's per-detection FPN level (the default layer)
         # need no forward of their own: the RoI fast path runs on the validation forward's
         # feature maps and proposals (detlens.adapters.two_stage.RoIReplay).
-        return self.method in ("gradcam", "elementwise")
+        return self.method in ("gradcam", "elementwise", "layercam")
 
     def validation_observer(self, pl_module: pl.LightningModule) -> ForwardObserver | None:
         adapter = self.detector_adapter(pl_module)

@@ -34,9 +34,10 @@ __all__ = [
     "METHODS", "Explanation", "Method", "box_focus", "explain", "focus_summary", "gradcam_explanations", "peak_values",
 ]
 
-Method = Literal["gradcam", "elementwise", "eigencam", "input_gradient", "feature_grid", "drise"]
+Method = Literal["gradcam", "elementwise", "layercam", "eigencam", "input_gradient", "feature_grid", "drise"]
 METHODS: tuple[str, ...] = get_args(Method)
-_NEEDS_LAYER = {"gradcam", "elementwise", "eigencam", "feature_grid"}
+_NEEDS_LAYER = {"gradcam", "elementwise", "layercam", "eigencam", "feature_grid"}
+_GRADIENT_CAMS = ("gradcam", "elementwise", "layercam")
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def explain(
         images: ``B`` images ``FloatTensor[C, H, W]`` (``C`` 1 or 3, values in ``[0, 1]``),
             or a batch ``[B, C, H, W]``.
         method: ``"gradcam"`` (channel-mean gradients), ``"elementwise"`` (gradient x
-            activation, HiResCAM/ODAM), ``"eigencam"``, ``"input_gradient"``,
+            activation, HiResCAM/ODAM), ``"layercam"`` (positive gradients x activation,
+            element-wise), ``"eigencam"``, ``"input_gradient"``,
             ``"feature_grid"`` (top channels of ``layer``) or ``"drise"`` (black box,
             ``num_masks`` forwards per image).
         layer: target layer; ``None`` -> the adapter's default (``adapter.layer_names()``
@@ -126,11 +128,11 @@ def explain(
     if method not in _NEEDS_LAYER:
         layer = None
     layers = [layer] if layer is not None else []
-    with_grad = method in ("gradcam", "elementwise", "input_gradient")
+    with_grad = method in (*_GRADIENT_CAMS, "input_gradient")
     inputs = prepare_images(images)
     output = ad.run(inputs, layers, top_k=top_k, score_threshold=score_threshold, with_grad=with_grad)
     channels: list[Tensor | None] = [None] * len(inputs)
-    if method in ("gradcam", "elementwise"):
+    if method in _GRADIENT_CAMS:
         raw = gradcam(output, layer, target=target, weighting=method, fast=fast)  # type: ignore[arg-type]
     elif method == "eigencam":
         raw = eigencam(output, layer)  # type: ignore[arg-type]
@@ -152,7 +154,7 @@ def explain(
 def gradcam_explanations(
     output: AdapterOutput,
     layer: str,
-    method: Literal["gradcam", "elementwise"] = "gradcam",
+    method: Literal["gradcam", "elementwise", "layercam"] = "gradcam",
     target: Target = "class",
     fast: bool = True,
 ) -> list[Explanation]:
@@ -163,8 +165,8 @@ def gradcam_explanations(
     two-stage RoI fast path); ``layer`` one of its captured layers or a per-detection-level
     layer such as ``"features"``.
     """
-    if method not in ("gradcam", "elementwise"):
-        raise ValueError(f"method must be 'gradcam' or 'elementwise', got {method!r}")
+    if method not in _GRADIENT_CAMS:
+        raise ValueError(f"method must be one of {list(_GRADIENT_CAMS)}, got {method!r}")
     raw = gradcam(output, layer, target=target, weighting=method, fast=fast)
     return _explanations(output, raw, [None] * len(raw), method, layer, target)
 

@@ -48,8 +48,12 @@ def _principal_map(act: Tensor) -> Tensor:
 
 def eigencam(output: AdapterOutput, layer: str) -> list[Tensor]:
     """EigenCAM maps, per image ``FloatTensor[K, H, W]`` (one map per detection; detections
-    explained on the same layer share it). Needs no gradients (``with_grad=False`` is fine).
+    explained on the same layer share it; a fused layer takes the element-wise maximum of its
+    members' maps). Needs no gradients (``with_grad=False`` is fine).
     """
+    if layer in output.fused_layers:  # per member layer, element-wise maximum at image resolution
+        per_member = [eigencam(output, name) for name in output.fused_layers[layer]]
+        return [torch.stack(maps).amax(0) for maps in zip(*per_member)]
     result = []
     for i, det in enumerate(output.detections):
         names = detection_layers(output, layer, i)

@@ -1,4 +1,4 @@
-"""Per-detection Grad-CAM and element-wise gradient x activation (HiResCAM / ODAM style).
+"""Per-detection Grad-CAM, element-wise gradient x activation (HiResCAM / ODAM style) and LayerCAM.
 
 Both take an :class:`~detlens.adapters.AdapterOutput` (one forward already done) and
 return, per image, ``FloatTensor[K, H, W]`` raw maps (non-negative, the model's own
@@ -8,6 +8,8 @@ scale) at original-image resolution.
   mean of ``d score / d A_c`` (Selvaraju et al.).
 * ``weighting="elementwise"``: ``ReLU(sum_c (d score / d A_c) * A_c)`` per position
   (HiResCAM, Draelos & Collins; ODAM, Zhao et al.).
+* ``weighting="layercam"``: ``ReLU(sum_c ReLU(d score / d A_c) * A_c)`` per position
+  (LayerCAM, Jiang et al., 2021): only positive gradients weigh each position.
 
 ``target``: ``"class"`` explains the detection's class probability; ``"box"`` the four
 box coordinates (each map normalised by its maximum, then the element-wise max);
@@ -44,10 +46,11 @@ from detlens.adapters.base import AdapterOutput, Detections, unknown_layer_error
 
 from ._autograd import GRAD_MEMORY_BUDGET, looped_grads, per_output_grads
 
-__all__ = ["Target", "Weighting", "combine_targets", "detection_layers", "gradcam", "target_outputs"]
+__all__ = ["WEIGHTINGS", "Target", "Weighting", "combine_targets", "detection_layers", "gradcam", "target_outputs"]
 
 Target = Literal["class", "box", "both"]
-Weighting = Literal["gradcam", "elementwise"]
+Weighting = Literal["gradcam", "elementwise", "layercam"]
+WEIGHTINGS: tuple[str, ...] = ("gradcam", "elementwise", "layercam")
 
 _EPS = 1e-12
 
@@ -108,7 +111,9 @@ def _cam(grads: Tensor, acts: Tensor, weighting: Weighting) -> Tensor:
         return torch.einsum("rc,rchw->rhw", alpha, acts).clamp_min(0)
     if weighting == "elementwise":
         return (grads * acts).sum(1).clamp_min(0)
-    raise ValueError(f"weighting must be 'gradcam' or 'elementwise', got {weighting!r}")
+    if weighting == "layercam":
+        return (grads.clamp_min(0) * acts).sum(1).clamp_min(0)
+    raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
 
 
 def gradcam(
@@ -122,9 +127,11 @@ def gradcam(
 
     Args:
         output: an adapter run that captured ``layer`` (with gradients).
-        layer: a captured layer, or a per-detection-level layer such as ``"features"``.
+        layer: a captured layer, a per-detection-level layer such as ``"features"``, or a
+            fused layer (``output.fused_layers``, e.g. ``"neck_fused"``: every detection's map
+            on each member layer at image resolution, element-wise maximum).
         target: ``"class"``, ``"box"`` or ``"both"``.
-        weighting: ``"gradcam"`` (channel-mean gradients) or ``"elementwise"``.
+        weighting: ``"gradcam"`` (channel-mean gradients), ``"elementwise"`` or ``"layercam"``.
         fast: use the fast paths (module docstring); ``False`` runs the per-detection
             reference loop.
 
@@ -132,6 +139,8 @@ def gradcam(
         Per image ``FloatTensor[K, H, W]``: raw maps (>= 0, finite) at original size.
     """
     _target_outputs_check(target, weighting)
+    if layer in output.fused_layers:
+        return _fused(output, output.fused_layers[layer], target, weighting, fast)
     layers = [detection_layers(output, layer, i) for i in range(len(output.detections))]
     if fast and output.roi is not None and _roi_fast_applies(output, layers):
         return _two_stage_fast(output, layers, target, weighting)
@@ -141,8 +150,8 @@ def gradcam(
 def _target_outputs_check(target: str, weighting: str) -> None:
     if target not in ("class", "box", "both"):
         raise ValueError(f"target must be 'class', 'box' or 'both', got {target!r}")
-    if weighting not in ("gradcam", "elementwise"):
-        raise ValueError(f"weighting must be 'gradcam' or 'elementwise', got {weighting!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
 
 
 def _empty_maps(output: AdapterOutput) -> list[Tensor]:
@@ -181,6 +190,37 @@ def _from_graph(output: AdapterOutput, layers: list[list[str]], target: Target, 
                 sel = [k for k, (j, _) in enumerate(part) if j == i]
                 dets = torch.tensor([part[k][1] for k in sel])
                 result[i][dets] = output.to_image(cams[sel], i)
+    return result
+
+
+def _fused(output: AdapterOutput, members: list[str], target: Target, weighting: Weighting, fast: bool) -> list[Tensor]:
+    """Every detection on each member layer (one backward w.r.t. all of them), maps resampled
+    to the image, element-wise maximum over the members."""
+    result = _empty_maps(output)
+    missing = [n for n in members if n not in output.activations]
+    if missing:
+        raise ValueError(f"The fused layer needs {missing}, which were not captured; run the adapter with it.")
+    part_all = [(i, d) for i, det in enumerate(output.detections) for d in range(len(det))]
+    if not part_all:
+        return result
+    acts = [output.activations[n] for n in members]
+    outputs = [target_outputs(det, target) if len(det) else None for det in output.detections]
+    t = int(next(o for o in outputs if o is not None).shape[1])
+    chunk = max(1, GRAD_MEMORY_BUDGET // max(sum(a.numel() for a in acts) * 4 * t, 1))
+    grads_fn = per_output_grads if fast else looped_grads
+    for start in range(0, len(part_all), chunk):
+        part = part_all[start : start + chunk]
+        outs = torch.stack([outputs[i][d] for i, d in part])  # [n, T]
+        grads = grads_fn(outs.reshape(-1), acts)  # per member [n*T, B, C, h, w]
+        img = torch.tensor([i for i, _ in part for _ in range(t)], device=acts[0].device)
+        rows = torch.arange(len(img), device=acts[0].device)
+        for act, g_all in zip(acts, grads):
+            cams = _cam(g_all[rows, img].float(), act.detach()[img].float(), weighting)
+            cams = combine_targets(cams.reshape(len(part), t, *act.shape[-2:]), target)
+            for i in sorted({i for i, _ in part}):
+                sel = [k for k, (j, _) in enumerate(part) if j == i]
+                dets = torch.tensor([part[k][1] for k in sel])
+                result[i][dets] = torch.maximum(result[i][dets], output.to_image(cams[sel], i).cpu())
     return result
 
 
@@ -278,6 +318,8 @@ def _roi_cams(
         out = torch.einsum("ntc,chw->nthw", alpha, feat).clamp_min(0)
     else:
         crops = feat[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # [n, C, ch, cw]
+        if weighting == "layercam":
+            grad = grad.clamp_min(0)
         local_maps = (grad * crops[:, None]).sum(2).clamp_min(0)  # [n, T, ch, cw]
         k = torch.arange(n)[:, None, None, None]
         tt = torch.arange(t)[None, :, None, None]

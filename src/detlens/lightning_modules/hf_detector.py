@@ -149,7 +149,9 @@ class HFDetector(DetectionModule):
         num_classes: ``C``; labels ``1..C``.
         config: overrides of the small config's fields (e.g. ``{"num_queries": 50}``).
         pretrained_path: a local folder written by ``save_pretrained``: the model is loaded
-            from it (``architecture`` and ``config`` are then ignored; nothing is downloaded).
+            from it (``architecture`` and ``config`` are then ignored; nothing is downloaded),
+            its trunk frozen where ``transformers`` freezes it. Built from a config (random
+            weights) every parameter trains.
         attn_implementation: ``"eager"`` (default: attention weights readable by
             detlens' attention callbacks) or ``"sdpa"``.
         score_thresh: minimum class probability of an eval-mode detection.
@@ -188,6 +190,10 @@ class HFDetector(DetectionModule):
             )
         else:
             self.model = build_hf_detector(architecture, num_classes + 1, config, attn_implementation)
+            # DETR / Deformable DETR freeze their trunk's early stages, assuming pretrained weights;
+            # a trunk with random weights must learn.
+            for parameter in self.model.parameters():
+                parameter.requires_grad_(True)
         self.score_thresh = float(score_thresh)
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
