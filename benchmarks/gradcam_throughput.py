@@ -59,6 +59,8 @@ def build(name: str, size: int) -> tuple[torch.nn.Module, str, str]:
 
         trunk = ResNetConfig(out_features=["stage4"] if name == "hf_detr_r50" else ["stage2", "stage3", "stage4"])
         net = build_hf_detector("detr" if name == "hf_detr_r50" else "deformable_detr", 21, dict(base, backbone_config=trunk))
+        for parameter in net.parameters():  # as HFDetector trains it (transformers freezes a pretrained trunk):
+            parameter.requires_grad_(True)  # pytorch-grad-cam needs the target layer's output to require grad
         layer = "model.backbone.model.encoder.stages.3"
         return net.eval(), layer, layer
     if name == "yolov8n":
