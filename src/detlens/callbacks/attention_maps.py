@@ -110,8 +110,8 @@ class _Plan:
     rollout: list[str]  # encoder self-attention modules, first layer first ([] = no rollout)
     last_decoder: str | None  # cross-attention the rollout starts from
     spatial: list[str]  # probe-protocol modules
-    levels: dict[str, str] = field(default_factory=dict)  # feature level -> the spatial block on it
     grid_layer: str | None  # DETR: module whose output is the [B, D, Hf, Wf] token grid
+    levels: dict[str, str] = field(default_factory=dict)  # feature level -> the spatial block on it
 
 
 class AttentionMapCallback(ProbeCallback):
