@@ -1,6 +1,9 @@
-"""Cost of attention monitoring on detlens' DETR and on transformers' Deformable DETR.
+"""Cost of attention monitoring on detlens' DETR, the FPN-attention Faster R-CNN and transformers' Deformable DETR.
 
-1. Training-step time with and without ``EntropyMonitor`` armed. Plain and armed steps
+1. Training-step time with and without ``EntropyMonitor`` armed, for the DETR and for the
+   Faster R-CNN of ``configs/fasterrcnn_fpn_attention_synthetic.yaml`` (a
+   ``SpatialSelfAttention`` with a learnable temperature on every FPN level; entropy is read
+   every 10 steps there). Plain and armed steps
    are interleaved (same batch, same weights: optimizer off) and the medians compared,
    which is far less noisy on a shared machine than two separate runs. The overhead at a
    cadence of one armed step every ``n`` is ``(t_armed - t_plain) / (n * t_plain)``.
@@ -8,7 +11,8 @@
    per-detection cross-attention maps, rollout maps and encoder point maps, vs a plain
    forward.
 
-Run: ``python benchmarks/attention_overhead.py [--image-size 320 --steps 12 ...]``.
+Run: ``python benchmarks/attention_overhead.py [--model detr|fpn_attention|all] [--image-size 320 --steps 12 ...]``;
+``--quick`` is a smoke run (small images, few steps: proves the script works, its figures mean little).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from detlens.explainers.rollout import (
     transformer_attention_names,
 )
 from detlens.lightning_modules.detr import DETRNet
+from detlens.lightning_modules.torchvision_detector import build_torchvision_detector
 
 
 def _net(args: argparse.Namespace) -> DETRNet:
@@ -53,22 +58,40 @@ def _targets(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def bench_training(args: argparse.Namespace) -> None:
-    net = _net(args).train()
+def _fpn_attention_net(args: argparse.Namespace) -> torch.nn.Module:
+    """The detector of ``configs/fasterrcnn_fpn_attention_synthetic.yaml`` (3 classes)."""
+    torch.manual_seed(0)
+    return build_torchvision_detector(
+        "fasterrcnn_resnet18_fpn", 3, min_size=args.fpn_image_size, max_size=args.fpn_image_size,
+        returned_layers=[2, 3, 4], fpn_channels=64, anchor_sizes=[16, 32, 64, 128], attention_fpn_levels="all",
+        attention_temperature="learnable", attention_heads=2, rpn_proposals_train=300, rpn_proposals_test=150,
+        rpn_batch_size_per_image=128, box_batch_size_per_image=128, representation_size=256, detections_per_image=20,
+    )
+
+
+def bench_training(args: argparse.Namespace, model: str = "detr") -> None:
+    if model == "detr":
+        net, size, every = _net(args).train(), args.image_size, args.every
+        images = _images(args.batch, size, 0)
+    else:
+        net, size, every = _fpn_attention_net(args).train(), args.fpn_image_size, 10
+        g = torch.Generator().manual_seed(0)
+        images = [torch.rand(3, size, size, generator=g) for _ in range(args.batch)]
     monitor = EntropyMonitor(net)
-    images = _images(args.batch, args.image_size, 0)
     targets = _targets(images)
 
     def step(armed: bool) -> float:
         net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same proposal sampling in both kinds of step
         start = time.perf_counter()
         if armed:
             monitor.arm()
         loss = sum(net(images, targets).values())
+        if armed:
+            monitor.disarm()  # as AttentionEntropyCallback does: before backward
         loss.backward()
         if armed:
             monitor.collect()
-            monitor.disarm()
         return time.perf_counter() - start
 
     step(False), step(True)  # warm-up
@@ -78,11 +101,11 @@ def bench_training(args: argparse.Namespace) -> None:
         armed.append(step(True))
     t_plain, t_armed = statistics.median(plain), statistics.median(armed)
     extra = (t_armed - t_plain) / t_plain
-    print(f"training step, batch {args.batch} x {args.image_size}px, {len(monitor.names)} attention modules")
+    print(f"{model} training step, batch {args.batch} x {size}px, {len(monitor.names)} attention modules")
     print(f"  plain step        {t_plain * 1e3:8.1f} ms (median of {args.steps})")
     print(f"  armed every step  {t_armed * 1e3:8.1f} ms  -> overhead {100 * extra:+.2f}%")
-    for every in (args.every, 10):
-        print(f"  armed every {every:<3d}    overhead {100 * extra / every:+.3f}% (amortised)")
+    for cadence in dict.fromkeys((every, 10)):
+        print(f"  armed every {cadence:<3d}    overhead {100 * extra / cadence:+.3f}% (amortised)")
 
 
 def bench_hf_deformable_training(args: argparse.Namespace) -> None:
@@ -176,17 +199,27 @@ def main() -> None:
     parser.add_argument("--detections", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", choices=["detr", "fpn_attention", "hf_deformable_detr", "all"], default="all")
+    parser.add_argument("--fpn-image-size", type=int, default=160, help="the FPN-attention config's image size")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 steps")
     args = parser.parse_args()
+    if args.quick:
+        args.image_size, args.fpn_image_size, args.hidden_dim, args.layers = 96, 96, 32, 1
+        args.queries, args.steps, args.probe_images, args.repeats = 10, 2, 2, 1
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} CPU threads")
-    bench_training(args)
-    bench_maps(args)
-    try:
-        import transformers  # noqa: F401 - the hf extra
-    except ImportError:
-        print("transformers not installed (pip install 'detlens[hf]'): Deformable DETR rows skipped")
-    else:
-        bench_hf_deformable_training(args)
+    print(f"torch {torch.__version__}, {args.threads} CPU threads" + (" (--quick: a smoke run)" if args.quick else ""))
+    if args.model in ("detr", "all"):
+        bench_training(args, "detr")
+        bench_maps(args)
+    if args.model in ("fpn_attention", "all"):
+        bench_training(args, "fpn_attention")
+    if args.model in ("hf_deformable_detr", "all"):
+        try:
+            import transformers  # noqa: F401 - the hf extra
+        except ImportError:
+            print("transformers not installed (pip install 'detlens[hf]'): Deformable DETR rows skipped")
+        else:
+            bench_hf_deformable_training(args)
 
 
 if __name__ == "__main__":

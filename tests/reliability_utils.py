@@ -58,6 +58,14 @@ def faster_rcnn(dm: SyntheticDataModule, attention_stage: str | None = "layer3",
     return TorchvisionDetector("fasterrcnn_resnet18_fpn", **kwargs)
 
 
+def faster_rcnn_fpn_attention(dm: SyntheticDataModule, **overrides: Any) -> TorchvisionDetector:
+    """:func:`faster_rcnn` with an attention block on every FPN level instead of after ``layer3``,
+    each with a learnable softmax temperature."""
+    kwargs: dict[str, Any] = dict(attention_fpn_levels="all", attention_temperature="learnable")
+    kwargs.update(overrides)
+    return faster_rcnn(dm, attention_stage=None, **kwargs)
+
+
 def tiny_detr(dm: SyntheticDataModule, **overrides: Any) -> DETR:
     """DETR with a ResNet-18 stage-3 backbone, 1 encoder and 2 decoder layers of width 32.
 

@@ -9,8 +9,9 @@ attention-entropy reading of every training forward) and a fit with none, same s
 * the global random streams (torch CPU, numpy, Python ``random``), which dropout, the
   sampler's shuffling and user code draw from.
 
-On a Faster R-CNN with a spatial attention block and on a DETR with dropout on, with and
-without gradient accumulation, in one process and under 2-process CPU DDP.
+On a Faster R-CNN with a spatial attention block, one with a block on every FPN level
+(learnable temperatures), and on a DETR with dropout on, with and without gradient
+accumulation, in one process and under 2-process CPU DDP.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from reliability_utils import (
     differing_leaves,
     every_callback,
     faster_rcnn,
+    faster_rcnn_fpn_attention,
     hf_detector,
     quiet_trainer,
     rng_state,
@@ -91,6 +93,7 @@ CASES = [
     pytest.param(faster_rcnn, 1, id="faster_rcnn+attention"),
     pytest.param(tiny_detr, 1, id="detr"),
     pytest.param(faster_rcnn, 2, id="faster_rcnn+attention-accumulate2"),
+    pytest.param(faster_rcnn_fpn_attention, 1, id="faster_rcnn+fpn_attention+learnable_temperature"),
     pytest.param(tiny_detr, 2, id="detr-accumulate2"),
     pytest.param(hf_detector("detr"), 1, id="hf-detr", marks=NEEDS_HF),
     pytest.param(hf_detector("deformable_detr"), 1, id="hf-deformable-detr", marks=NEEDS_HF),

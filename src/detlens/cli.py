@@ -209,6 +209,8 @@ def focus_command(argv: list[str]) -> int:
     console.print(f"detlens compare: {baseline.name} -> {candidate.name}: {summary}; report: {out}")
     for check in comparison.checks:
         console.print(f"  {check.summary()}: {check.verdict}")
+    for block, (ta, tb) in comparison.temperatures.items():
+        console.print(f"  attention temperature {block}: {ta:.4g} -> {tb:.4g}")
     verdict = comparison.verdict
     if verdict == "pass":
         console.print("[green]PASS[/green]: focus within thresholds" + ("" if comparison.checks else " (no threshold set)"))

@@ -28,13 +28,23 @@ Two sources, one set of stable keys (``<log_key>`` defaults to ``attention``):
   ``<log_key>/entropy_probe/<layer>/head<i>`` and ``<log_key>/entropy_heatmap`` (a layer x
   head image).
 
+Learnable temperatures: every watched block whose softmax temperature trains
+(``SpatialSelfAttention(temperature="learnable")``: ``learnable_temperature`` and
+``temperature`` of the probe protocol) has its ``T`` logged as
+``<log_key>/temperature/<block>`` with the training readings (the probe readings when
+``every_n_train_steps`` is ``None``), read from the parameter on rank 0 (DDP keeps it equal
+on every rank), and written into the focus record's entropy entries.
+
 Collapse: a :class:`~detlens.explainers.entropy.CollapseDetector` watches the training
-entropies (the probe entropies when ``every_n_train_steps`` is ``None``). When a
-layer/head falls by more than ``drop_fraction`` of its maximum within ``window`` readings
-it warns in the log, sends a ``wandb.alert`` if the W&B run is online (never offline or
-disabled), and logs ``<log_key>/collapse`` (1 while any head is flagged, else 0) and
-``<log_key>/collapsed_heads`` (how many) with every reading. Its history is in the
-callback's ``state_dict``, so a resumed run keeps watching the same window.
+entropies (the probe entropies when ``every_n_train_steps`` is ``None``) and the learnable
+temperatures. When a layer/head's entropy, or a block's temperature (``T`` running towards
+0 sharpens every row: an early sign of collapse), falls by more than ``drop_fraction`` of
+its maximum within ``window`` readings it warns in the log, sends a ``wandb.alert`` if the
+W&B run is online (never offline or disabled), and logs ``<log_key>/collapse`` (1 while
+any head or temperature is flagged, else 0), ``<log_key>/collapsed_heads`` (how many
+heads) and, with learnable temperatures, ``<log_key>/collapsed_temperatures`` with every
+reading. Its history is in the callback's ``state_dict``, so a resumed run keeps watching
+the same window.
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ from detlens.sinks.online import is_online
 __all__ = ["AttentionEntropyCallback"]
 
 Sums = dict[str, tuple[Tensor, Tensor]]  # module name -> (entropy sum [heads], row count [])
+_TEMPERATURE = "temperature/"  # collapse-detector keys of learnable temperatures
 
 
 class AttentionEntropyCallback(ProbeCallback):
@@ -144,6 +155,7 @@ class AttentionEntropyCallback(ProbeCallback):
         self._train_monitor: EntropyMonitor | None = None
         self._probe_monitor: EntropyMonitor | None = None
         self._display: dict[str, str] = {}  # module name in the LightningModule -> name in logs
+        self._temperature_blocks: dict[str, nn.Module] = {}  # name in logs -> block with a learnable temperature
         self._armed_step: int | None = None
         self._last_train_step = -1
 
@@ -177,6 +189,18 @@ class AttentionEntropyCallback(ProbeCallback):
         self._probe_monitor = EntropyMonitor(pl_module, watched)
         strip = "model." if isinstance(getattr(pl_module, "model", None), nn.Module) else ""
         self._display = {n: n[len(strip):] if strip and n.startswith(strip) else n for n in watched}
+        self._temperature_blocks = {
+            self._display[n]: m for n, m in readable.items() if getattr(m, "learnable_temperature", False) is True
+        }
+
+    @property
+    def temperature_blocks(self) -> list[str]:
+        """The watched blocks with a learnable temperature, as named in the log keys."""
+        return list(self._temperature_blocks)
+
+    def temperatures(self) -> dict[str, float]:
+        """Each learnable temperature's current ``T`` by block name (in the log keys)."""
+        return {name: float(block.temperature) for name, block in self._temperature_blocks.items()}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._disarm_all()
@@ -248,11 +272,13 @@ class AttentionEntropyCallback(ProbeCallback):
         entropies = self._mean(gathered)
         if not entropies:
             return
+        temperatures = self.temperatures()
         scalars = entropy_metrics(entropies, prefix=self.key("entropy"))
+        scalars.update({self.key(f"temperature/{name}"): t for name, t in temperatures.items()})
         if self.every_n_train_steps is not None:
-            scalars.update(self._watch_collapse(trainer, step, entropies))
+            scalars.update(self._watch_collapse(trainer, step, entropies, temperatures))
         log_media(trainer, scalars=scalars, step=step)
-        record_entropy(self, trainer, entropies, origin="train", step=step)  # detlens focus record
+        record_entropy(self, trainer, entropies, origin="train", step=step, temperatures=temperatures)  # focus record
 
     # ------------------------------------------------------------------ probe set
     def _probe_monitor_of(self, pl_module: pl.LightningModule) -> EntropyMonitor:
@@ -296,9 +322,11 @@ class AttentionEntropyCallback(ProbeCallback):
         if not entropies:
             return
         step = self.model_step(trainer)
+        temperatures = self.temperatures()
         scalars = entropy_metrics(entropies, prefix=self.key("entropy_probe"))
         if self.every_n_train_steps is None:
-            scalars.update(self._watch_collapse(trainer, step, entropies))
+            scalars.update({self.key(f"temperature/{name}"): t for name, t in temperatures.items()})
+            scalars.update(self._watch_collapse(trainer, step, entropies, temperatures))
         title = f"attention entropy · probe set ({len(results)} images) · step {step}"
         caption = f"probe set, {len(results)} images · step {step}"
         # The matplotlib heatmap (~0.25 s) is drawn by detlens' media worker (process or thread).
@@ -307,7 +335,7 @@ class AttentionEntropyCallback(ProbeCallback):
             scalars=scalars,
         )
         log_media_later(trainer, build, step=step)
-        record_entropy(self, trainer, entropies, origin="probe", step=step)  # detlens focus record
+        record_entropy(self, trainer, entropies, origin="probe", step=step, temperatures=temperatures)  # focus record
 
     # ------------------------------------------------------------------ helpers (rank 0)
     def _mean(self, parts: list[Sums]) -> dict[str, Tensor]:
@@ -323,19 +351,28 @@ class AttentionEntropyCallback(ProbeCallback):
             if name in totals and totals[name][1] > 0
         }
 
-    def _watch_collapse(self, trainer: pl.Trainer, step: int, entropies: dict[str, Tensor]) -> dict[str, float]:
+    def _watch_collapse(
+        self, trainer: pl.Trainer, step: int, entropies: dict[str, Tensor], temperatures: dict[str, float]
+    ) -> dict[str, float]:
         values = {k.removeprefix(self.key("entropy") + "/"): v for k, v in entropy_metrics(entropies, self.key("entropy")).items()}
+        values.update({f"{_TEMPERATURE}{name}": t for name, t in temperatures.items()})
         for key in self.collapse.update(step, values):
             event = next(e for e in reversed(self.collapse.events) if e["key"] == key)
+            kind, name = ("temperature", key.removeprefix(_TEMPERATURE)) if key.startswith(_TEMPERATURE) else ("entropy", key)
             message = (
-                f"attention entropy collapse at step {step}: {key} fell to {event['value']:.3f} from "
+                f"attention {kind} collapse at step {step}: {name} fell to {event['value']:.3f} from "
                 f"{event['window_max']:.3f} within the last {self.collapse.window} readings "
                 f"(drop > {self.collapse.drop_fraction:.0%})"
             )
             rank_zero_warn(f"[detlens] {type(self).__name__}: {message}")
             if self.alert:
                 _alert_if_online(trainer, key, message)
-        return {self.key("collapse"): float(bool(self.collapse.flagged)), self.key("collapsed_heads"): float(len(self.collapse.flagged))}
+        flagged_t = sum(key.startswith(_TEMPERATURE) for key in self.collapse.flagged)
+        scalars = {self.key("collapse"): float(bool(self.collapse.flagged)),
+                   self.key("collapsed_heads"): float(len(self.collapse.flagged) - flagged_t)}
+        if self._temperature_blocks:
+            scalars[self.key("collapsed_temperatures")] = float(flagged_t)
+        return scalars
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -13,7 +13,12 @@ For a DETR (``detlens.lightning_modules.DETR`` or any network the DETR adapter a
 For a CNN detector with attention blocks that implement the attention probe protocol
 (``SpatialSelfAttention`` of ``TorchvisionDetector(attention_stage=...)``):
 
-* ``spatial/<block>``: the block's self-attention read at reference points.
+* ``spatial/<block>``: the block's self-attention read at reference points;
+* ``spatial/roi_level``: with blocks on feature-pyramid levels
+  (``TorchvisionDetector(attention_fpn_levels=...)``), each detection's map read from the
+  block of the level its RoI was pooled from (one-stage: its anchor's level) at its box
+  centre; ``spatial/<block>`` of those blocks (every detection on every level) with
+  ``per_level=True`` or grid reference points.
 
 Every overlay carries the detection's box and is logged under ``<log_key>/<map>``
 (default ``attention_maps/...``) as one list of images per key and event, probe image by
@@ -84,6 +89,8 @@ class AttentionMapResult:
             detection ``j``. ``(h, w)`` is the image size scaled to a longer side of at
             most 256 px (the renderer resizes it onto the image).
         point_maps: map key -> ``float32[P, h, w]``; row ``j`` belongs to ``points[j]``.
+        levels: ``K`` feature levels the detections were read from (``detection.level``;
+            the block of ``spatial/roi_level`` row ``j`` is the one on ``levels[j]``), or empty.
     """
 
     boxes: Tensor
@@ -92,6 +99,7 @@ class AttentionMapResult:
     points: Tensor
     detection_maps: dict[str, Tensor] = field(default_factory=dict)
     point_maps: dict[str, Tensor] = field(default_factory=dict)
+    levels: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,7 @@ class _Plan:
     spatial: list[str]  # probe-protocol modules
     grid_layer: str | None  # DETR: module whose output is the [B, D, Hf, Wf] token grid
     query_attention: bool = False  # read through the adapter's query_attention (transformers DETRs)
+    levels: dict[str, str] = field(default_factory=dict)  # feature level -> the spatial block on it
 
 
 class AttentionMapCallback(ProbeCallback):
@@ -120,7 +129,13 @@ class AttentionMapCallback(ProbeCallback):
     * ``<log_key>/rollout``, DETR decoder cross-attention through the encoder rollout;
     * ``<log_key>/spatial/<block>`` (and per head), attention-probe blocks at the
       reference points (``<block>`` is the module name in the network, e.g.
-      ``backbone.body.layer3_attention``).
+      ``backbone.body.layer3_attention``);
+    * ``<log_key>/spatial/roi_level`` (and per head), blocks on feature-pyramid levels
+      (``backbone.fpn_attention.<level>``): each detection's map from the block of the
+      level its RoI was pooled from, at its box centre (caption ``· level <l>``; a
+      detection whose level has no block gets an empty map). The per-level maps of those
+      blocks, ``spatial/backbone.fpn_attention.<level>``, come with ``per_level=True`` and
+      with grid reference points (which belong to no RoI).
 
     Maps are min-max scaled per overlay (they show where attention goes, not how much:
     compare heads and steps through the entropy callback's numbers).
@@ -137,6 +152,8 @@ class AttentionMapCallback(ProbeCallback):
             (a fixed ``grid_size x grid_size`` grid of points over each image), for the
             encoder and spatial maps.
         grid_size: points per side of the reference grid.
+        per_level: also draw every detection on every feature-pyramid level's block
+            (``spatial/<block>``), besides ``spatial/roi_level``.
         top_k: explain at most this many detections per image (highest scores).
         score_threshold: explain detections scoring above this.
         every_n_epochs, every_n_steps, num_probe_images, probe_indices, probe_dir, log_key, adapter,
@@ -157,6 +174,7 @@ class AttentionMapCallback(ProbeCallback):
         maps: list[MapKind] | None = None,
         reference_points: Literal["detections", "grid"] = "detections",
         grid_size: int = 3,
+        per_level: bool = False,
         top_k: int = 3,
         score_threshold: float = 0.0,
         every_n_epochs: int | None = 1,
@@ -207,6 +225,7 @@ class AttentionMapCallback(ProbeCallback):
         self.maps = maps
         self.reference_points = reference_points
         self.grid_size = grid_size
+        self.per_level = bool(per_level)
         self.top_k = top_k
         self.score_threshold = float(score_threshold)
         self._plan: _Plan | None = None
@@ -241,6 +260,10 @@ class AttentionMapCallback(ProbeCallback):
         names = transformer_attention_names(net)
         is_detr = isinstance(adapter, DetrAdapter)
         spatial = [n for n, m in named_modules(net) if hasattr(m, PROBE_FLAG)]
+        levels = {
+            str(level): n for n, m in named_modules(net)
+            if hasattr(m, PROBE_FLAG) and (level := getattr(m, "detlens_feature_level", None)) is not None
+        }
         available = {
             "decoder": bool(is_detr and names["decoder_cross"]),
             "encoder": bool(is_detr and names["encoder_self"]),
@@ -274,6 +297,7 @@ class AttentionMapCallback(ProbeCallback):
             rollout=rollout,
             last_decoder=names["decoder_cross"][-1] if "rollout" in wanted else None,
             spatial=spatial if "spatial" in wanted else [],
+            levels=levels if "spatial" in wanted else {},
             grid_layer="input_proj" if is_detr and (decoder or encoder or rollout) else None,
         )
 
@@ -423,10 +447,26 @@ class AttentionMapCallback(ProbeCallback):
             if plan.encoder is not None:
                 layer, name = plan.encoder
                 self._point_maps(put, f"encoder/layer{layer}", weights[name], refs, feature_size, map_sizes, padding, use_grid)
+        level_blocks = set(plan.levels.values())
+        by_roi_level = bool(level_blocks) and not use_grid
+        level_maps: dict[str, list[dict[str, Tensor]]] = {}  # block -> per image {map key suffix: [K, ...]}
         for name in plan.spatial:
             feature_size = grids[name]
             padding = _feature_padding_mask(geometry, feature_size)
-            self._point_maps(put, f"spatial/{name}", weights[name], refs, feature_size, map_sizes, padding, use_grid)
+            if name not in level_blocks or (use_grid or self.per_level):
+                self._point_maps(put, f"spatial/{name}", weights[name], refs, feature_size, map_sizes, padding, use_grid)
+            if name in level_blocks and by_roi_level:
+                level_maps[name] = [{} for _ in detections]
+
+                def keep(key: str, maps: list[Any], at_points: bool, block: str = name) -> None:
+                    for b, m in enumerate(maps):
+                        level_maps[block][b][key] = m.display.float().cpu()
+
+                self._point_maps(keep, "", weights[name], refs, feature_size, map_sizes, padding, False)
+        if by_roi_level:
+            for b, d in enumerate(detections):
+                for suffix, stitched in _stitch_levels(d.level, plan.levels, level_maps, b).items():
+                    per_image[b][0][f"spatial/roi_level{suffix}"] = stitched
 
         return [
             AttentionMapResult(
@@ -436,6 +476,7 @@ class AttentionMapCallback(ProbeCallback):
                 points=grid_points[b] if use_grid else torch.zeros(0, 2),
                 detection_maps=per_image[b][0],
                 point_maps=per_image[b][1],
+                levels=[str(level) for level in d.level] if by_roi_level else [],
             )
             for b, d in enumerate(detections)
         ]
@@ -472,7 +513,7 @@ class AttentionMapCallback(ProbeCallback):
             probes.append({
                 "image": image, "head": head, "step_text": step_text, "boxes": value.boxes, "scores": value.scores,
                 "labels": value.labels, "points": value.points, "detection_maps": value.detection_maps,
-                "point_maps": value.point_maps, "grid_size": self.grid_size,
+                "point_maps": value.point_maps, "grid_size": self.grid_size, "levels": value.levels,
             })
         # One overlay per map, drawn by detlens' media worker (detlens.render.media_jobs).
         build = functools.partial(
@@ -486,6 +527,27 @@ class _Head:
     """Quacks like ``AttentionMaps`` for ``put``: one head's display maps ``[N, h, w]``."""
 
     display: Tensor
+
+
+def _stitch_levels(
+    det_levels: list[str],
+    level_blocks: dict[str, str],
+    level_maps: dict[str, list[dict[str, Tensor]]],
+    image: int,
+) -> dict[str, Tensor]:
+    """Each detection's maps from the block on its own level: map key suffix (``""``, ``"/head<h>"``)
+    -> ``[K, (heads,) h, w]``, row ``j`` from the block on ``det_levels[j]`` (zeros without one)."""
+    suffixes = list(dict.fromkeys(k for maps in level_maps.values() for k in maps[image]))
+    out: dict[str, Tensor] = {}
+    for suffix in suffixes:
+        any_maps = next(maps[image][suffix] for maps in level_maps.values() if suffix in maps[image])
+        rows = []
+        for j, level in enumerate(det_levels):
+            block = level_blocks.get(str(level))
+            maps = level_maps.get(block, [{}] * (image + 1))[image].get(suffix) if block is not None else None
+            rows.append(maps[j] if maps is not None else any_maps.new_zeros(any_maps.shape[1:]))
+        out[suffix] = torch.stack(rows) if rows else any_maps.new_zeros((0, *any_maps.shape[1:]))
+    return out
 
 
 def _layer_index(layer: int, count: int, what: str, who: str) -> int:

@@ -152,10 +152,20 @@ def record_map_point(
     return point
 
 
-def record_entropy(callback: Any, trainer: pl.Trainer, entropies: Mapping[str, Tensor], *, origin: str, step: int) -> EntropyPoint:
-    """Records an attention-entropy reading ``{layer: FloatTensor[heads]}`` (``AttentionEntropyCallback``)."""
+def record_entropy(
+    callback: Any,
+    trainer: pl.Trainer,
+    entropies: Mapping[str, Tensor],
+    *,
+    origin: str,
+    step: int,
+    temperatures: Mapping[str, float] | None = None,
+) -> EntropyPoint:
+    """Records an attention-entropy reading ``{layer: FloatTensor[heads]}`` and the learnable
+    temperatures ``{block: T}`` read with it (``AttentionEntropyCallback``)."""
     point = EntropyPoint(callback.log_key, int(step), int(trainer.current_epoch), origin,
-                         {k: np.asarray(v.detach().float().cpu() if isinstance(v, Tensor) else v, np.float32).reshape(-1) for k, v in entropies.items()})
+                         {k: np.asarray(v.detach().float().cpu() if isinstance(v, Tensor) else v, np.float32).reshape(-1) for k, v in entropies.items()},
+                         {str(k): float(v) for k, v in (temperatures or {}).items()})
     _emit(trainer, point)
     return point
 

@@ -97,6 +97,8 @@ class Comparison:
         point_a, point_b: the compared map points (``None`` if a record has none).
         drift: map drift from baseline to candidate; entropy: attention-entropy drift
             (``None`` without entropy in both).
+        temperatures: learnable attention temperatures at the compared entropy readings,
+            ``{block: (baseline T, candidate T)}`` (NaN where a record has none for the block).
         metrics_a, metrics_b: :func:`~detlens.focus.drift.focus_metrics` of each point.
         checks: every gated metric with its count, interval and verdict.
         notes: reasons for "not enough evidence" that are not a metric (a record without
@@ -116,6 +118,7 @@ class Comparison:
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     thresholds: dict[str, float | None] = field(default_factory=dict)
+    temperatures: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def verdict(self) -> Verdict:
@@ -166,6 +169,8 @@ def compare_records(
     drift = point_drift(a, b, iou_threshold) if a is not None and b is not None else None
     ea, eb = baseline.entropy_points(), candidate.entropy_points()
     ent = entropy_drift(ea[-1], eb[-1]) if ea and eb else None
+    ta, tb = (ea[-1].temperatures if ea else {}), (eb[-1].temperatures if eb else {})
+    temperatures = {k: (ta.get(k, math.nan), tb.get(k, math.nan)) for k in dict.fromkeys([*ta, *tb])}
     names = {**baseline.class_names(), **candidate.class_names()}
     metrics_a = focus_metrics(a, names) if a is not None else {}
     metrics_b = focus_metrics(b, names) if b is not None else {}
@@ -180,6 +185,7 @@ def compare_records(
         metrics_a=metrics_a, metrics_b=metrics_b, checks=checks, notes=notes,
         thresholds={"max_drift": max_drift, "min_energy_in_box": min_energy_in_box, "min_matched": min_matched,
                     "min_class_count": min_class_count},
+        temperatures=temperatures,
     )
 
 
@@ -192,6 +198,7 @@ class TrainingCurves:
         metrics: ``{name: [value or NaN per point]}`` (:func:`focus_metrics` keys).
         drift_prev: drift of each point from the previous one (NaN for the first).
         entropy_steps, entropy: steps and ``{"<layer>/head<i>": [values]}`` of the entropy readings.
+        temperature: ``{block: [T per entropy reading]}`` of learnable attention temperatures.
     """
 
     steps: list[int]
@@ -199,6 +206,7 @@ class TrainingCurves:
     drift_prev: list[float]
     entropy_steps: list[int]
     entropy: dict[str, list[float]]
+    temperature: dict[str, list[float]] = field(default_factory=dict)
 
 
 def training_curves(record: FocusRecord, log_key: str | None = None, iou_threshold: float = 0.5) -> TrainingCurves:
@@ -218,4 +226,6 @@ def training_curves(record: FocusRecord, log_key: str | None = None, iou_thresho
         drift_prev=drift_prev[: len(points)],
         entropy_steps=[p.step for p in entropy_points],
         entropy={h: [f.get(h, math.nan) for f in flat] for h in heads},
+        temperature={b: [p.temperatures.get(b, math.nan) for p in entropy_points]
+                     for b in dict.fromkeys(b for p in entropy_points for b in p.temperatures)},
     )

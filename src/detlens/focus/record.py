@@ -35,7 +35,9 @@ entry up to the last complete line and flags ``truncated``.
     truth), and optionally ``below_threshold`` bool ``[K]`` (best guesses shown below the
     score threshold; absent in older records: all ``False``).
   - ``"entropy"``: ``origin`` (``"probe"`` or ``"train"``) and ``entropies``:
-    ``{layer: float32 [heads]}``, normalised entropy (1 = uniform attention).
+    ``{layer: float32 [heads]}``, normalised entropy (1 = uniform attention); optionally
+    ``temperatures``: ``{block: float}``, the learnable softmax temperatures at that reading
+    (absent in older records and for models without one: ``{}``).
   - ``"embedding"``: ``method``, ``coords`` float32 ``[N, 2]``, ``labels`` int64 ``[N]``,
     ``outcomes`` (``N`` strings, ``"tp"`` or an FP kind), ``probe_index`` int64 ``[N]``,
     ``trustworthiness``, ``silhouette`` (floats or null), ``class_names``.
@@ -299,7 +301,8 @@ class EntropyPoint:
     """Attention entropy per layer and head at one reading (entry kind ``"entropy"``).
 
     ``entropies``: ``{layer: float32[heads]}``; ``origin``: ``"probe"`` (probe set, eval
-    mode) or ``"train"`` (the training forward).
+    mode) or ``"train"`` (the training forward); ``temperatures``: ``{block: T}`` of the
+    blocks with a learnable softmax temperature (empty without).
     """
 
     log_key: str
@@ -307,19 +310,24 @@ class EntropyPoint:
     epoch: int
     origin: str
     entropies: dict[str, np.ndarray]
+    temperatures: dict[str, float] = field(default_factory=dict)
 
     kind = "entropy"
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "kind": self.kind, "log_key": self.log_key, "step": self.step, "epoch": self.epoch, "origin": self.origin,
             "entropies": {k: _encode(v, "float32") for k, v in self.entropies.items()},
         }
+        if self.temperatures:  # optional: older readers skip it
+            out["temperatures"] = {k: float(v) for k, v in self.temperatures.items()}
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> EntropyPoint:
         return cls(log_key=obj["log_key"], step=int(obj["step"]), epoch=int(obj["epoch"]), origin=obj.get("origin", "probe"),
-                   entropies={k: _decode(v) for k, v in obj["entropies"].items()})
+                   entropies={k: _decode(v) for k, v in obj["entropies"].items()},
+                   temperatures={str(k): float(v) for k, v in (obj.get("temperatures") or {}).items()})
 
     def flat(self) -> dict[str, float]:
         """``{"<layer>/head<i>": entropy}``."""

@@ -166,6 +166,21 @@ def _entropy_chart(curves: TrainingCurves, title: str) -> str | None:
     return _figure_png(fig)
 
 
+def _temperature_chart(curves: TrainingCurves, title: str) -> str | None:
+    if not curves.entropy_steps or not curves.temperature:
+        return None
+    fig = Figure(figsize=(8.0, 3.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for block, values in curves.temperature.items():
+        ax.plot(curves.entropy_steps, values, marker="o", ms=3, lw=1.2, label=block)
+    ax.set_ylabel("softmax temperature T", fontsize=8)
+    _step_axis(ax, curves.entropy_steps)
+    ax.legend(fontsize=7, frameon=False, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
 def _common_prefix(names: Sequence[str]) -> str:
     """The longest common prefix of ``names`` that ends at a ``/`` or ``.`` (``""`` for one name)."""
     if len(names) < 2:
@@ -248,6 +263,9 @@ def _training_section(records: Sequence[FocusRecord], log_key: str | None, track
         ent = _entropy_chart(curves, f"{record.name}: attention entropy per layer/head ({'probe set' if any(p.origin == 'probe' for p in record.entropy) else 'training batches'})")
         if ent:
             entropy.append(_img(ent, f"attention entropy of {record.name}"))
+        temperature = _temperature_chart(curves, f"{record.name}: learnable attention temperatures")
+        if temperature:
+            entropy.append(_img(temperature, f"attention temperatures of {record.name}"))
     body.append("</div>")
     if entropy:
         body += ["<h2>Attention entropy</h2>", "<div class=\"charts\">", *entropy, "</div>"]
@@ -352,6 +370,8 @@ def render_comparison_report(comparison: Comparison, track: Track = _no_progress
                   + (f" ({d.match_rate:.0%})" if math.isfinite(d.match_rate) else " (no detections to match)"))]
     if c.entropy is not None:
         rows += [("attention-entropy drift (mean |ΔH|)", _fmt(c.entropy.mean)), ("attention-entropy drift (max |ΔH|)", _fmt(c.entropy.max))]
+    for block, (ta, tb) in c.temperatures.items():
+        rows.append((f"attention temperature {block} (baseline → candidate)", f"{_fmt(ta)} → {_fmt(tb)}"))
     if rows:
         body += ["<h2>Drift from the baseline</h2>", "<table>" + "".join(
             f"<tr><td class=\"name\">{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>"]

@@ -10,7 +10,11 @@ Module names follow torchvision's, so torchvision detection checkpoints load:
 ``backbone.body.<stage>`` (``conv1``, ``layer1``..``layer4`` for ResNet; ``0``..``16``
 for MobileNet-v3 features) and ``backbone.fpn``. The attention block, when asked for,
 is ``backbone.body.<stage>_attention`` and its output (not the stage's) feeds both the
-next stage and the FPN.
+next stage and the FPN. Attention blocks on FPN levels are ``backbone.fpn_attention.<level>``
+(``<level>`` the key of the backbone's output dict: ``"0"``, ``"1"``, ..., ``"pool"`` or
+``"p6"``, ``"p7"``); each level's map attends over its own positions and replaces that
+level in the output. Without them the module tree (and so the state_dict) is the one
+earlier detlens versions built.
 """
 
 from __future__ import annotations
@@ -19,17 +23,25 @@ import difflib
 import math
 from collections import OrderedDict
 from functools import partial
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large, resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from detlens.lightning_modules.attention import SpatialSelfAttention
+from detlens.lightning_modules.attention import SpatialSelfAttention, TemperatureMode
 
-__all__ = ["NormName", "TrunkName", "build_fpn_backbone", "norm_layer", "valid_attention_stages"]
+__all__ = [
+    "BackboneWithFPNAttention",
+    "NormName",
+    "TrunkName",
+    "build_fpn_backbone",
+    "fpn_level_names",
+    "norm_layer",
+    "valid_attention_stages",
+]
 
 NormName = Literal["batch", "group", "frozen"]
 TrunkName = Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large"]
@@ -105,6 +117,38 @@ def valid_attention_stages(trunk_name: TrunkName, returned_stages: list[str]) ->
     return [str(i) for i in range(1, int(returned_stages[-1]) + 1)]
 
 
+class BackboneWithFPNAttention(BackboneWithFPN):
+    """``BackboneWithFPN`` with a :class:`SpatialSelfAttention` on some of its output levels.
+
+    ``forward(x[B,3,H,W]) -> OrderedDict[str, [B, C, h, w]]``: the FPN's levels, each level
+    named in ``fpn_attention`` replaced by its block's output (same shape). Every block is
+    an exact identity at initialisation (its residual gate is zero), so the outputs then
+    equal the plain ``BackboneWithFPN``'s bit for bit.
+    """
+
+    def __init__(self, *args: Any, fpn_attention: dict[str, SpatialSelfAttention], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fpn_attention = nn.ModuleDict(fpn_attention)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features = super().forward(x)
+        return OrderedDict(
+            (name, self.fpn_attention[name](level) if name in self.fpn_attention else level)
+            for name, level in features.items()
+        )
+
+
+def fpn_level_names(num_inputs: int, extra_blocks: ExtraFPNBlock | None) -> list[str]:
+    """The keys of a ``BackboneWithFPN``'s output dict, finest first: ``"0"`` .. ``str(n-1)``
+    for the trunk stages, then the extra block's (``"pool"``; ``"p6"``, ``"p7"``)."""
+    names = [str(i) for i in range(num_inputs)]
+    if extra_blocks is None or isinstance(extra_blocks, LastLevelMaxPool):
+        return names + ["pool"]
+    if isinstance(extra_blocks, LastLevelP6P7):
+        return names + ["p6", "p7"]
+    raise ValueError(f"unknown FPN extra block {type(extra_blocks).__name__}: its level names are not known")
+
+
 def build_fpn_backbone(
     trunk_name: TrunkName,
     *,
@@ -115,6 +159,8 @@ def build_fpn_backbone(
     fpn_channels: int = 256,
     attention_stage: str | None = None,
     attention_heads: int = 1,
+    attention_fpn_levels: list[str] | str | None = None,
+    attention_temperature: TemperatureMode = "fixed",
 ) -> BackboneWithFPN:
     """A trunk + FPN, optionally with a :class:`SpatialSelfAttention` after one stage.
 
@@ -129,11 +175,16 @@ def build_fpn_backbone(
         extra_blocks: FPN extra levels (``LastLevelMaxPool`` when ``None``).
         fpn_channels: FPN width (torchvision uses 256; smaller is much cheaper on CPU).
         attention_stage: stage name to follow with attention, e.g. ``"layer3"``.
-        attention_heads: heads of the attention block.
+        attention_heads: heads of every attention block.
+        attention_fpn_levels: FPN output levels followed by an attention block each
+            (``"all"``, or level names such as ``["0", "1"]``; see :func:`fpn_level_names`).
+        attention_temperature: ``"fixed"`` or ``"learnable"`` softmax temperature of every
+            attention block (:class:`SpatialSelfAttention`).
 
     Returns:
-        ``BackboneWithFPN``: ``forward(x[B,3,H,W]) -> OrderedDict[str, [B, fpn_channels, h, w]]``
-        with one entry per returned stage (finest first) plus the extra levels.
+        ``BackboneWithFPN`` (:class:`BackboneWithFPNAttention` with ``attention_fpn_levels``):
+        ``forward(x[B,3,H,W]) -> OrderedDict[str, [B, fpn_channels, h, w]]`` with one entry
+        per returned stage (finest first) plus the extra levels.
     """
     trunk, stages, channels, freeze_units = _stages(trunk_name, norm)
     if returned_layers is None:
@@ -166,15 +217,45 @@ def build_fpn_backbone(
         for name, module in trunk.named_children():
             modules[name] = module
             if name == attention_stage:
-                modules[block_name] = SpatialSelfAttention(channels[attention_stage], heads=attention_heads)
+                modules[block_name] = SpatialSelfAttention(
+                    channels[attention_stage], heads=attention_heads, temperature=attention_temperature
+                )
         trunk = nn.Sequential(modules)
         if attention_stage in return_layers:
             return_layers[block_name] = return_layers.pop(attention_stage)
 
-    return BackboneWithFPN(
-        trunk,
+    common = dict(
         return_layers=return_layers,
         in_channels_list=[channels[name] for name in returned],
         out_channels=fpn_channels,
         extra_blocks=extra_blocks,
     )
+    levels = _fpn_attention_levels(attention_fpn_levels, fpn_level_names(len(returned), extra_blocks))
+    if not levels:
+        return BackboneWithFPN(trunk, **common)
+    if fpn_channels % attention_heads:
+        raise ValueError(f"attention_heads={attention_heads} must divide fpn_channels={fpn_channels}")
+    blocks = {
+        level: SpatialSelfAttention(
+            fpn_channels, heads=attention_heads, temperature=attention_temperature, feature_level=level
+        )
+        for level in levels
+    }
+    return BackboneWithFPNAttention(trunk, fpn_attention=blocks, **common)
+
+
+def _fpn_attention_levels(wanted: list[str] | str | None, valid: list[str]) -> list[str]:
+    """``attention_fpn_levels`` as level names in pyramid order (finest first)."""
+    if wanted is None:
+        return []
+    if isinstance(wanted, str):
+        if wanted != "all":
+            raise ValueError(f"attention_fpn_levels must be 'all' or a list of FPN level names {valid}, got {wanted!r}")
+        return list(valid)
+    names = [str(w) for w in wanted]
+    if not names:
+        raise ValueError(f"attention_fpn_levels is empty; give FPN level names {valid}, 'all' or None")
+    unknown = [n for n in names if n not in valid]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"attention_fpn_levels {names}: unknown or repeated levels {unknown}; valid levels: {valid}")
+    return [v for v in valid if v in names]

@@ -12,6 +12,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from detlens.lightning_modules.attention import TemperatureMode
 from detlens.lightning_modules.backbones import NormName, TrunkName, build_fpn_backbone
 from detlens.lightning_modules.base import DetectionModule
 
@@ -69,6 +70,8 @@ def build_torchvision_detector(
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
     attention_stage: str | None = None,
     attention_heads: int = 1,
+    attention_fpn_levels: list[str] | Literal["all"] | None = None,
+    attention_temperature: TemperatureMode = "fixed",
     rpn_proposals_train: int = 2000,
     rpn_proposals_test: int = 1000,
     rpn_batch_size_per_image: int = 256,
@@ -106,6 +109,8 @@ def build_torchvision_detector(
         fpn_channels=fpn_channels,
         attention_stage=attention_stage,
         attention_heads=attention_heads,
+        attention_fpn_levels=attention_fpn_levels,
+        attention_temperature=attention_temperature,
     )
     num_fpn_inputs = len(backbone.fpn.inner_blocks)
     anchors = _anchor_generator(family, trunk, num_fpn_inputs + extra_levels, anchor_sizes, aspect_ratios)
@@ -147,7 +152,10 @@ class TorchvisionDetector(DetectionModule):
     ``self.model`` is the torchvision detector itself (``FasterRCNN``, ``RetinaNet`` or
     ``FCOS``), so torchvision tooling and checkpoints apply. Backbone modules keep
     torchvision's names (``model.backbone.body.layer3``, ``model.backbone.fpn``); the
-    optional attention block is ``model.backbone.body.<attention_stage>_attention``.
+    optional attention block is ``model.backbone.body.<attention_stage>_attention``, the
+    optional blocks on FPN levels ``model.backbone.fpn_attention.<level>``. Without the
+    attention options the module tree and state_dict are those of earlier versions, so
+    their checkpoints load unchanged.
 
     Args:
         architecture: detector family + trunk, e.g. ``"fasterrcnn_resnet18_fpn"``.
@@ -167,7 +175,16 @@ class TorchvisionDetector(DetectionModule):
         aspect_ratios: anchor height/width ratios (Faster R-CNN, RetinaNet).
         attention_stage: trunk stage followed by a :class:`SpatialSelfAttention`
             (e.g. ``"layer3"``); ``None`` for none. Unknown names raise with the valid list.
-        attention_heads: heads of that block.
+        attention_heads: heads of every attention block.
+        attention_fpn_levels: FPN levels followed by a :class:`SpatialSelfAttention` each,
+            attending over that level's own positions: ``"all"`` or level names (``"0"`` the
+            finest, ..., ``"pool"`` for Faster R-CNN; ``"p6"``, ``"p7"`` for RetinaNet/FCOS).
+            Memory grows with the square of a level's positions: level ``"0"`` has
+            ``(H/4) * (W/4)`` of them, so keep ``min_size`` small or skip the finest levels.
+        attention_temperature: ``"fixed"`` (softmax of ``q k^T / sqrt(d)``) or
+            ``"learnable"`` (``/ (sqrt(d) * T)`` with ``T = exp(log_temperature)`` trained,
+            starting at 1) for every attention block. Every block is an identity at
+            initialisation either way.
         rpn_proposals_train, rpn_proposals_test: RPN proposals kept before/after NMS
             (Faster R-CNN only).
         rpn_batch_size_per_image, box_batch_size_per_image: anchors / RoIs sampled per
@@ -194,6 +211,8 @@ class TorchvisionDetector(DetectionModule):
         aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
         attention_stage: str | None = None,
         attention_heads: int = 1,
+        attention_fpn_levels: list[str] | Literal["all"] | None = None,
+        attention_temperature: TemperatureMode = "fixed",
         rpn_proposals_train: int = 2000,
         rpn_proposals_test: int = 1000,
         rpn_batch_size_per_image: int = 256,
@@ -232,6 +251,8 @@ class TorchvisionDetector(DetectionModule):
             aspect_ratios=tuple(aspect_ratios),
             attention_stage=attention_stage,
             attention_heads=attention_heads,
+            attention_fpn_levels=attention_fpn_levels,
+            attention_temperature=attention_temperature,
             rpn_proposals_train=rpn_proposals_train,
             rpn_proposals_test=rpn_proposals_test,
             rpn_batch_size_per_image=rpn_batch_size_per_image,

@@ -99,7 +99,8 @@ def attention_map_media(
         probes: per image ``{"image": FloatTensor[3, H, W], "head": caption start,
             "step_text": "step N", "boxes", "scores", "labels", "points",
             "detection_maps": {map key: [K, h, w]}, "point_maps": {map key: [P, h, w]},
-            "grid_size": points per row of the mosaic}``.
+            "grid_size": points per row of the mosaic, "levels": the feature level of each
+            detection (optional, shown in the captions of ``spatial/roi_level`` maps)}``.
         keys: map key -> logged key (the callback's ``log_key`` prefix applied).
     """
     panels: dict[str, list[MediaImage]] = {}
@@ -116,6 +117,8 @@ def attention_map_media(
                 detail = f"det {j} {name} {score:.2f}"
                 if key.startswith(("encoder/", "spatial/")):
                     detail += " (from its box centre)"
+                if key.startswith("spatial/roi_level") and j < len(p.get("levels") or ()):
+                    detail += f" · level {p['levels'][j]}"
                 panels.setdefault(keys[key], []).append(MediaImage(pixels, caption=f"{head} · {detail} · {step_text}", file_type="jpg"))
         # Point maps: one mosaic per image and key (a 3x3 grid of every head was 36 W&B images
         # per probe image; one picture also shows at a glance how attention moves over the image).
