@@ -169,7 +169,7 @@ def test_stratified_sampling_keeps_rare_classes_and_proportions():
     assert torch.all(sample.indices[1:] > sample.indices[:-1])
     assert counts["dog"] >= 1 and counts["cat/fp"] >= 1, "rare classes stay visible"
     assert abs(counts["car"] - 900) <= 4 and abs(counts["bus"] - 99) <= 4  # 1 per class first, then shares
-    assert "1,000 of 10,003 rows, stratified by class (all 4 classes kept, seed 0)" == sample.description
+    assert sample.description == "1,000 of 10,003 rows, stratified by class (all 4 classes kept, seed 0)"
     assert torch.equal(sample_rows(len(keys), 1000, keys, seed=0).indices, sample.indices)
     assert sample_rows(50, max_rows=1000).description == "all 50 rows"
     uniform = sample_rows(5000, max_rows=10)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,7 @@ def focus_command(argv: list[str]) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
 
-        def track(items, description, work=None):  # type: ignore[no-untyped-def]
+        def track(items: Iterable[Any], description: str, work: Callable[[Any], Any] | None = None) -> Any:
             """Iterates ``items`` with a progress bar; with ``work``, returns ``[work(item), ...]``
             (the bar then advances as each item's work finishes, not before it starts)."""
             items = list(items)

@@ -63,7 +63,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from detlens.explainers.modules import named_modules
+from detlens.adapters.modules import named_modules
 
 __all__ = [
     "AdapterOutput",

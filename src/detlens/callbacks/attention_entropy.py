@@ -60,7 +60,7 @@ from detlens.explainers.attention import (
     find_attention_modules,
 )
 from detlens.explainers.entropy import CollapseDetector, entropy_metrics
-from detlens.explainers.modules import named_modules
+from detlens.adapters.modules import named_modules
 from detlens.render.media_jobs import entropy_heatmap_media
 from detlens.sinks import log_media, log_media_later
 from detlens.sinks.online import is_online

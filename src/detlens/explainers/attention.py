@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from detlens.explainers.entropy import entropy_sums
-from detlens.explainers.modules import named_modules
+from detlens.adapters.modules import named_modules
 
 __all__ = [
     "PROBE_FLAG",
@@ -373,7 +373,7 @@ class _HookSet:
         for handle in self._handles:
             try:
                 handle.remove()
-            except BaseException as exc:  # remove every hook and restore every flag before reporting
+            except BaseException as exc:  # noqa: BLE001  remove every hook and restore every flag before reporting
                 errors.append(exc)
         self._handles.clear()
         self._encoder_len.clear()

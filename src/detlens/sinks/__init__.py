@@ -5,7 +5,7 @@
 ``wandb_offline.read_offline_run`` reads a run back from disk.
 
 Names are imported on first use (PEP 562), so that detlens' media process, which imports
-``detlens.sinks.media`` and ``detlens.sinks.wandb_payload``, does not import Lightning.
+``detlens.render.media`` and ``detlens.sinks.wandb_payload``, does not import Lightning.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from detlens.sinks.fanout import flush_media, log_media, log_media_later
-    from detlens.sinks.media import Media, MediaImage, MediaTable
+    from detlens.render.media import Media, MediaImage, MediaTable
     from detlens.sinks.wandb_offline import OfflineRun, OfflineRunError, find_offline_runs, read_offline_run
 
 _HOMES = {
-    "Media": "detlens.sinks.media",
-    "MediaImage": "detlens.sinks.media",
-    "MediaTable": "detlens.sinks.media",
+    "Media": "detlens.render.media",
+    "MediaImage": "detlens.render.media",
+    "MediaTable": "detlens.render.media",
     "flush_media": "detlens.sinks.fanout",
     "log_media": "detlens.sinks.fanout",
     "log_media_later": "detlens.sinks.fanout",
