@@ -311,3 +311,22 @@ def test_thumbnail_is_a_square_crop_around_the_box_with_grey_outside_the_image()
     assert tuple(thumb[16, 16]) == (255, 0, 0) and tuple(thumb[16, 1]) == (255, 0, 0)
     assert tuple(thumb[1, 16]) == (128, 128, 128), "above the image: grey"
     assert tuple(thumb[30, 16]) == (0, 0, 0), "below the box, inside the image: the image"
+
+
+def test_without_numba_auto_takes_the_fft_schedule_from_10000_points_and_p3m_says_what_to_install(monkeypatch):
+    # numba is the optional `detlens[p3m]` extra: without it (`import numba` fails) a t-SNE of
+    # 10,000 points or more runs the FFT schedule, and asking for P3M names the extra.
+    monkeypatch.setitem(sys.modules, "numba", None)
+    monkeypatch.delitem(sys.modules, "detlens.explainers.tsne_p3m", raising=False)
+    from detlens.explainers.embeddings import p3m_available
+
+    assert not p3m_available()
+    x, _ = clusters(n_per_class=2_500, dims=8)  # 10,000 points
+    quick = {"seed": 0, "n_iter": 4, "early_exaggeration_iter": 4, "polish_iter": 2}
+    auto = tsne_2d(x, **quick)
+    assert auto.shape == (10_000, 2) and torch.isfinite(auto).all()
+    assert torch.equal(auto, tsne_2d(x, negative_gradient_method="fft", **quick))
+    with pytest.raises(ImportError, match=r"pip install 'detlens\[p3m\]'"):
+        tsne_2d(x, negative_gradient_method="p3m", **quick)
+    monkeypatch.undo()
+    assert p3m_available()  # numba is installed with the dev extra

@@ -60,6 +60,13 @@ class DetlensCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                _drop_anonymous(logger)
+        return trainer
+
     def after_fit(self) -> None:
         _print_run_locations(self.trainer)
 
@@ -68,6 +75,18 @@ class DetlensCLI(LightningCLI):
 
     def after_test(self) -> None:
         _print_run_locations(self.trainer)
+
+
+def _drop_anonymous(logger: WandbLogger) -> None:
+    """Stops Lightning's ``WandbLogger`` passing ``anonymous=None`` to ``wandb.init``.
+
+    wandb deprecated the setting and warns "The anonymous setting has no effect" whenever the
+    key is given, whatever its value; Lightning always gives it. Left out when unset, before
+    the run starts (the logger starts it on first use).
+    """
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
 
 
 def _print_run_locations(trainer: pl.Trainer) -> None:
