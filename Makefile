@@ -50,4 +50,4 @@ bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/gpu_suite.py --device cuda
 
 clean:
-	rm -rf $(VENV) wandb lightning_logs outputs data runs detlens .pytest_cache
+	rm -rf $(VENV) wandb lightning_logs outputs data runs detlens .pytest_cache .ruff_cache .import_linter_cache
