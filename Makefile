@@ -41,10 +41,14 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: chromium not found and apt-get unusable: the browser test of the report is skipped"; fi; }
 
+# `lint-imports` checks the layers (pyproject.toml, [tool.importlinter]) and `ruff check` the style
+# before any test runs.
 # The tests marked `numerics` (they train, or compare against a trained model's numbers) run a
 # second time on torch's portable kernels: another CPU picks other kernels and gets other
 # floats, and a test that only passes with this machine's kernels fails for the next person.
 test: $(STAMP) browser
+	$(BIN)/lint-imports
+	$(BIN)/ruff check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -m numerics $(PYTEST_ARGS)
 
@@ -56,4 +60,4 @@ bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/gpu_suite.py --device cuda
 
 clean:
-	rm -rf $(VENV) wandb lightning_logs outputs data runs detlens .pytest_cache
+	rm -rf $(VENV) wandb lightning_logs outputs data runs detlens .pytest_cache .ruff_cache .import_linter_cache

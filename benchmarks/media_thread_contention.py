@@ -46,7 +46,7 @@ def media_event(rng: np.random.Generator) -> None:
     from detlens.render.attention import entropy_heatmap
     from detlens.render.scatter import render_scatter
     from detlens.sinks.wandb_payload import remove_files, wandb_payload
-    from detlens.sinks.media import MediaImage
+    from detlens.render.media import MediaImage
 
     labels = rng.integers(1, 5, size=150)
     render_scatter(rng.normal(size=(150, 2)) * 10, labels, outcomes=["tp"] * 120 + ["fp"] * 30, method="tsne",

@@ -2,7 +2,8 @@
 the W&B box overlays (ground truth dashed, predictions solid) drawn into the pixels.
 
 W&B draws the boxes in its UI; a README or a slide needs them in the image. Reads the run
-with detlens's offline reader, so it works before (or without) ``wandb sync``.
+with the offline reader of detlens' tests (``tests/wandb_offline.py``), so it works before
+(or without) ``wandb sync``.
 
     .venv/bin/python scripts/readme_figure.py wandb/offline-run-... --key gradcam/probe \
         --images 4 --out docs/images/demo_gradcam.png
@@ -19,7 +20,9 @@ import cv2
 import numpy as np
 
 from detlens.render.boxes import draw_boxes
-from detlens.sinks import read_offline_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from wandb_offline import read_offline_run  # noqa: E402 - the tests' reader, found through the path above
 
 
 def _boxes(run_dir: Path, meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:

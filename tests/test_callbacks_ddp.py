@@ -17,7 +17,7 @@ import pytest
 from wandb_utils import finished_run, image_events
 
 from detlens.data import SyntheticDataModule
-from detlens.sinks import find_offline_runs
+from wandb_offline import find_offline_runs
 
 SCRIPT = textwrap.dedent(
     """

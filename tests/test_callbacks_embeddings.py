@@ -22,8 +22,8 @@ from wandb_utils import finished_run, image_events, newest_offline_run, scalar_h
 from detlens.callbacks.embeddings import TABLE_COLUMNS, BoxEmbeddingCallback
 from detlens.data import SyntheticDataModule
 from detlens.lightning_modules import TorchvisionDetector
-from detlens.sinks import find_offline_runs
-from detlens.sinks.wandb_offline import OfflineRun, read_records
+from wandb_offline import find_offline_runs
+from wandb_offline import OfflineRun, read_records
 
 pytestmark = pytest.mark.numerics  # trains or checks trained-model numbers: `make test` runs it twice
 

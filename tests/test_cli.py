@@ -19,7 +19,7 @@ from wandb_utils import finished_run, image_events, newest_offline_run, scalar_h
 
 from detlens.cli import build_cli
 from detlens.data.synthetic import TRAIN_ANN, VAL_ANN
-from detlens.sinks import find_offline_runs
+from wandb_offline import find_offline_runs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -57,7 +57,7 @@ def test_loaders_yield_the_contract_batches(synthetic: SyntheticDataModule) -> N
     assert len(images) == len(targets) == 4
     for image, target in zip(images, targets):
         assert image.shape == (3, 96, 96) and image.dtype == torch.float32
-        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert image.min() >= 0.0 and image.max() <= 1.0
         assert target["boxes"].dtype == torch.float32 and target["boxes"].shape[1] == 4
         assert target["labels"].dtype == torch.int64 and target["labels"].min() >= 1
         assert isinstance(target["image_id"], int) and target["file_name"].endswith(".png")

@@ -85,7 +85,7 @@ def test_every_object_gets_a_cue_with_p1_placed_off_every_object(scenes_with_cue
             assert all(cue is not None for cue in cues)
             for cue in cues:
                 assert not any(boxes_overlap(cue, a["bbox"]) for a in anns)
-                assert 0 <= cue[0] and cue[0] + cue[2] <= 96 and 0 <= cue[1] and cue[1] + cue[3] <= 96
+                assert cue[0] >= 0 and cue[0] + cue[2] <= 96 and cue[1] >= 0 and cue[1] + cue[3] <= 96
             assert not any(boxes_overlap(a, b) for i, a in enumerate(cues) for b in cues[i + 1 :])
         assert coco["info"]["cue_stats"]["cues_without_room"] == 0
 

@@ -169,7 +169,7 @@ def test_stratified_sampling_keeps_rare_classes_and_proportions():
     assert torch.all(sample.indices[1:] > sample.indices[:-1])
     assert counts["dog"] >= 1 and counts["cat/fp"] >= 1, "rare classes stay visible"
     assert abs(counts["car"] - 900) <= 4 and abs(counts["bus"] - 99) <= 4  # 1 per class first, then shares
-    assert "1,000 of 10,003 rows, stratified by class (all 4 classes kept, seed 0)" == sample.description
+    assert sample.description == "1,000 of 10,003 rows, stratified by class (all 4 classes kept, seed 0)"
     assert torch.equal(sample_rows(len(keys), 1000, keys, seed=0).indices, sample.indices)
     assert sample_rows(50, max_rows=1000).description == "all 50 rows"
     uniform = sample_rows(5000, max_rows=10)
@@ -311,3 +311,22 @@ def test_thumbnail_is_a_square_crop_around_the_box_with_grey_outside_the_image()
     assert tuple(thumb[16, 16]) == (255, 0, 0) and tuple(thumb[16, 1]) == (255, 0, 0)
     assert tuple(thumb[1, 16]) == (128, 128, 128), "above the image: grey"
     assert tuple(thumb[30, 16]) == (0, 0, 0), "below the box, inside the image: the image"
+
+
+def test_without_numba_auto_takes_the_fft_schedule_from_10000_points_and_p3m_says_what_to_install(monkeypatch):
+    # numba is the optional `detlens[p3m]` extra: without it (`import numba` fails) a t-SNE of
+    # 10,000 points or more runs the FFT schedule, and asking for P3M names the extra.
+    monkeypatch.setitem(sys.modules, "numba", None)
+    monkeypatch.delitem(sys.modules, "detlens.explainers.tsne_p3m", raising=False)
+    from detlens.explainers.embeddings import p3m_available
+
+    assert not p3m_available()
+    x, _ = clusters(n_per_class=2_500, dims=8)  # 10,000 points
+    quick = {"seed": 0, "n_iter": 4, "early_exaggeration_iter": 4, "polish_iter": 2}
+    auto = tsne_2d(x, **quick)
+    assert auto.shape == (10_000, 2) and torch.isfinite(auto).all()
+    assert torch.equal(auto, tsne_2d(x, negative_gradient_method="fft", **quick))
+    with pytest.raises(ImportError, match=r"pip install 'detlens\[p3m\]'"):
+        tsne_2d(x, negative_gradient_method="p3m", **quick)
+    monkeypatch.undo()
+    assert p3m_available()  # numba is installed with the dev extra

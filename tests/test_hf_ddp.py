@@ -12,10 +12,10 @@ import sys
 import textwrap
 
 import pytest
+from wandb_offline import find_offline_runs
 from wandb_utils import finished_run, image_events
 
 from detlens.data import SyntheticDataModule
-from detlens.sinks import find_offline_runs
 
 pytestmark = [
     pytest.mark.slow,

@@ -180,7 +180,7 @@ def test_two_rank_cpu_ddp_fit_makes_one_run_with_every_probe_image(tmp_path):
     from wandb_utils import finished_run, image_events
 
     from detlens.data import SyntheticDataModule
-    from detlens.sinks import find_offline_runs
+    from wandb_offline import find_offline_runs
 
     root = tmp_path / "scenes"
     SyntheticDataModule(root=str(root), num_train=8, num_val=4, image_size=64, batch_size=2)

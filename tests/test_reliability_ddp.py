@@ -26,7 +26,7 @@ import textwrap
 import pytest
 from wandb_utils import finished_run, image_events
 
-from detlens.sinks import find_offline_runs
+from wandb_offline import find_offline_runs
 
 SCRIPT = textwrap.dedent(
     """

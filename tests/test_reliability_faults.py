@@ -3,7 +3,7 @@
 * The logger raising mid-run (disk full, the W&B process gone) costs one warning per
   callback and event, never the training run; the next event logs normally.
 * A run killed mid-way (``SIGKILL`` to the whole process group, as when a node is lost)
-  leaves an offline W&B folder that :func:`detlens.sinks.read_offline_run` still parses,
+  leaves an offline W&B folder that :func:`wandb_offline.read_offline_run` still parses,
   with every logging point before the kill, and a focus record that reads back.
 * Resuming from a checkpoint continues every callback's cadence counters and baselines.
 """
@@ -26,7 +26,7 @@ from pytorch_lightning.loggers import WandbLogger
 from reliability_utils import every_callback, faster_rcnn, quiet_trainer, scenes
 from wandb_utils import image_events, newest_offline_run
 
-from detlens.sinks import find_offline_runs, read_offline_run
+from wandb_offline import find_offline_runs, read_offline_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

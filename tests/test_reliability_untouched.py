@@ -41,7 +41,7 @@ from reliability_utils import (
     tiny_detr,
 )
 
-from detlens.sinks import find_offline_runs
+from wandb_offline import find_offline_runs
 
 
 @pytest.fixture(autouse=True)

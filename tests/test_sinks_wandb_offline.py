@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import wandb
 
-from detlens.sinks.wandb_offline import OfflineRunError, find_offline_runs, read_offline_run, read_records
+from wandb_offline import OfflineRunError, find_offline_runs, read_offline_run, read_records
 from wandb_utils import finished_run
 
 

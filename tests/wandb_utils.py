@@ -1,4 +1,4 @@
-"""Helpers for tests that read back what an offline W&B run logged (``detlens.sinks.wandb_offline``).
+"""Helpers for tests that read back what an offline W&B run logged (``wandb_offline``).
 
 Typical use::
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detlens.sinks.wandb_offline import OfflineRun, find_offline_runs, read_offline_run
+from wandb_offline import OfflineRun, find_offline_runs, read_offline_run
 
 
 def finished_run(run_dir: str | Path, timeout_s: float = 30.0) -> OfflineRun:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,13 @@ class DetlensCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                _drop_anonymous(logger)
+        return trainer
+
     def after_fit(self) -> None:
         _print_run_locations(self.trainer)
 
@@ -67,6 +75,18 @@ class DetlensCLI(LightningCLI):
 
     def after_test(self) -> None:
         _print_run_locations(self.trainer)
+
+
+def _drop_anonymous(logger: WandbLogger) -> None:
+    """Stops Lightning's ``WandbLogger`` passing ``anonymous=None`` to ``wandb.init``.
+
+    wandb deprecated the setting and warns "The anonymous setting has no effect" whenever the
+    key is given, whatever its value; Lightning always gives it. Left out when unset, before
+    the run starts (the logger starts it on first use).
+    """
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
 
 
 def _print_run_locations(trainer: pl.Trainer) -> None:
@@ -172,7 +192,7 @@ def focus_command(argv: list[str]) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
 
-        def track(items, description, work=None):  # type: ignore[no-untyped-def]
+        def track(items: Iterable[Any], description: str, work: Callable[[Any], Any] | None = None) -> Any:
             """Iterates ``items`` with a progress bar; with ``work``, returns ``[work(item), ...]``
             (the bar then advances as each item's work finishes, not before it starts)."""
             items = list(items)

@@ -100,10 +100,7 @@ def _world(strategy: Strategy | None) -> tuple[int, int, torch.device]:
         return strategy.world_size, strategy.global_rank, strategy.root_device
     if not (dist.is_available() and dist.is_initialized()):
         return 1, 0, torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     return dist.get_world_size(), dist.get_rank(), device
 
 

@@ -17,8 +17,9 @@ promises the training run that nothing it depends on changes:
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-__all__ = ["ExplainGuard", "GuardViolation", "clone_for_autograd", "explaining"]
+__all__ = ["ExplainGuard", "GuardViolation", "clone_for_autograd", "explaining", "map_tensors"]
 
 T = TypeVar("T")
 
@@ -56,25 +57,35 @@ class ExplainGuard:
 
 
 def clone_for_autograd(value: T) -> T:
-    """Clones the tensors in ``value`` (tensor / list / tuple / dict, nested) into normal tensors.
+    """Clones the tensors in ``value`` (nested as :func:`map_tensors` walks it) into normal tensors.
 
     Tensors created under ``torch.inference_mode()`` (everything a validation loop
     touches) cannot enter autograd; a clone made with inference mode off can. The clones
     do not require grad; set ``requires_grad_`` on the ones you differentiate.
     """
     with torch.inference_mode(False):
-        return _clone(value)
+        return map_tensors(value, Tensor.clone)
 
 
-def _clone(value: Any) -> Any:
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to every tensor in ``value`` (nested dict/list/tuple/namedtuple/dataclass).
+
+    Hand-written because Lightning's ``apply_to_collection`` refuses frozen dataclasses,
+    the natural type of an explainer's per-image result.
+    """
     if isinstance(value, Tensor):
-        return value.clone()
+        return fn(value)
     if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(_clone(v) for v in value)
-    if isinstance(value, list):
-        return [_clone(v) for v in value]
+        return type(value)((k, map_tensors(v, fn)) for k, v in value.items())
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(map_tensors(v, fn) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = [f.name for f in dataclasses.fields(value) if f.init]
+        changed = {name: map_tensors(getattr(value, name), fn) for name in fields}
+        if any(changed[name] is not getattr(value, name) for name in fields):
+            return dataclasses.replace(value, **changed)
     return value
 
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from detlens.explainers.modules import named_modules
+from detlens.adapters.modules import named_modules
 from .base import DetectorAdapter, ImageGeometry, LayerCapture
 
 FEATURES = "features"

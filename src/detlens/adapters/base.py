@@ -63,7 +63,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from detlens.explainers.modules import named_modules
+from detlens.adapters.modules import named_modules
 
 __all__ = [
     "AdapterOutput",
@@ -218,13 +218,17 @@ class AdapterOutput:
         return out[0]
 
 
-def unknown_layer_error(name: str, valid: Sequence[str], what: str = "target layer") -> ValueError:
-    """A ``ValueError`` naming the closest valid names (difflib)."""
-    close = difflib.get_close_matches(name, list(valid), n=5, cutoff=0.4)
+def unknown_layer_error(
+    name: str, valid: Sequence[str], what: str = "target layer", *, also: Sequence[str] = (), where: str = ""
+) -> ValueError:
+    """A ``ValueError`` listing ``valid`` and naming the closest of ``valid`` and ``also``
+    (difflib); ``also`` are other accepted names too many to list (every module name)."""
+    close = difflib.get_close_matches(name, list(valid) + list(also), n=5, cutoff=0.4)
     hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
     listing = ", ".join(repr(v) for v in list(valid)[:40])
     more = f" (and {len(valid) - 40} more)" if len(valid) > 40 else ""
-    return ValueError(f"Unknown {what} {name!r}.{hint} Valid {what}s: {listing}{more}.")
+    others = " (or any module name from model.named_modules())" if also else ""
+    return ValueError(f"Unknown {what} {name!r}{where}.{hint} Valid {what}s: {listing}{more}{others}.")
 
 
 class LayerCapture:
@@ -433,14 +437,8 @@ class DetectorAdapter:
                 mod.append(name)
             else:
                 listed = self.layer_names()
-                extra = sorted(modules - set(listed))
-                close = difflib.get_close_matches(name, listed + extra, n=5, cutoff=0.4)
-                hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
-                raise ValueError(
-                    f"Unknown target layer {name!r} for {type(self.model).__name__}.{hint} "
-                    f"Valid layers: {', '.join(repr(v) for v in listed)} "
-                    "(or any module name from model.named_modules())."
-                )
+                raise unknown_layer_error(name, listed, also=sorted(modules - set(listed)),
+                                          where=f" for {type(self.model).__name__}")
         return mod, virt
 
     def run(

@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
 from .base import Detections, DetectorAdapter, ImageGeometry, LayerCapture, RoIScoring
@@ -189,7 +189,6 @@ class DenseHeadAdapter(DetectorAdapter):
         for name, feat in zip(names, levels.head_inputs):
             capture.record(f"{NECK}/{name}", feat)
 
-        b = int(batch.shape[0])
         bins = int(levels.box_regression[0].shape[1]) // 4
         # all anchors of the image, levels concatenated row-major: [B, A, C], [B, A, 4R]
         logits = torch.cat([x.flatten(2) for x in levels.cls_logits], 2).transpose(1, 2)

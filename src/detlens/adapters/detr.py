@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from detlens.explainers.modules import named_modules
+from detlens.adapters.modules import named_modules
 from .base import Detections, DetectorAdapter, ImageGeometry, LayerCapture, RoIScoring
 
 __all__ = ["DetrAdapter", "is_detr"]

@@ -67,7 +67,7 @@ class OneStageAdapter(TorchvisionAdapterMixin):
             return coder.decode(regression, anchors)
         return coder.decode_single(regression, anchors)
 
-    def _select(self, scores: Tensor, regression: Tensor, anchors: Tensor, counts: list[int], shape) -> tuple:
+    def _select(self, scores: Tensor, regression: Tensor, anchors: Tensor, counts: list[int], shape: tuple[int, int]) -> tuple:
         """torchvision's candidate selection for one image, on detached values.
 
         Returns ``(boxes [M, 4], scores [M], labels [M], anchor_index [M])`` before NMS.

@@ -273,7 +273,7 @@ def _level_scales(pooler: nn.Module, features: dict[str, Tensor], pooled_names: 
 
 def _roi_levels(pooler: nn.Module, features: dict[str, Tensor], proposals: list[Tensor]) -> tuple[list[str], Tensor]:
     """The feature levels RoIAlign pools from, and each proposal's index into them (``[N]``)."""
-    pooled_names = [k for k in features.keys() if k in pooler.featmap_names]
+    pooled_names = [k for k in features if k in pooler.featmap_names]
     if len(pooled_names) > 1:
         return pooled_names, pooler.map_levels(proposals)
     device = proposals[0].device if proposals else None

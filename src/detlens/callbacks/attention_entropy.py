@@ -62,7 +62,7 @@ from detlens.adapters import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.attention_maps import no_attention_error
 from detlens.callbacks.base import ProbeCallback, ProbeResult
-from detlens.callbacks.focus import publish_focus_record, record_entropy
+from detlens.callbacks.focus import FocusRecorder, record_entropy
 from detlens.distributed import RankError, gather_to_rank_zero
 from detlens.explainers.attention import (
     AttentionUnavailableWarning,
@@ -71,7 +71,7 @@ from detlens.explainers.attention import (
     find_attention_modules,
 )
 from detlens.explainers.entropy import CollapseDetector, entropy_metrics
-from detlens.explainers.modules import named_modules
+from detlens.adapters.modules import named_modules
 from detlens.render.media_jobs import entropy_heatmap_media
 from detlens.sinks import log_media, log_media_later
 from detlens.sinks.online import is_online
@@ -136,6 +136,7 @@ class AttentionEntropyCallback(ProbeCallback):
             model_attr=model_attr,
             log_key=log_key,
         )
+        self.focus_recorder = FocusRecorder()  # the run's focus record, if this is its first recording callback
         name = type(self).__name__
         if every_n_train_steps is not None and (not isinstance(every_n_train_steps, int) or every_n_train_steps < 1):
             raise ValueError(f"{name}: every_n_train_steps must be a positive int or None, got {every_n_train_steps!r}")
@@ -205,7 +206,7 @@ class AttentionEntropyCallback(ProbeCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._disarm_all()
         super().teardown(trainer, pl_module, stage)
-        publish_focus_record(trainer)  # online runs: the focus record as a W&B artifact
+        self.focus_recorder.publish(trainer)  # online runs: the focus record as a W&B artifact
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._disarm_all()

@@ -51,7 +51,7 @@ from detlens.explainers.rollout import (
     query_attention_maps,
     transformer_attention_names,
 )
-from detlens.explainers.modules import named_modules
+from detlens.adapters.modules import named_modules
 from detlens.render.media_jobs import attention_map_media
 from detlens.sinks import log_media_later
 

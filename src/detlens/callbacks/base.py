@@ -30,10 +30,8 @@ error marker to the gather instead of skipping it.
 
 from __future__ import annotations
 
-import dataclasses
 import traceback
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -48,7 +46,7 @@ from detlens.adapters.base import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.probe_set import batch_digests, evenly_spaced_indices, probe_cache, probe_folder_dataset
 from detlens.distributed import RankError, gather_to_rank_zero, shard_indices
-from detlens.guard import explaining
+from detlens.guard import explaining, map_tensors
 from detlens.sinks import flush_media
 
 __all__ = ["ProbeCallback", "ProbeResult"]
@@ -231,7 +229,7 @@ class ProbeCallback(pl.Callback):
                 with torch.random.fork_rng(devices=[]):
                     item = dataset[index]
                 probe_cache.put(dataset, index, item, _tensor_bytes(item))
-            return _map_tensors(item, Tensor.clone)
+            return map_tensors(item, Tensor.clone)
 
     def detector_adapter(self, pl_module: nn.Module) -> DetectorAdapter:
         """The adapter explaining ``pl_module``'s detector: ``adapter`` if given, else the
@@ -334,7 +332,7 @@ class ProbeCallback(pl.Callback):
             if call is None:  # the validation step did not call the observed module on this batch
                 return
             read = {i: self.from_validation(call, pos, targets[pos]) for pos, i in positions.items()}
-            self._from_validation.update({i: _map_tensors(v, lambda x: x.detach().cpu()) for i, v in read.items()})
+            self._from_validation.update({i: map_tensors(v, lambda x: x.detach().cpu()) for i, v in read.items()})
         except Exception:  # noqa: BLE001 - these images are then explained by the probe forward
             return
 
@@ -539,11 +537,11 @@ class ProbeCallback(pl.Callback):
                 device = pl_module.device
                 items = [self.probe_item(i) for i in shard]  # copies: the explainer may change them
                 images = [image.to(device) for image, _ in items]
-                targets = [_map_tensors(t, lambda x: x.to(device)) for _, t in items]
+                targets = [map_tensors(t, lambda x: x.to(device)) for _, t in items]
                 values = self.explain_shard(pl_module, images, targets, list(shard))
             if len(values) != len(shard):
                 raise RuntimeError(f"explain_shard returned {len(values)} results for {len(shard)} images")
-            values = [_map_tensors(v, lambda x: x.detach().cpu()) for v in values]
+            values = [map_tensors(v, lambda x: x.detach().cpu()) for v in values]
             return [ProbeResult(i, v) for i, v in zip(shard, values)]
         except Exception as err:  # noqa: BLE001 - reported on rank 0 as one warning
             where = traceback.extract_tb(err.__traceback__)[-1]
@@ -560,7 +558,7 @@ def _image_id(target: Any) -> int | None:
 
 
 def _tensor_bytes(value: Any) -> int:
-    """Bytes of tensor data in ``value`` (nested as :func:`_map_tensors` walks it)."""
+    """Bytes of tensor data in ``value`` (nested as :func:`map_tensors` walks it)."""
     total = 0
 
     def add(t: Tensor) -> Tensor:
@@ -568,30 +566,8 @@ def _tensor_bytes(value: Any) -> int:
         total += t.numel() * t.element_size()
         return t
 
-    _map_tensors(value, add)
+    map_tensors(value, add)
     return total
-
-
-def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``fn`` applied to every tensor in ``value`` (nested dict/list/tuple/namedtuple/dataclass).
-
-    Hand-written because Lightning's ``apply_to_collection`` refuses frozen dataclasses,
-    the natural type of an explainer's per-image result.
-    """
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return type(value)((k, _map_tensors(v, fn)) for k, v in value.items())
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
-        return type(value)(*(_map_tensors(v, fn) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = [f.name for f in dataclasses.fields(value) if f.init]
-        changed = {name: _map_tensors(getattr(value, name), fn) for name in fields}
-        if any(changed[name] is not getattr(value, name) for name in fields):
-            return dataclasses.replace(value, **changed)
-    return value
 
 
 def class_names_of(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[int, str] | None:

@@ -12,7 +12,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from detlens.callbacks.base import ProbeCallback, ProbeResult, class_names_of
-from detlens.callbacks.focus import record_embedding
+from detlens.callbacks.focus import FocusRecorder, record_embedding
 from detlens.adapters import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.explainers.box_features import (
@@ -122,6 +122,7 @@ class BoxEmbeddingCallback(ProbeCallback):
             adapter=adapter,
             model_attr=model_attr,
         )
+        self.focus_recorder = FocusRecorder()  # the run's focus record, if this is its first recording callback
         name = type(self).__name__
         if method not in METHODS:
             close = difflib.get_close_matches(str(method), METHODS, n=1, cutoff=0.3)
@@ -159,6 +160,10 @@ class BoxEmbeddingCallback(ProbeCallback):
         self.detector_adapter(pl_module)  # no adapter, or several detectors: an error before the first step
 
     # ------------------------------------------------------------------ every rank
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)  # logs the last projection, which records it
+        self.focus_recorder.publish(trainer)  # online runs: the focus record as a W&B artifact
+
     def explain_shard(
         self, pl_module: pl.LightningModule, images: list[Tensor], targets: list[dict[str, Any]], indices: list[int]
     ) -> list[ImageBoxFeatures]:

@@ -3,15 +3,21 @@
 Two parts:
 
 * **Record hooks** (:func:`record_map_point`, :func:`record_entropy`,
-  :func:`record_embedding`, :func:`publish_focus_record`): the explaining callbacks
-  (``GradCAMCallback``, ``AttentionEntropyCallback``, ``BoxEmbeddingCallback``) call them
-  on rank 0 after logging, so every logging point is also appended to the run's focus
-  record (:mod:`detlens.focus.record`): ``<W&B run dir>/files/detlens_focus/focus.jsonl``
+  :func:`record_embedding`): the explaining callbacks (``GradCAMCallback``,
+  ``AttentionEntropyCallback``, ``BoxEmbeddingCallback``) call them on rank 0 after
+  logging, so every logging point is also appended to the run's focus record
+  (:mod:`detlens.focus.record`): ``<W&B run dir>/files/detlens_focus/focus.jsonl``
   (uploaded by ``wandb sync`` with an offline run; an online run also gets it as a
   ``detlens-focus`` artifact at the end of each stage), or ``<log_dir>/detlens_focus/``
   with another logger. Without any logger nothing is written, but a
   ``FocusRegressionCallback`` still sees every point.
 * :class:`FocusRegressionCallback` watches those points as they are recorded.
+
+Who owns what: each explaining callback carries a :class:`FocusRecorder`
+(``callback.focus_recorder``), and the first of them in ``trainer.callbacks`` writes the
+run's record for all (:func:`focus_recorder`), so one writer appends to the file and one
+artifact is published. The watchers are the ``FocusRegressionCallback`` instances in
+``trainer.callbacks`` that are set up for this trainer.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ from detlens.sinks.online import is_online
 __all__ = [
     "FocusRegressionCallback",
     "FocusRegressionError",
+    "FocusRecorder",
     "focus_record_dir",
-    "publish_focus_record",
+    "focus_recorder",
     "record_embedding",
     "record_entropy",
     "record_map_point",
@@ -58,9 +65,6 @@ __all__ = [
 
 Entry = MapPoint | EntropyPoint | EmbeddingPoint
 
-_WRITERS: dict[Path, FocusRecordWriter] = {}
-_PUBLISHED: dict[Path, int] = {}  # record file -> its size when last logged as an artifact
-_LISTENERS: dict[int, list[FocusRegressionCallback]] = {}  # id(trainer) -> watching callbacks
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,36 +95,81 @@ def focus_record_dir(trainer: pl.Trainer) -> Path | None:
     return None
 
 
-def _writer(trainer: pl.Trainer) -> FocusRecordWriter | None:
-    directory = focus_record_dir(trainer)
-    if directory is None:
-        return None
-    directory = directory.resolve()
-    writer = _WRITERS.get(directory)
-    if writer is None:
+class FocusRecorder:
+    """Writes one run's focus record and publishes it; held by an explaining callback.
+
+    The writer follows the run: a trainer whose record folder differs from the last one
+    (a new W&B run, another logger) gets a writer of its own.
+    """
+
+    def __init__(self) -> None:
+        self._writer: FocusRecordWriter | None = None
+        self._published_size: int | None = None  # the record's size when last logged as an artifact
+
+    def writer(self, trainer: pl.Trainer) -> FocusRecordWriter | None:
+        """The writer of ``trainer``'s record folder (created, and saved with the W&B run, on first use)."""
+        directory = focus_record_dir(trainer)
+        if directory is None:
+            return None
+        directory = directory.resolve()
+        if self._writer is not None and self._writer.directory == directory:
+            return self._writer
         run = _wandb_run(trainer)
-        writer = _WRITERS[directory] = FocusRecordWriter(directory, run_id=getattr(run, "id", None))
+        self._writer, self._published_size = FocusRecordWriter(directory, run_id=getattr(run, "id", None)), None
         if run is not None:
             try:  # uploaded at the end of an online run; an offline one has it in files/ for `wandb sync`
-                run.save(str(writer.path), base_path=run.dir, policy="end")
+                run.save(str(self._writer.path), base_path=run.dir, policy="end")
             except Exception as err:  # noqa: BLE001 - the file is on disk either way
                 rank_zero_warn(f"[detlens] could not register the focus record with W&B: {type(err).__name__}: {err}")
-    return writer
+        return self._writer
+
+    def emit(self, trainer: pl.Trainer, entry: Entry, probe_images: Mapping[int, Any] | None = None) -> None:
+        """Appends ``entry`` to the run's record and hands it to the watching callbacks; never raises."""
+        try:
+            writer = self.writer(trainer)
+            if writer is not None:
+                for index, image in (probe_images or {}).items():
+                    if not writer.has_probe_image(entry.log_key, index):
+                        writer.write_probe_image(entry.log_key, index, to_uint8_image(image))
+                writer.write(entry)
+        except Exception as err:  # noqa: BLE001 - a record failure must never stop training
+            rank_zero_warn(f"[detlens] could not write the focus record at step {entry.step}: {type(err).__name__}: {err}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, FocusRegressionCallback):
+                callback._receive(trainer, entry)
+
+    def publish(self, trainer: pl.Trainer) -> None:
+        """Logs the record as a ``detlens-focus`` W&B artifact if the run is online and the record grew
+        since the last time (offline runs keep the plain file, which ``wandb sync`` uploads)."""
+        run = _wandb_run(trainer)  # None off rank 0
+        writer = self._writer
+        if run is None or writer is None or writer.directory != focus_record_dir(trainer).resolve():
+            return
+        if not writer.path.exists() or not is_online(run):
+            return
+        size = writer.path.stat().st_size
+        if self._published_size == size:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(f"detlens-focus-{run.id}", type="detlens-focus",
+                                      description="detlens focus record (detlens.focus.record, format version 1)")
+            artifact.add_file(str(writer.path), name=writer.path.name)
+            run.log_artifact(artifact, aliases=["latest", f"step-{trainer.global_step}"])
+            self._published_size = size
+        except Exception as err:  # noqa: BLE001 - the file is saved with the run either way
+            rank_zero_warn(f"[detlens] could not log the focus record artifact: {type(err).__name__}: {err}")
 
 
-def _emit(trainer: pl.Trainer, entry: Entry, probe_images: Mapping[int, Any] | None = None) -> None:
-    """Appends ``entry`` to the run's record and hands it to the watching callbacks; never raises."""
-    try:
-        writer = _writer(trainer)
-        if writer is not None:
-            for index, image in (probe_images or {}).items():
-                if not writer.has_probe_image(entry.log_key, index):
-                    writer.write_probe_image(entry.log_key, index, to_uint8_image(image))
-            writer.write(entry)
-    except Exception as err:  # noqa: BLE001 - a record failure must never stop training
-        rank_zero_warn(f"[detlens] could not write the focus record at step {entry.step}: {type(err).__name__}: {err}")
-    for listener in _LISTENERS.get(id(trainer), []):
-        listener._receive(entry)
+def focus_recorder(trainer: pl.Trainer, callback: Any) -> FocusRecorder:
+    """The recorder of ``trainer``'s run: that of the first callback in ``trainer.callbacks`` holding
+    one (``callback.focus_recorder``), else ``callback``'s own (a callback used outside a trainer's list)."""
+    for candidate in trainer.callbacks:
+        recorder = getattr(candidate, "focus_recorder", None)
+        if isinstance(recorder, FocusRecorder):
+            return recorder
+    return callback.focus_recorder
 
 
 def record_map_point(
@@ -148,7 +197,7 @@ def record_map_point(
                                               below_threshold=getattr(value, "below_threshold", None)))
     point = MapPoint(callback.log_key, int(callback.model_step(trainer)), int(trainer.current_epoch), method, layer, images,
                      dict(class_names or {}))
-    _emit(trainer, point, pixels)
+    focus_recorder(trainer, callback).emit(trainer, point, pixels)
     return point
 
 
@@ -166,7 +215,7 @@ def record_entropy(
     point = EntropyPoint(callback.log_key, int(step), int(trainer.current_epoch), origin,
                          {k: np.asarray(v.detach().float().cpu() if isinstance(v, Tensor) else v, np.float32).reshape(-1) for k, v in entropies.items()},
                          {str(k): float(v) for k, v in (temperatures or {}).items()})
-    _emit(trainer, point)
+    focus_recorder(trainer, callback).emit(trainer, point)
     return point
 
 
@@ -197,34 +246,8 @@ def record_embedding(
     point = EmbeddingPoint(callback.log_key, step, epoch, method,
                            arr(coords, np.float32).reshape(-1, 2), arr(labels, np.int64).reshape(-1), [str(o) for o in outcomes],
                            arr(probe_index, np.int64).reshape(-1), trustworthiness, silhouette, dict(class_names or {}))
-    _emit(trainer, point)
+    focus_recorder(trainer, callback).emit(trainer, point)
     return point
-
-
-def publish_focus_record(trainer: pl.Trainer) -> None:
-    """Logs the record as a ``detlens-focus`` W&B artifact if the run is online and the record grew
-    since the last time (offline runs keep the plain file, which ``wandb sync`` uploads)."""
-    run = _wandb_run(trainer)  # None off rank 0
-    if run is None:
-        return
-    writer = _WRITERS.get(focus_record_dir(trainer).resolve())  # the W&B run's folder, as run is set
-    if writer is None or not writer.path.exists():
-        return
-    if not is_online(run):
-        return
-    size = writer.path.stat().st_size
-    if _PUBLISHED.get(writer.path) == size:
-        return
-    try:
-        import wandb
-
-        artifact = wandb.Artifact(f"detlens-focus-{run.id}", type="detlens-focus",
-                                  description="detlens focus record (detlens.focus.record, format version 1)")
-        artifact.add_file(str(writer.path), name=writer.path.name)
-        run.log_artifact(artifact, aliases=["latest", f"step-{trainer.global_step}"])
-        _PUBLISHED[writer.path] = size
-    except Exception as err:  # noqa: BLE001 - the file is saved with the run either way
-        rank_zero_warn(f"[detlens] could not log the focus record artifact: {type(err).__name__}: {err}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,6 +370,7 @@ class FocusRegressionCallback(pl.Callback):
         self._num_violations = 0
         self._last: dict[str, float] = {}
         self._defined: set[str] = set()
+        self._listening_to: int | None = None  # id of the trainer set up with, until its teardown
 
     # ------------------------------------------------------------------ state
     @property
@@ -398,17 +422,11 @@ class FocusRegressionCallback(pl.Callback):
             )
         self._ensure_baseline()  # errors at setup, not at the first logging point
         self._defined = set()  # a new run (W&B logger) needs its own define_metric calls
-        listeners = _LISTENERS.setdefault(id(trainer), [])
-        if self not in listeners:
-            listeners.append(self)
+        self._listening_to = id(trainer)  # points recorded by this trainer's callbacks come to _receive
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         flush_media(wait=True)  # the focus/* rows built by detlens' media worker
-        listeners = _LISTENERS.get(id(trainer), [])
-        if self in listeners:
-            listeners.remove(self)
-        if not listeners:
-            _LISTENERS.pop(id(trainer), None)
+        self._listening_to = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         flush_media(wait=True)
@@ -458,8 +476,11 @@ class FocusRegressionCallback(pl.Callback):
             rank_zero_warn(f"[detlens] {type(self).__name__}: define_metric failed: {type(err).__name__}: {err}")
 
     # ------------------------------------------------------------------ receiving and processing points
-    def _receive(self, entry: Entry) -> None:
-        """Called (rank 0) while an explaining callback records; the work happens in this callback's hooks."""
+    def _receive(self, trainer: pl.Trainer, entry: Entry) -> None:
+        """Called (rank 0) while an explaining callback of ``trainer`` records, between this callback's
+        ``setup`` and ``teardown``; the work happens in this callback's hooks."""
+        if id(trainer) != self._listening_to:
+            return
         if (isinstance(entry, MapPoint) and entry.log_key == self.maps_key) or (
             isinstance(entry, EntropyPoint) and entry.origin == "probe"
         ):

@@ -15,10 +15,10 @@ from torch import Tensor
 from detlens.adapters import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.base import ProbeCallback, ProbeResult, class_names_of
-from detlens.callbacks.focus import publish_focus_record, record_map_point
+from detlens.callbacks.focus import FocusRecorder, record_map_point
 from detlens.explainers.api import Explanation, Method, box_focus, explain, focus_summary, gradcam_explanations, peak_values
 from detlens.explainers.drise import MAX_MASKS
-from detlens.explainers.gradcam import Target
+from detlens.explainers.gradcam import check_target
 from detlens.explainers.scale import FixedScale, flat_maps
 from detlens.render.media_jobs import gradcam_media
 from detlens.sinks import log_media_later
@@ -146,11 +146,14 @@ class GradCAMCallback(ProbeCallback):
             adapter=adapter,
             model_attr=model_attr,
         )
+        self.focus_recorder = FocusRecorder()  # the run's focus record, if this is its first recording callback
         name = type(self).__name__
         if method not in _CALLBACK_METHODS:
             raise ValueError(f"{name}: method must be one of {list(_CALLBACK_METHODS)}, got {method!r}")
-        if target not in get_args(Target):
-            raise ValueError(f"{name}: target must be one of {list(get_args(Target))}, got {target!r}")
+        try:
+            check_target(target)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"{name}: top_k must be a positive int, got {top_k!r}")
         if not 0.0 <= score_threshold <= 1.0:
@@ -293,7 +296,7 @@ class GradCAMCallback(ProbeCallback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        publish_focus_record(trainer)  # online runs: the focus record as a W&B artifact
+        self.focus_recorder.publish(trainer)  # online runs: the focus record as a W&B artifact
 
     def _caption_note(self, maps: ProbeMaps) -> str:
         if len(maps.scores) == 0:

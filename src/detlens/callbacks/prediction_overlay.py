@@ -13,6 +13,7 @@ from torch import Tensor
 from detlens.adapters import DetectorAdapter
 from detlens.adapters.observe import ForwardObserver, ObservedForward
 from detlens.callbacks.base import ProbeCallback, ProbeResult, class_names_of
+from detlens.render.attention import to_uint8_image
 from detlens.sinks import MediaImage, log_media
 
 __all__ = ["PredictionOverlayCallback", "ProbePrediction"]
@@ -135,7 +136,7 @@ class PredictionOverlayCallback(ProbeCallback):
             image, target = self.probe_item(result.index)
             media.append(
                 MediaImage(
-                    pixels=_to_uint8_hwc(image),
+                    pixels=to_uint8_image(image),
                     caption=self.caption(trainer, result.index, target),
                     gt_boxes=target["boxes"].numpy() if "boxes" in target else None,
                     gt_labels=target["labels"].numpy() if "labels" in target else None,
@@ -152,8 +153,3 @@ class PredictionOverlayCallback(ProbeCallback):
         if len(scores):
             scalars[self.key("mean_score")] = float(scores.mean())
         log_media(trainer, images={self.key("probe"): media}, scalars=scalars, step=self.model_step(trainer))
-
-
-def _to_uint8_hwc(image: Tensor) -> np.ndarray:
-    """``FloatTensor[3, H, W]`` in ``[0, 1]`` -> ``uint8[H, W, 3]``."""
-    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

@@ -61,7 +61,7 @@ from torch.utils.hooks import RemovableHandle
 
 from detlens.adapters.hf_detr import hf_attention_kind, hf_attention_weights
 from detlens.explainers.entropy import entropy_sums
-from detlens.explainers.modules import named_modules
+from detlens.adapters.modules import named_modules
 
 __all__ = [
     "PROBE_FLAG",
@@ -396,7 +396,7 @@ class _HookSet:
         for handle in self._handles:
             try:
                 handle.remove()
-            except BaseException as exc:  # remove every hook and restore every flag before reporting
+            except BaseException as exc:  # noqa: BLE001  remove every hook and restore every flag before reporting
                 errors.append(exc)
         self._handles.clear()
         self._encoder_len.clear()

@@ -39,6 +39,7 @@ __all__ = [
     "MIN_KL_DECREASE",
     "MIN_TSNE_ROWS",
     "P3M_N_ITER",
+    "p3m_available",
     "P3M_POLISH_ITER",
     "POLISH_ITER",
     "POLISH_MOMENTUM",
@@ -290,9 +291,10 @@ def tsne_2d(
         early_exaggeration_iter: early-exaggeration iterations; ``None``: openTSNE's 250
             with Barnes-Hut, :data:`FFT_EARLY_EXAGGERATION_ITER` (150) on FFT gradients
             (the P3M and FFT schedules).
-        negative_gradient_method: ``"auto"`` (P3M from 10,000 points, Barnes-Hut below),
-            ``"p3m"``, ``"bh"``, or ``"fft"``: the previous schedule from 10,000 points,
-            FFT gradients after early exaggeration too, then Barnes-Hut (``polish_iter``).
+        negative_gradient_method: ``"auto"`` (P3M from 10,000 points, Barnes-Hut below;
+            without numba, the ``detlens[p3m]`` extra, the FFT schedule instead of P3M),
+            ``"p3m"``, ``"bh"``, or ``"fft"``: from 10,000 points FFT gradients after early
+            exaggeration too, then Barnes-Hut (``polish_iter``).
         polish_iter: the last ``polish_iter`` of the ``n_iter`` iterations run at
             ``polish_momentum`` and ``polish_learning_rate``; ``None``:
             :data:`P3M_POLISH_ITER` (250) with P3M gradients, :data:`POLISH_ITER` (120)
@@ -463,8 +465,24 @@ def _gradient_method(method: str, n: int) -> str:
     if method not in ("auto", "p3m", "fft", "bh"):
         raise ValueError(f"negative_gradient_method must be 'auto', 'p3m', 'fft' or 'bh', got {method!r}")
     if method == "auto":
-        return "p3m" if n >= 10_000 else "bh"
+        if n < 10_000:
+            return "bh"
+        return "p3m" if p3m_available() else "fft"
+    if method == "p3m" and not p3m_available():
+        raise ImportError(
+            "negative_gradient_method='p3m' needs numba: pip install 'detlens[p3m]' "
+            "(or use 'auto', which takes the FFT schedule without it)"
+        )
     return method
+
+
+def p3m_available() -> bool:
+    """Whether the P3M gradients can run: numba (the optional ``detlens[p3m]`` extra) imports."""
+    try:
+        _import("detlens.explainers.tsne_p3m")
+    except ImportError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- quality

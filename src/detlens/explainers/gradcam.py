@@ -36,7 +36,7 @@ through the full forward graph, w.r.t. the same layer.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -46,7 +46,10 @@ from detlens.adapters.base import AdapterOutput, Detections, unknown_layer_error
 
 from ._autograd import GRAD_MEMORY_BUDGET, looped_grads, per_output_grads
 
-__all__ = ["WEIGHTINGS", "Target", "Weighting", "combine_targets", "detection_layers", "gradcam", "target_outputs"]
+__all__ = [
+    "WEIGHTINGS", "Target", "Weighting", "check_target", "combine_targets", "detection_layers", "gradcam",
+    "target_outputs",
+]
 
 Target = Literal["class", "box", "both"]
 Weighting = Literal["gradcam", "elementwise", "layercam"]
@@ -74,10 +77,15 @@ def detection_layers(output: AdapterOutput, layer: str, image_index: int) -> lis
     return [layer] * len(det)
 
 
+def check_target(target: str) -> None:
+    """Raises ``ValueError`` unless ``target`` is one of :data:`Target`."""
+    if target not in get_args(Target):
+        raise ValueError(f"target must be one of {list(get_args(Target))}, got {target!r}")
+
+
 def target_outputs(det: Detections, target: Target) -> Tensor:
     """Differentiable outputs to explain, ``[K, T]`` (T = 1, 4 or 5)."""
-    if target not in ("class", "box", "both"):
-        raise ValueError(f"target must be 'class', 'box' or 'both', got {target!r}")
+    check_target(target)
     cols = []
     if target in ("class", "both"):
         cols.append(det.score_graph.reshape(-1, 1))
@@ -138,20 +146,15 @@ def gradcam(
     Returns:
         Per image ``FloatTensor[K, H, W]``: raw maps (>= 0, finite) at original size.
     """
-    _target_outputs_check(target, weighting)
+    check_target(target)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
     if layer in output.fused_layers:
         return _fused(output, output.fused_layers[layer], target, weighting, fast)
     layers = [detection_layers(output, layer, i) for i in range(len(output.detections))]
     if fast and output.roi is not None and _roi_fast_applies(output, layers):
         return _two_stage_fast(output, layers, target, weighting)
     return _from_graph(output, layers, target, weighting, fast)
-
-
-def _target_outputs_check(target: str, weighting: str) -> None:
-    if target not in ("class", "box", "both"):
-        raise ValueError(f"target must be 'class', 'box' or 'both', got {target!r}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
 
 
 def _empty_maps(output: AdapterOutput) -> list[Tensor]:

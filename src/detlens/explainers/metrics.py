@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from detlens.explainers.modules import named_modules
+from detlens.adapters.modules import named_modules
 from detlens.explainers.scale import flat_maps
 
 __all__ = [

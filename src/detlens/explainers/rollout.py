@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detlens.explainers.modules import named_modules
+from detlens.adapters.modules import named_modules
 
 __all__ = [
     "AttentionMaps",

@@ -11,12 +11,21 @@ import os
 import tempfile
 from typing import Any, Literal
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detlens.adapters.damo_yolo import DamoYoloAdapter
 from detlens.lightning_modules.base import Batch, DetectionModule
 
-__all__ = ["DAMO_YOLO_T", "DamoYolo", "build_damo_yolo"]
+__all__ = ["DAMO_YOLO_T", "DamoYolo", "build_damo_yolo", "damo_batch"]
+
+
+def damo_batch(images: list[Tensor], divisor: int = 32) -> Tensor:
+    """DAMO-YOLO's input: ``B`` images ``[3, H_i, W_i]`` in ``[0, 1]`` -> ``[B, 3, Hp, Wp]`` in
+    ``0..255``, zero-padded bottom-right to a multiple of ``divisor`` (its largest stride)."""
+    hp = -(-max(int(im.shape[-2]) for im in images) // divisor) * divisor
+    wp = -(-max(int(im.shape[-1]) for im in images) // divisor) * divisor
+    return torch.stack([F.pad(im.float() * 255.0, (0, wp - int(im.shape[-1]), 0, hp - int(im.shape[-2]))) for im in images])
 
 #: The TinyNAS backbone of DAMO-YOLO-T: ``tinynas_L20_k1kx.txt`` of DAMO-YOLO's repository
 #: (github.com/tinyvision/DAMO-YOLO, ``damo/base_models/backbones/nas_backbones/``, Apache-2.0),
@@ -70,7 +79,8 @@ def build_damo_yolo(num_classes: int, nms_conf_thre: float = 0.05, nms_iou_thre:
 
 class DamoYolo(DetectionModule):
     """DAMO-YOLO-T from modelscope's code, trained with ZeroHead's losses (quality focal, GIoU,
-    distribution focal; AlignedOTA assignment), evaluated through :class:`DamoYoloAdapter`.
+    distribution focal; AlignedOTA assignment), evaluated with ZeroHead's own decoding and NMS (``detlens.adapters.DamoYoloAdapter``
+    gives the same detections, differentiable).
 
     Batches are detlens' (``[0, 1]`` images, boxes in pixels, labels ``1..C``); the images go
     to the network as DAMO-YOLO's own loader gives them (pixel values ``0..255``, padded to a
@@ -103,22 +113,27 @@ class DamoYolo(DetectionModule):
         self.model: nn.Module = build_damo_yolo(num_classes, score_thresh, nms_thresh)
         self.max_detections = int(max_detections)
 
-    @property
-    def adapter(self) -> DamoYoloAdapter:
-        return DamoYoloAdapter(self.model)
-
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Eval-mode detections: ``list[dict(boxes[K, 4] xyxy px, scores[K], labels[K] in 1..C)]``."""
         if self.model.training:
             raise RuntimeError("DamoYolo.forward returns detections in eval mode; call .eval() first")
-        out = self.adapter.run(images, top_k=self.max_detections, with_grad=False)
-        return [{"boxes": d.boxes, "scores": d.scores, "labels": d.labels} for d in out.detections]
+        outputs = self.model(damo_batch(images))  # ZeroHead's own decoding and multiclass NMS: BoxLists
+        results = []
+        for image, found in zip(images, outputs):
+            scores = found.get_field("scores")
+            order = torch.argsort(scores, descending=True, stable=True)[: self.max_detections]
+            h, w = int(image.shape[-2]), int(image.shape[-1])
+            boxes = found.bbox[order].float()
+            boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                                 boxes[:, 3].clamp(0, h)], 1)
+            results.append({"boxes": boxes, "scores": scores[order], "labels": found.get_field("labels")[order].long()})
+        return results
 
     def damo_targets(self, images: list[Tensor], targets: list[dict[str, Any]]) -> tuple[Tensor, list[Any]]:
         """The padded ``0..255`` batch and one DAMO-YOLO ``BoxList`` (xyxy pixels, ``labels``) per image."""
         from modelscope.models.cv.tinynas_detection.damo.structures.bounding_box import BoxList
 
-        batch = self.adapter.preprocess([im.float() for im in images])
+        batch = damo_batch(images)
         size = (int(batch.shape[-1]), int(batch.shape[-2]))  # BoxList sizes are (w, h)
         boxes = []
         for t in targets:

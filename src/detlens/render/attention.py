@@ -24,7 +24,7 @@ def to_uint8_image(image: Any) -> np.ndarray:
         image = image.detach().cpu()
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensor must be [3, H, W], got {tuple(image.shape)}")
-        return np.ascontiguousarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+        return np.ascontiguousarray((image.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"image array must be uint8[H, W, 3], got {arr.dtype}{list(arr.shape)}")

@@ -1,4 +1,4 @@
-"""The media jobs of detlens' callbacks: explanation results -> :class:`~detlens.sinks.media.Media`.
+"""The media jobs of detlens' callbacks: explanation results -> :class:`~detlens.render.media.Media`.
 
 Each callback's ``log_results`` gathers plain data (CPU tensors, arrays, strings) and hands
 ``functools.partial(<job>, ...)`` to :func:`detlens.sinks.log_media_later`, which runs it
@@ -20,7 +20,7 @@ from torch import Tensor
 from detlens.render.attention import entropy_heatmap, overlay_attention, to_uint8_image
 from detlens.render.heatmap import merge_maps, overlay_heatmap, tile_images
 from detlens.render.scatter import box_thumbnail, render_scatter
-from detlens.sinks.media import Media, MediaImage, MediaTable
+from detlens.render.media import Media, MediaImage, MediaTable
 
 __all__ = [
     "attention_map_media",

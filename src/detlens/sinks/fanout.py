@@ -45,7 +45,7 @@ from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from detlens.render.boxes import draw_boxes
-from detlens.sinks.media import Media, MediaImage, MediaTable
+from detlens.render.media import Media, MediaImage, MediaTable
 from detlens.sinks.media_process import MediaProcess
 from detlens.sinks.wandb_payload import build_payload, given, media_dir, remove_files
 

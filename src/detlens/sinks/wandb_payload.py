@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from detlens.render.boxes import wandb_boxes
-from detlens.sinks.media import FILE_TYPES, Media, MediaImage, MediaTable
+from detlens.render.media import FILE_TYPES, Media, MediaImage, MediaTable
 
 __all__ = [
     "JPEG_QUALITY", "PNG_COMPRESSION", "build_payload", "given", "media_dir", "remove_files", "wandb_payload",
@@ -160,7 +160,7 @@ def _held_image_class() -> type:
                     self._set_file(path, is_tmp=True)
                     self._image = self._held
                     self.format = os.path.splitext(path)[1][1:]
-                except Exception:
+                except Exception:  # noqa: BLE001  any change of those internals
                     super()._initialize_from_path(path)
 
             @property

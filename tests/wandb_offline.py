@@ -1,7 +1,7 @@
 """Read an offline W&B run (``wandb/offline-run-*``) back from disk, without the network.
 
-Compute nodes often train offline and sync later; this reader lets tests, CI gates
-(``detlens compare``) and notebooks look at what a run logged before it is synced.
+The tests (and ``scripts/readme_figure.py``) read what a run logged through it, rather than
+mocking wandb.
 
 The ``run-<id>.wandb`` file is W&B's transaction log: a 7-byte file header
 (``":W&B"``, magic ``0xBEE1`` little-endian uint16, version byte ``0``) followed by the
