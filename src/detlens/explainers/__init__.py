@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     )
     from detlens.explainers.box_features import BoxFeatureSet, ImageBoxFeatures, concat_box_features, extract_box_features
     from detlens.explainers.cams import eigencam, feature_grid, input_gradient
+    from detlens.explainers.boundary import BoundaryResult, boundary
     from detlens.explainers.drise import drise
     from detlens.explainers.embeddings import (
         class_separation,
@@ -73,6 +74,8 @@ _HOMES = {
     "feature_grid": "detlens.explainers.cams",
     "input_gradient": "detlens.explainers.cams",
     "drise": "detlens.explainers.drise",
+    "boundary": "detlens.explainers.boundary",
+    "BoundaryResult": "detlens.explainers.boundary",
     "class_separation": "detlens.explainers.embeddings",
     "embed": "detlens.explainers.embeddings",
     "pca": "detlens.explainers.embeddings",
@@ -130,6 +133,8 @@ __all__ = [
     "detect_with",
     "display_maps",
     "drise",
+    "boundary",
+    "BoundaryResult",
     "eigencam",
     "embed",
     "energy_in_box",
