@@ -147,8 +147,10 @@ def test_all_detections_of_an_image_are_attacked_in_one_batched_forward_per_step
 def test_bf16_autocast_and_inference_mode(trained):
     module, images, threshold = trained
     adapter, found = attacked(module, images[:2], threshold)
+    rng = torch.random.get_rng_state()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         results = boundary(adapter, images[:2], found, norm="linf", steps=8, score_threshold=threshold)
+        assert torch.equal(torch.random.get_rng_state(), rng), "the attack draws no random numbers"
         lost = assert_losses_are_real(module, results, threshold, own_forward=False)
     assert all(torch.isfinite(r.delta_map).all() for r in results)
     assert lost >= 1
