@@ -56,14 +56,18 @@ class BoundaryCallback(ProbeCallback):
     * the margins go into the focus record (entry kind ``"boundary"``): ``detlens report``
       charts them over training and ``detlens compare --max-margin-drop`` gates on them.
 
-    The attack costs ``steps + 1`` batched forwards and ``steps`` backwards per probe image
-    (its detections attacked together) plus one forward per lost detection (the
-    verification), so the default cadence is every 5 epochs.
+    Cost: the detections of all probe images are attacked together, one perturbed copy per
+    detection: ``steps + 1`` forwards and ``steps`` backwards of ``num_probe_images x top_k``
+    copies (fewer once detections are lost) plus one forward per lost detection (its
+    verification). With the defaults (4 images x 3 detections x 10 steps) that is about
+    the compute of 370 image forwards, which is why the default cadence is every 5
+    epochs (``benchmarks/boundary_cost.py``).
 
     Args:
         norm: ``"l2"`` (margin = RMS of the perturbation) or ``"linf"`` (max ``|delta|``).
-        epsilon: the budget (default 0.05 for l2, 0.1 for linf); step_size: default ``epsilon / 10``.
-        steps: gradient steps per detection.
+        epsilon: the budget (default 0.05 for l2, 0.1 for linf); step_size: default ``epsilon / 10``
+            (with the default ``steps`` the perturbation can grow to ``epsilon`` by the last step).
+        steps: gradient steps per detection (the step budget).
         top_k: detections attacked per probe image (highest scores above ``score_threshold``).
         score_threshold: detections above it are attacked; below it a detection is lost.
         alpha, colormap: the overlay's blend weight and matplotlib colormap.
@@ -76,14 +80,14 @@ class BoundaryCallback(ProbeCallback):
         norm: str = "l2",
         epsilon: float | None = None,
         step_size: float | None = None,
-        steps: int = 20,
-        top_k: int = 5,
+        steps: int = 10,
+        top_k: int = 3,
         score_threshold: float = 0.5,
         alpha: float = 0.5,
         colormap: str = "magma",
         every_n_epochs: int | None = 5,
         every_n_steps: int | None = None,
-        num_probe_images: int = 8,
+        num_probe_images: int = 4,
         probe_indices: list[int] | None = None,
         probe_dir: str | None = None,
         log_key: str = "boundary",
