@@ -35,15 +35,15 @@ import torch
 from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cue_focus import cue_boxes  # noqa: E402 - the scripts folder
+from cue_focus import cue_boxes
 
-from detlens.adapters import adapter_for  # noqa: E402
-from detlens.data.image_io import load_rgb_image  # noqa: E402
-from detlens.data.scenes import ring_hole  # noqa: E402
-from detlens.explainers.boundary import boundary  # noqa: E402
-from detlens.explainers.matching import match_detections  # noqa: E402
-from detlens.explainers.metrics import box_area_fraction, energy_in_box  # noqa: E402
-from detlens.lightning_modules import TorchvisionDetector  # noqa: E402
+from detlens.adapters import adapter_for
+from detlens.data.image_io import load_rgb_image
+from detlens.data.scenes import ring_hole
+from detlens.explainers.boundary import boundary
+from detlens.explainers.matching import match_detections
+from detlens.explainers.metrics import box_area_fraction, energy_in_box
+from detlens.lightning_modules import TorchvisionDetector
 
 
 def newest_checkpoint(folder: Path) -> Path:
@@ -119,9 +119,9 @@ def run_figures(model, items, cues, args) -> tuple[dict[str, float], tuple | Non
 
 
 def write_figure(examples: dict[str, tuple], path: Path) -> None:
-    from detlens.render.heatmap import overlay_heatmap, tile_images
-    from detlens.render.boxes import draw_boxes
     import cv2
+
+    from detlens.render.heatmap import overlay_heatmap, tile_images
 
     tiles = []
     for name, (image, delta, boxes, labels, margin) in examples.items():
@@ -130,7 +130,7 @@ def write_figure(examples: dict[str, tuple], path: Path) -> None:
         pixels = cv2.resize(pixels, (pixels.shape[1] * 2, pixels.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
         text = f"{name}: margin {margin:.3g}" if math.isfinite(margin) else f"{name}: not lost"
         cv2.putText(pixels, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-        tiles.append(draw_boxes(pixels, np.zeros((0, 4)), np.zeros(0)))
+        tiles.append(pixels)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(tile_images(tiles, columns=len(tiles)), cv2.COLOR_RGB2BGR))
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if example is not None:
             examples[name] = example
 
-        def pair(key: str) -> str:
+        def pair(key: str, f: dict[str, float] = f) -> str:
             return f"{f.get(key, math.nan):.3f} ({f.get(key + '_chance', math.nan):.3f})"
 
         print(f"{name:<14s} {int(f['detections']):>5d} {f['margin_median']:>14.4f} {f['not_lost_share']:>9.2f}  "

@@ -132,7 +132,7 @@ def test_a_smaller_step_budget_only_turns_losses_into_not_lost(trained):
 
 
 def test_all_detections_of_an_image_are_attacked_in_one_batched_forward_per_step(trained):
-    module, images, threshold = trained
+    module, images, _ = trained
     adapter, found = attacked(module, images[:1], threshold=0.05, top_k=6)
     k = len(found[0])
     assert k >= 3
