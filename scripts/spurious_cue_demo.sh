@@ -29,7 +29,8 @@
 # learn, so use it with MAX_EPOCHS=6 or more.
 # Then it writes one report per run, compares the cue-trained candidate and the seed
 # control with the clean baseline, and measures how much Grad-CAM mass sits on the marks
-# (scripts/cue_focus.py). `detlens compare` exits 1 when a threshold is crossed: the expected outcome
+# (scripts/cue_focus.py), and how small a perturbation loses each model's detections and how
+# much of it lies on the marks (scripts/cue_boundary.py). `detlens compare` exits 1 when a threshold is crossed: the expected outcome
 # here, so this script reports it instead of failing on it.
 #
 #   ./scripts/spurious_cue_demo.sh                 # outputs under runs/spurious_cue/
@@ -60,6 +61,7 @@ APPEARANCE_NOISE=${APPEARANCE_NOISE:-0.3}
 CUE_TRAIN=${CUE_TRAIN:-1.0}
 DATA=${DATA:-data}  # scenes are generated on first use under $DATA/synthetic_<colours>_<placement>_look<noise>_{clean,cue<p>}_probe<PROBE_CUE>
 PYTHON=${PYTHON:-.venv/bin/python}
+BOUNDARY_IMAGES=${BOUNDARY_IMAGES:-16}  # probe images whose true positives scripts/cue_boundary.py attacks
 mkdir -p "$OUT/clean" "$OUT/cue" "$OUT/seed_control"
 SCENES="$DATA/synthetic_${OBJECT_COLOURS}_${CUE_PLACEMENT}_look${APPEARANCE_NOISE}_clean_probe$PROBE_CUE"
 CUE_SCENES="$DATA/synthetic_${OBJECT_COLOURS}_${CUE_PLACEMENT}_look${APPEARANCE_NOISE}_cue${CUE_TRAIN}_probe$PROBE_CUE"
@@ -158,6 +160,10 @@ echo "== where the Grad-CAM mass sits (true positives, last logging point; chanc
 echo "== does each model rely on the marks? (same validation objects, all marked vs none; scripts/cue_reliance.py)"
 "$PYTHON" scripts/cue_reliance.py --placement "$CUE_PLACEMENT" --object-colours "$OBJECT_COLOURS" --data "$DATA" \
   clean="$OUT/clean" cue="$OUT/cue" seed_control="$OUT/seed_control"
+echo "== how small a perturbation loses each model's true positives, and how much of it sits on the marks"
+echo "   (scripts/cue_boundary.py, L2 margin = RMS of the perturbation; $BOUNDARY_IMAGES probe images):"
+"$PYTHON" scripts/cue_boundary.py "$CUE_SCENES" clean="$OUT/clean" cue="$OUT/cue" seed_control="$OUT/seed_control" \
+  --num-images "$BOUNDARY_IMAGES" --figure "$OUT/boundary.png"
 echo "== reports: $OUT/compare.html $OUT/compare_seed_control.html $OUT/report_clean.html $OUT/report_cue.html"
 case $status in
   1) echo "== the cue-trained model was flagged" ;;

@@ -152,6 +152,10 @@ def _focus_parser(command: str) -> argparse.ArgumentParser:
                             "a negative value disables the check")
         parser.add_argument("--min-energy-in-box", type=float, default=None,
                             help="smallest allowed per-class energy-in-box of the candidate (default: not checked)")
+        parser.add_argument("--max-margin-drop", type=float, default=None,
+                            help="largest allowed mean drop of the decision-boundary margin (BoundaryCallback) over "
+                            "detections matched between the two runs' last boundary points, in the margin's units "
+                            "(default: not checked)")
         parser.add_argument("--min-matched", type=_min_count, default=MIN_MATCHED,
                             help=f"matched detections needed for a drift verdict (default {MIN_MATCHED}; >= 1)")
         parser.add_argument("--min-class-count", type=_min_count, default=MIN_CLASS_COUNT,
@@ -211,7 +215,8 @@ def focus_command(argv: list[str]) -> int:
                 max_drift = args.max_drift if args.max_drift is not None and args.max_drift >= 0 else None
                 comparison = compare_records(baseline, candidate, log_key=args.log_key, max_drift=max_drift,
                                              min_energy_in_box=args.min_energy_in_box, iou_threshold=args.iou_threshold,
-                                             min_matched=args.min_matched, min_class_count=args.min_class_count)
+                                             min_matched=args.min_matched, min_class_count=args.min_class_count,
+                                             max_margin_drop=args.max_margin_drop)
                 html_text = render_comparison_report(comparison, track=track)
             else:
                 record = load_record(args.run)
@@ -221,7 +226,8 @@ def focus_command(argv: list[str]) -> int:
             return EXIT_BAD_INPUT
     out = write_report(html_text, args.out)
     if command == "report":
-        console.print(f"detlens report: {record.name}: {len(record.maps)} map points -> {out}")
+        console.print(f"detlens report: {record.name}: {len(record.maps)} map points, {len(record.boundary)} boundary "
+                      f"points -> {out}")
         return EXIT_OK
     drift = comparison.drift
     summary = (f"{drift.matched} matched of {drift.count_a}/{drift.count_b} detections on {len(drift.images)} shared "

@@ -7,6 +7,7 @@ except where noted; all are usable from YAML (``trainer.callbacks`` with ``class
 from detlens.callbacks.attention_entropy import AttentionEntropyCallback
 from detlens.callbacks.attention_maps import AttentionMapCallback, AttentionMapResult
 from detlens.callbacks.base import ProbeCallback, ProbeResult
+from detlens.callbacks.boundary import BoundaryCallback, ProbeBoundary
 from detlens.callbacks.embeddings import BoxEmbeddingCallback
 from detlens.callbacks.focus import FocusRegressionCallback, FocusRegressionError
 from detlens.callbacks.gradcam import GradCAMCallback, ProbeMaps
@@ -16,12 +17,14 @@ __all__ = [
     "AttentionEntropyCallback",
     "AttentionMapCallback",
     "AttentionMapResult",
+    "BoundaryCallback",
     "BoxEmbeddingCallback",
     "FocusRegressionCallback",
     "FocusRegressionError",
     "GradCAMCallback",
     "ProbeMaps",
     "PredictionOverlayCallback",
+    "ProbeBoundary",
     "ProbeCallback",
     "ProbePrediction",
     "ProbeResult",

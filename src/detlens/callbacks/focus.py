@@ -39,6 +39,8 @@ from detlens.focus.drift import entropy_drift, focus_metrics, point_drift
 from detlens.focus.evidence import MIN_CLASS_COUNT, MIN_MATCHED, Check, require_min_count
 from detlens.focus.record import (
     DIRNAME,
+    BoundaryImage,
+    BoundaryPoint,
     EmbeddingPoint,
     EntropyPoint,
     FocusImage,
@@ -58,12 +60,13 @@ __all__ = [
     "FocusRecorder",
     "focus_record_dir",
     "focus_recorder",
+    "record_boundary",
     "record_embedding",
     "record_entropy",
     "record_map_point",
 ]
 
-Entry = MapPoint | EntropyPoint | EmbeddingPoint
+Entry = MapPoint | EntropyPoint | EmbeddingPoint | BoundaryPoint
 
 
 
@@ -247,6 +250,40 @@ def record_embedding(
                            arr(coords, np.float32).reshape(-1, 2), arr(labels, np.int64).reshape(-1), [str(o) for o in outcomes],
                            arr(probe_index, np.int64).reshape(-1), trustworthiness, silhouette, dict(class_names or {}))
     focus_recorder(trainer, callback).emit(trainer, point)
+    return point
+
+
+def record_boundary(
+    callback: Any,
+    trainer: pl.Trainer,
+    results: Sequence[Any],
+    *,
+    norm: str,
+    epsilon: float,
+    steps: int,
+    score_threshold: float,
+    class_names: Mapping[int, str] | None,
+) -> BoundaryPoint:
+    """Records one logging point of per-detection margins (``BoundaryCallback.log_results``).
+
+    ``results``: ``ProbeResult`` list whose ``value`` has ``boxes``, ``labels``, ``scores``,
+    ``margin`` (NaN: not lost) and ``flipped_to``.
+    """
+    images, pixels = [], {}
+    for result in results:
+        v = result.value
+        image, _ = callback.probe_item(result.index)
+        pixels[result.index] = image
+
+        def arr(x: Any, dtype: Any) -> np.ndarray:
+            return np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype)
+
+        images.append(BoundaryImage(int(result.index), arr(v.boxes, np.float32).reshape(-1, 4), arr(v.labels, np.int64).reshape(-1),
+                                    arr(v.scores, np.float32).reshape(-1), arr(v.margin, np.float32).reshape(-1),
+                                    arr(v.flipped_to, np.int64).reshape(-1)))
+    point = BoundaryPoint(callback.log_key, int(callback.model_step(trainer)), int(trainer.current_epoch), norm, float(epsilon),
+                          int(steps), float(score_threshold), images, dict(class_names or {}))
+    focus_recorder(trainer, callback).emit(trainer, point, pixels)
     return point
 
 

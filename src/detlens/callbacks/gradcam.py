@@ -25,7 +25,7 @@ from detlens.sinks import log_media_later
 
 __all__ = ["GradCAMCallback", "ProbeMaps"]
 
-_CALLBACK_METHODS = tuple(m for m in get_args(Method) if m != "feature_grid")
+_CALLBACK_METHODS = tuple(m for m in get_args(Method) if m not in ("feature_grid", "boundary"))  # boundary: BoundaryCallback
 
 
 @dataclass(frozen=True)

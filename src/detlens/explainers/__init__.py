@@ -14,6 +14,7 @@ from detlens.explainers.attention import (
     PerImageEntropy,
     find_attention_modules,
 )
+from detlens.explainers.boundary import BoundaryResult, boundary
 from detlens.explainers.box_features import BoxFeatureSet, ImageBoxFeatures, concat_box_features, extract_box_features
 from detlens.explainers.cams import eigencam, feature_grid, input_gradient
 from detlens.explainers.drise import drise
@@ -49,6 +50,7 @@ __all__ = [
     "AttentionCapture",
     "AttentionUnavailable",
     "AttentionUnavailableWarning",
+    "BoundaryResult",
     "BoxFeatureSet",
     "CollapseDetector",
     "EntropyMonitor",
@@ -61,6 +63,7 @@ __all__ = [
     "RandomisationResult",
     "attention_entropy",
     "attention_rollout",
+    "boundary",
     "box_area_fraction",
     "box_focus",
     "class_separation",
@@ -70,6 +73,8 @@ __all__ = [
     "detect_with",
     "display_maps",
     "drise",
+    "boundary",
+    "BoundaryResult",
     "eigencam",
     "embed",
     "energy_in_box",

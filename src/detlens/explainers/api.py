@@ -16,7 +16,7 @@ The model's train/eval flags are restored and its parameters' ``.grad`` are not 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import torch
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from detlens.adapters import adapter_for
 from detlens.adapters.base import AdapterOutput, DetectorAdapter, prepare_images
 
+from .boundary import BoundaryResult, Norm, boundary
 from .cams import eigencam, feature_grid, input_gradient
 from .drise import drise
 from .gradcam import Target, gradcam
@@ -34,7 +35,7 @@ __all__ = [
     "METHODS", "Explanation", "Method", "box_focus", "explain", "focus_summary", "gradcam_explanations", "peak_values",
 ]
 
-Method = Literal["gradcam", "elementwise", "layercam", "eigencam", "input_gradient", "feature_grid", "drise"]
+Method = Literal["gradcam", "elementwise", "layercam", "eigencam", "input_gradient", "feature_grid", "drise", "boundary"]
 METHODS: tuple[str, ...] = get_args(Method)
 _NEEDS_LAYER = {"gradcam", "elementwise", "layercam", "eigencam", "feature_grid"}
 _GRADIENT_CAMS = ("gradcam", "elementwise", "layercam")
@@ -53,6 +54,8 @@ class Explanation:
         method, layer, target: what was computed (``layer`` ``None`` where none applies).
         channels: ``feature_grid`` only: ``Int64Tensor[M]``, the channel of each map
             (then ``M`` is the number of channels, not of detections); else ``None``.
+        boundary: ``"boundary"`` only: the margins, losses and perturbed images
+            (:class:`~detlens.explainers.boundary.BoundaryResult`; ``raw`` is its ``delta_map``).
 
     ``M == K`` for every method but ``feature_grid``.
     """
@@ -66,6 +69,7 @@ class Explanation:
     layer: str | None
     target: str
     channels: Tensor | None = None
+    boundary: BoundaryResult | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -86,6 +90,10 @@ def explain(
     num_masks: int = 500,
     mask_batch_size: int = 16,
     seed: int = 0,
+    norm: Norm = "l2",
+    epsilon: float | None = None,
+    steps: int = 20,
+    step_size: float | None = None,
 ) -> list[Explanation]:
     """Detect and explain every detection of each image.
 
@@ -107,6 +115,10 @@ def explain(
         fast: the one-backward fast paths (``False``: per-detection reference loop).
         grid_channels: channels of ``feature_grid``.
         num_masks, mask_batch_size, seed: D-RISE.
+        norm, epsilon, steps, step_size: ``"boundary"`` (:func:`detlens.explainers.boundary.boundary`):
+            a bounded attack per detection; its maps are ``|delta|`` of the perturbation that
+            lost the detection, and ``score_threshold`` (required ``> 0``) is the score below
+            which a detection counts as lost.
 
     Returns:
         One :class:`Explanation` per image.
@@ -130,6 +142,15 @@ def explain(
     layers = [layer] if layer is not None else []
     with_grad = method in (*_GRADIENT_CAMS, "input_gradient")
     inputs = prepare_images(images)
+    if method == "boundary":
+        if not 0.0 < score_threshold < 1.0:
+            raise ValueError(f"method='boundary' needs score_threshold in (0, 1) (the score below which a detection "
+                             f"counts as lost), got {score_threshold}")
+        output = ad.run(inputs, [], top_k=top_k, score_threshold=score_threshold, with_grad=False)
+        results = boundary(ad, [x.detach() for x in inputs], output.detections, norm=norm, epsilon=epsilon,
+                           steps=steps, step_size=step_size, score_threshold=score_threshold)
+        out = _explanations(output, [r.delta_map for r in results], [None] * len(inputs), method, None, "class")
+        return [replace(e, boundary=r) for e, r in zip(out, results)]
     output = ad.run(inputs, layers, top_k=top_k, score_threshold=score_threshold, with_grad=with_grad)
     channels: list[Tensor | None] = [None] * len(inputs)
     if method in _GRADIENT_CAMS:

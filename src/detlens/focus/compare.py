@@ -12,7 +12,11 @@ mean over detections with its count and a 95% bootstrap interval
 * ``max_drift``: the candidate's map drift from the baseline (mean ``1 - Spearman rho``
   over matched detections, :func:`detlens.focus.drift.point_drift`);
 * ``min_energy_in_box``: each class's mean energy-in-box over the candidate's true
-  positives.
+  positives;
+* ``max_margin_drop``: the mean drop of the decision-boundary margin
+  (``BoundaryCallback``, :func:`margin_drops`) from the baseline to the candidate over
+  detections matched between the two records' last boundary points (at least
+  ``min_matched`` of them).
 
 The verdict is ``"fail"`` only when an interval lies beyond its threshold, and ``"not
 enough evidence"`` (``"insufficient"``) when there are too few detections (fewer than
@@ -28,11 +32,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from detlens.focus.drift import EntropyDrift, PointDrift, energy_by_class, entropy_drift, focus_metrics, point_drift
 from detlens.focus.evidence import MIN_CLASS_COUNT, MIN_MATCHED, Check, Verdict, judge, overall_verdict, require_min_count
-from detlens.focus.record import FocusRecord, FocusRecordError, MapPoint, read_focus_record
+from detlens.focus.record import BoundaryPoint, FocusRecord, FocusRecordError, MapPoint, read_focus_record
 
-__all__ = ["Comparison", "TrainingCurves", "compare_records", "gate_checks", "load_record", "training_curves"]
+__all__ = [
+    "Comparison", "TrainingCurves", "compare_records", "gate_checks", "load_record", "margin_check", "margin_drops",
+    "training_curves",
+]
 
 
 def load_record(path: str | Path) -> FocusRecord:
@@ -88,6 +97,55 @@ def gate_checks(
     return checks
 
 
+def margin_drops(a: BoundaryPoint, b: BoundaryPoint, iou_threshold: float = 0.5) -> np.ndarray:
+    """Per detection matched between two boundary points: baseline margin minus candidate margin.
+
+    Detections are matched per shared probe image, same class, IoU >= ``iou_threshold``,
+    greedily by the candidate's score (:func:`detlens.explainers.matching.match_detections`
+    with the baseline's detections as the reference). A detection not lost within the
+    budget counts with the smaller of the two points' budgets (``epsilon``), the least its
+    margin can be; two such detections give a drop of 0.
+
+    Returns:
+        ``float64[M]`` (positive: the candidate is lost by a smaller perturbation).
+    """
+    import torch
+
+    from detlens.explainers.matching import match_detections
+
+    if a.norm != b.norm:
+        raise ValueError(f"the boundary points use different norms ({a.norm!r} vs {b.norm!r}); margins do not compare")
+    cap = min(a.epsilon, b.epsilon)
+    drops: list[float] = []
+    base = {im.probe_index: im for im in a.images}
+    for im in b.images:
+        ref = base.get(im.probe_index)
+        if ref is None or not len(im) or not len(ref):
+            continue
+        match = match_detections(torch.as_tensor(im.boxes).float(), torch.as_tensor(im.labels).long(),
+                                 torch.as_tensor(im.scores).float(), torch.as_tensor(ref.boxes).float(),
+                                 torch.as_tensor(ref.labels).long(), iou_threshold=iou_threshold)
+        for k, j in enumerate(match.matched_gt.tolist()):
+            if j < 0:
+                continue
+            mb = float(ref.margins[j]) if np.isfinite(ref.margins[j]) else cap
+            mc = float(im.margins[k]) if np.isfinite(im.margins[k]) else cap
+            drops.append(min(mb, cap) - min(mc, cap))
+    return np.asarray(drops, np.float64)
+
+
+def margin_check(a: BoundaryPoint | None, b: BoundaryPoint | None, *, max_margin_drop: float, min_matched: int = MIN_MATCHED,
+                 iou_threshold: float = 0.5, what: str = "baseline") -> Check:
+    """The verdict on the mean margin drop from ``a`` (baseline) to ``b`` (candidate)."""
+    name = f"margin drop from the {what}"
+    if a is None or b is None:
+        missing = "baseline" if a is None else "candidate"
+        return Check(name, math.nan, math.nan, math.nan, 0, min_matched, max_margin_drop, "max", "insufficient",
+                     f"{name}: the {missing} has no boundary entries (BoundaryCallback), nothing to compare")
+    return judge(name, margin_drops(a, b, iou_threshold), threshold=max_margin_drop, bound="max", min_count=min_matched,
+                 unit="matched detections", param="max_margin_drop")
+
+
 @dataclass
 class Comparison:
     """A baseline and a candidate record compared at their last points.
@@ -103,7 +161,8 @@ class Comparison:
         checks: every gated metric with its count, interval and verdict.
         notes: reasons for "not enough evidence" that are not a metric (a record without
             map entries).
-        thresholds: ``{"max_drift", "min_energy_in_box", "min_matched", "min_class_count"}``.
+        thresholds: ``{"max_drift", "min_energy_in_box", "max_margin_drop", "min_matched", "min_class_count"}``.
+        boundary_a, boundary_b: each record's last boundary point (``None`` without one).
     """
 
     baseline: FocusRecord
@@ -119,6 +178,8 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     thresholds: dict[str, float | None] = field(default_factory=dict)
     temperatures: dict[str, tuple[float, float]] = field(default_factory=dict)
+    boundary_a: BoundaryPoint | None = None
+    boundary_b: BoundaryPoint | None = None
 
     @property
     def verdict(self) -> Verdict:
@@ -150,8 +211,13 @@ def compare_records(
     iou_threshold: float = 0.5,
     min_matched: int = MIN_MATCHED,
     min_class_count: int = MIN_CLASS_COUNT,
+    max_margin_drop: float | None = None,
+    boundary_key: str | None = None,
 ) -> Comparison:
     """Compares the candidate's last logging point with the baseline's.
+
+    ``max_margin_drop`` (``None``: not gated) gates the mean margin drop of the last
+    boundary points of ``boundary_key`` (``None``: the first in the record).
 
     Raises:
         FocusRecordError: neither record has map entries of ``log_key``.
@@ -176,6 +242,12 @@ def compare_records(
     metrics_b = focus_metrics(b, names) if b is not None else {}
     checks = gate_checks(drift, b, names, max_drift=max_drift, min_energy_in_box=min_energy_in_box,
                          min_matched=min_matched, min_class_count=min_class_count)
+    ba = baseline.boundary_points(boundary_key)
+    bb = candidate.boundary_points(boundary_key)
+    bound_a, bound_b = (ba[-1] if ba else None), (bb[-1] if bb else None)
+    if max_margin_drop is not None:
+        checks.append(margin_check(bound_a, bound_b, max_margin_drop=max_margin_drop, min_matched=min_matched,
+                                   iou_threshold=iou_threshold))
     notes = []
     for record, point in ((baseline, a), (candidate, b)):
         if point is None and (max_drift is not None or (min_energy_in_box is not None and record is candidate)):
@@ -183,9 +255,9 @@ def compare_records(
     return Comparison(
         baseline=baseline, candidate=candidate, log_key=key, point_a=a, point_b=b, drift=drift, entropy=ent,
         metrics_a=metrics_a, metrics_b=metrics_b, checks=checks, notes=notes,
-        thresholds={"max_drift": max_drift, "min_energy_in_box": min_energy_in_box, "min_matched": min_matched,
-                    "min_class_count": min_class_count},
-        temperatures=temperatures,
+        thresholds={"max_drift": max_drift, "min_energy_in_box": min_energy_in_box, "max_margin_drop": max_margin_drop,
+                    "min_matched": min_matched, "min_class_count": min_class_count},
+        temperatures=temperatures, boundary_a=bound_a, boundary_b=bound_b,
     )
 
 

@@ -41,6 +41,11 @@ entry up to the last complete line and flags ``truncated``.
   - ``"embedding"``: ``method``, ``coords`` float32 ``[N, 2]``, ``labels`` int64 ``[N]``,
     ``outcomes`` (``N`` strings, ``"tp"`` or an FP kind), ``probe_index`` int64 ``[N]``,
     ``trustworthiness``, ``silhouette`` (floats or null), ``class_names``.
+  - ``"boundary"`` (:class:`BoundaryPoint`, ``BoundaryCallback``): ``norm``, ``epsilon``,
+    ``steps``, ``score_threshold``, ``class_names`` and ``images``: per probe image
+    ``probe_index``, ``boxes`` float32 ``[K, 4]``, ``labels`` int64 ``[K]``, ``scores``
+    float32 ``[K]``, ``margins`` float32 ``[K]`` (NaN: not lost within the budget) and
+    ``flipped_to`` int64 ``[K]`` (``-1``: none).
   - ``"probe_image"``: ``probe_index``, ``image`` uint8 ``[h, w, 3]`` RGB, written once per
     ``(log_key, probe_index)`` and file, downscaled to at most :data:`THUMBNAIL_SIDE` px.
 
@@ -76,6 +81,8 @@ __all__ = [
     "MAP_SIZE",
     "THUMBNAIL_SIDE",
     "VERSION",
+    "BoundaryImage",
+    "BoundaryPoint",
     "EmbeddingPoint",
     "EntropyPoint",
     "FocusImage",
@@ -376,7 +383,92 @@ class EmbeddingPoint:
         )
 
 
-_ENTRY_TYPES: dict[str, Any] = {"maps": MapPoint, "entropy": EntropyPoint, "embedding": EmbeddingPoint}
+@dataclass
+class BoundaryImage:
+    """The margins of one probe image's detections (see the module docstring)."""
+
+    probe_index: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    margins: np.ndarray
+    flipped_to: np.ndarray
+
+    _ARRAYS = {"boxes": "float32", "labels": "int64", "scores": "float32", "margins": "float32", "flipped_to": "int64"}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"probe_index": self.probe_index, **{n: _encode(np.asarray(getattr(self, n)), d) for n, d in self._ARRAYS.items()}}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> BoundaryImage:
+        return cls(probe_index=int(obj["probe_index"]), **{n: _decode(obj[n]) for n in cls._ARRAYS})
+
+    def __len__(self) -> int:
+        return int(np.asarray(self.margins).shape[0])
+
+
+@dataclass
+class BoundaryPoint:
+    """Per-detection margins of the probe set at one logging point (entry kind ``"boundary"``)."""
+
+    log_key: str
+    step: int
+    epoch: int
+    norm: str
+    epsilon: float
+    steps: int
+    score_threshold: float
+    images: list[BoundaryImage]
+    class_names: dict[int, str] = field(default_factory=dict)
+
+    kind = "boundary"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "log_key": self.log_key, "step": self.step, "epoch": self.epoch, "norm": self.norm,
+            "epsilon": float(self.epsilon), "steps": int(self.steps), "score_threshold": float(self.score_threshold),
+            "class_names": {str(k): v for k, v in self.class_names.items()},
+            "images": [im.to_json() for im in self.images],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> BoundaryPoint:
+        return cls(
+            log_key=obj["log_key"], step=int(obj["step"]), epoch=int(obj["epoch"]), norm=str(obj["norm"]),
+            epsilon=float(obj["epsilon"]), steps=int(obj["steps"]), score_threshold=float(obj["score_threshold"]),
+            images=[BoundaryImage.from_json(im) for im in obj["images"]],
+            class_names={int(k): str(v) for k, v in (obj.get("class_names") or {}).items()},
+        )
+
+    def margins(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(margins float64[N], labels int64[N])`` over all images (NaN: not lost)."""
+        if not self.images:
+            return np.zeros(0), np.zeros(0, np.int64)
+        return (np.concatenate([np.asarray(im.margins, np.float64) for im in self.images]),
+                np.concatenate([np.asarray(im.labels, np.int64) for im in self.images]))
+
+    def summary(self, class_names: Mapping[int, str] | None = None) -> dict[str, float]:
+        """``{"margin_median", "not_lost_share"}`` and per class ``"<name>/<class>"`` (medians over lost detections)."""
+        names = {**self.class_names, **dict(class_names or {})}
+        margins, labels = self.margins()
+        out: dict[str, float] = {}
+
+        def add(suffix: str, m: np.ndarray) -> None:
+            if not m.size:
+                return
+            lost = np.isfinite(m)
+            out["not_lost_share" + suffix] = float((~lost).mean())
+            if lost.any():
+                out["margin_median" + suffix] = float(np.median(m[lost]))
+
+        add("", margins)
+        for label in sorted(set(labels.tolist())):
+            add(f"/{names.get(int(label), str(label))}", margins[labels == label])
+        return out
+
+
+_ENTRY_TYPES: dict[str, Any] = {"maps": MapPoint, "entropy": EntropyPoint, "embedding": EmbeddingPoint,
+                                "boundary": BoundaryPoint}
 
 
 # ---------------------------------------------------------------------------------------
@@ -420,7 +512,7 @@ class FocusRecordWriter:
             f.flush()
             os.fsync(f.fileno())
 
-    def write(self, entry: MapPoint | EntropyPoint | EmbeddingPoint) -> None:
+    def write(self, entry: MapPoint | EntropyPoint | EmbeddingPoint | BoundaryPoint) -> None:
         """Appends one entry as one complete line."""
         self._append_raw(json.dumps(entry.to_json(), allow_nan=True, separators=(",", ":")) + "\n")
 
@@ -457,7 +549,7 @@ class FocusRecord:
 
     Attributes:
         path: the ``focus.jsonl`` file; header: its first line.
-        maps, entropy, embeddings: entries in file order.
+        maps, entropy, embeddings, boundary: entries in file order.
         probe_images: ``{(log_key, probe_index): uint8[h, w, 3]}``.
         truncated: the file ended inside a line (a run stopped mid-write); everything
             before it was read.
@@ -470,6 +562,7 @@ class FocusRecord:
     maps: list[MapPoint] = field(default_factory=list)
     entropy: list[EntropyPoint] = field(default_factory=list)
     embeddings: list[EmbeddingPoint] = field(default_factory=list)
+    boundary: list[BoundaryPoint] = field(default_factory=list)
     probe_images: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     truncated: bool = False
     skipped: int = 0
@@ -498,9 +591,16 @@ class FocusRecord:
             origin = "probe" if any(p.origin == "probe" for p in self.entropy) else "train"
         return sorted((p for p in self.entropy if p.origin == origin), key=lambda p: p.step)
 
+    def boundary_points(self, log_key: str | None = None) -> list[BoundaryPoint]:
+        """Boundary entries of ``log_key`` (``None``: the first key of a boundary entry), sorted by step."""
+        keys = list(dict.fromkeys(p.log_key for p in self.boundary))
+        if log_key is None:
+            log_key = keys[0] if keys else None
+        return sorted((p for p in self.boundary if p.log_key == log_key), key=lambda p: p.step)
+
     def class_names(self) -> dict[int, str]:
         names: dict[int, str] = {}
-        for p in [*self.maps, *self.embeddings]:
+        for p in [*self.maps, *self.embeddings, *self.boundary]:
             names.update(p.class_names)
         return names
 
@@ -572,7 +672,8 @@ def read_focus_record(path: str | Path) -> FocusRecord:
                 record.probe_images[(obj["log_key"], int(obj["probe_index"]))] = _decode(obj["image"])
             elif kind in _ENTRY_TYPES:
                 entry = _ENTRY_TYPES[kind].from_json(obj)
-                {"maps": record.maps, "entropy": record.entropy, "embedding": record.embeddings}[kind].append(entry)
+                {"maps": record.maps, "entropy": record.entropy, "embedding": record.embeddings,
+                 "boundary": record.boundary}[kind].append(entry)
         except (KeyError, TypeError, ValueError) as err:
             raise FocusRecordError(f"{file}: line {number} ({kind}) is malformed: {type(err).__name__}: {err}") from err
     if record is None:

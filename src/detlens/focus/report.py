@@ -272,6 +272,41 @@ def _training_section(records: Sequence[FocusRecord], log_key: str | None, track
     return body
 
 
+def _boundary_section(records: Sequence[FocusRecord]) -> list[str]:
+    """Median margin and share not lost per boundary point (``BoundaryCallback``), charted and tabled."""
+    body: list[str] = []
+    for record in records:
+        points = record.boundary_points()
+        if not points:
+            continue
+        names = record.class_names()
+        summaries = [p.summary(names) for p in points]
+        steps = [p.step for p in points]
+        fig = Figure(figsize=(8.0, 3.0))
+        left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        for key in sorted({k for s in summaries for k in s}):
+            values = [s.get(key, math.nan) for s in summaries]
+            ax = left if key.startswith("margin_median") else right
+            label = key.split("/", 1)[1] if "/" in key else "all classes"
+            ax.plot(steps, values, marker="o", ms=3 if "/" in key else 4, lw=1.2 if "/" in key else 2.2,
+                    color=None if "/" in key else "black", label=label)
+        left.set_title(f"median margin ({points[-1].norm}, lost detections)", fontsize=9)
+        right.set_title(f"share not lost within ε = {points[-1].epsilon:g}", fontsize=9)
+        right.set_ylim(0, 1.05)
+        for ax in (left, right):
+            _step_axis(ax, steps)
+            ax.legend(fontsize=7, frameon=False)
+        fig.suptitle(f"{record.name}: decision-boundary margin per logging point", fontsize=10)
+        fig.tight_layout()
+        shown = points if len(points) <= 8 else [points[int(round(i))] for i in np.linspace(0, len(points) - 1, 8)]
+        body += [f"<h2>Decision-boundary margin: {html.escape(record.name)}</h2>",
+                 "<p>margin: size of the smallest perturbation a bounded attack found that makes the detector lose "
+                 "the detection (verified by re-running it); larger is more robust.</p>",
+                 _img(_figure_png(fig), f"margins over training of {record.name}"),
+                 _metrics_table([f"step {p.step}" for p in shown], [p.summary(names) for p in shown], compare=False)]
+    return body
+
+
 def _image_drift_text(d: ImageDrift | None) -> str:
     if d is None:
         return ""
@@ -376,6 +411,7 @@ def render_comparison_report(comparison: Comparison, track: Track = _no_progress
         body += ["<h2>Drift from the baseline</h2>", "<table>" + "".join(
             f"<tr><td class=\"name\">{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows) + "</table>"]
     body += _training_section(records, c.log_key, track)
+    body += _boundary_section(records)
     drifts = {d.probe_index: d for d in c.drift.images} if c.drift is not None else {}
     body += _overlays_section(records, [c.point_a, c.point_b], drifts, track)
     body += _embedding_section(records, track)
@@ -395,6 +431,7 @@ def render_run_report(record: FocusRecord, log_key: str | None = None, track: Tr
         body += ["<h2>Focus metrics per logging point</h2>",
                  _metrics_table([f"step {p.step}" for p in shown], [focus_metrics(p, names) for p in shown], compare=False)]
     body += _training_section([record], key or None, track)
+    body += _boundary_section([record])
     first_last = [points[0], points[-1]] if len(points) > 1 else points
     if first_last:
         from detlens.focus.drift import point_drift
