@@ -49,8 +49,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detlens.lightning_modules.hf_detector import IMAGENET_MEAN, IMAGENET_STD, hf_inputs, pad_multiple
-
 from .base import (
     AdapterOutput,
     Detections,
@@ -189,7 +187,7 @@ class HFDetrAdapter(DetectorAdapter):
     Args:
         model: the ``...ForObjectDetection`` network.
         image_mean, image_std: per-channel normalisation of ``[0, 1]`` pixels (the
-            model's image processor's ``image_mean``/``image_std``).
+            model's image processor's ``image_mean``/``image_std``; default ImageNet's).
         label_offset: added to the model's class indices to give detlens labels.
     """
 
@@ -198,10 +196,16 @@ class HFDetrAdapter(DetectorAdapter):
     def __init__(
         self,
         model: nn.Module,
-        image_mean: tuple[float, float, float] | list[float] = IMAGENET_MEAN,
-        image_std: tuple[float, float, float] | list[float] = IMAGENET_STD,
+        image_mean: tuple[float, float, float] | list[float] | None = None,
+        image_std: tuple[float, float, float] | list[float] | None = None,
         label_offset: int = 0,
     ) -> None:
+        # Imported here, not at module level: importing detlens.lightning_modules imports Lightning,
+        # whose first import draws from Python's global `random` (adapters must stay light).
+        from detlens.lightning_modules.hf_detector import IMAGENET_MEAN, IMAGENET_STD
+
+        image_mean = IMAGENET_MEAN if image_mean is None else image_mean
+        image_std = IMAGENET_STD if image_std is None else image_std
         kind = hf_detector_kind(model)
         if kind is None:
             raise TypeError(
@@ -309,6 +313,8 @@ class HFDetrAdapter(DetectorAdapter):
     # ------------------------------------------------------------------ forward
     def _pixels(self, images: list[Tensor]) -> tuple[Tensor, Tensor, tuple[int, int]]:
         """``(pixel_values [B, 3, Hp, Wp], pixel_mask [B, Hp, Wp] (1 = image), (Hp, Wp))``."""
+        from detlens.lightning_modules.hf_detector import hf_inputs, pad_multiple  # see __init__
+
         param = next(self.model.parameters())
         pixel_values, pixel_mask = hf_inputs(
             [i.to(param.device) for i in images], self.image_mean, self.image_std, pad_multiple(self.model)
