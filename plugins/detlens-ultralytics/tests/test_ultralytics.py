@@ -146,6 +146,10 @@ def test_detlens_finds_the_plugin_through_its_entry_point_and_never_imports_ultr
         import sys, torch
         import detlens, detlens.adapters, detlens.callbacks, detlens.explainers, detlens.lightning_modules, detlens.cli
         assert "ultralytics" not in sys.modules, "importing detlens imported ultralytics"
+        names = [f.name for f in detlens.adapters.registry.registry.families]  # loads the entry points
+        assert any("Ultralytics" in n for n in names), names
+        # importing Ultralytics patches PIL.Image.open process-wide: the entry point must not
+        assert "ultralytics" not in sys.modules, "loading the plugin's entry point imported ultralytics"
         from ultralytics.nn.tasks import DetectionModel
         net = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
         holder = torch.nn.Module(); holder.detector = torch.nn.Sequential(net)

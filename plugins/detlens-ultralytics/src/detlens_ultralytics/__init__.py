@@ -13,13 +13,24 @@ import os
 # No network at import or build time: Ultralytics checks for updates and fonts otherwise.
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
+from typing import Any  # noqa: E402
+
 from .adapter import UltralyticsAdapter, is_ultralytics_detector  # noqa: E402
-from .module import UltralyticsDetector, build_detection_model, load_ultralytics_checkpoint  # noqa: E402
 
 __all__ = [
     "UltralyticsAdapter", "UltralyticsDetector", "build_detection_model", "is_ultralytics_detector",
     "load_ultralytics_checkpoint", "register_adapters",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The LightningModule and checkpoint loader import Ultralytics (which patches PIL.Image.open
+    # globally): only when asked for, never when detlens loads the entry point.
+    if name in ("UltralyticsDetector", "build_detection_model", "load_ultralytics_checkpoint"):
+        from . import module
+
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register_adapters() -> None:

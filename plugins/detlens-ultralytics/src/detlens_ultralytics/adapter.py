@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import sys
+
 from torch import Tensor, nn
-from ultralytics.nn.modules.head import Detect
-from ultralytics.nn.tasks import DetectionModel
 
 from detlens.adapters.dense_head import DenseHeadAdapter, DenseLevels
 
 __all__ = ["UltralyticsAdapter", "is_ultralytics_detector"]
 
 
-def _head(model: nn.Module) -> Detect:
+def _head(model: nn.Module) -> nn.Module:
     return model.model[-1]  # type: ignore[index,return-value]
 
 
 def is_ultralytics_detector(net: nn.Module) -> bool:
     """An Ultralytics ``DetectionModel`` whose ``Detect`` head has its one-to-many branch (the
-    one NMS reads: YOLOv8, YOLO11). End-to-end (NMS-free) heads are not this family."""
+    one NMS reads: YOLOv8, YOLO11). End-to-end (NMS-free) heads are not this family.
+
+    Imports nothing from Ultralytics until a network could be one: detlens loads this family
+    through its entry point in every process, and importing Ultralytics has side effects
+    (it patches ``PIL.Image.open`` globally)."""
+    if "ultralytics" not in sys.modules or not type(net).__module__.startswith("ultralytics."):
+        return False
+    from ultralytics.nn.modules.head import Detect
+    from ultralytics.nn.tasks import DetectionModel
+
     if not isinstance(net, DetectionModel):
         return False
     head = _head(net)
