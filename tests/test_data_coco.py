@@ -314,3 +314,23 @@ def test_an_undecodable_image_is_skipped_with_one_warning_or_raised(tmp_path: Pa
     assert list(dataset.skipped) == ["1.png"]
     with pytest.raises(ValueError, match="on_bad_image"):
         CocoDetectionDataset(tmp_path, ann, on_bad_image="ignore")  # type: ignore[arg-type]
+
+
+def test_a_library_wrapping_pil_open_still_gets_a_dataset_error_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    """Ultralytics wraps PIL.Image.open and, for a file PIL cannot identify, may raise ImportError
+    (its on-demand HEIF plugin): detlens still reports the file, as for PIL's own errors."""
+    import PIL.Image
+
+    ann = one_box(tmp_path, [1, 1, 5, 5])
+    (tmp_path / "img_0003.png").write_bytes(b"not a png")
+    pil_open = PIL.Image.open
+
+    def wrapped(path, *args, **kwargs):
+        try:
+            return pil_open(path, *args, **kwargs)
+        except PIL.Image.UnidentifiedImageError:
+            raise ModuleNotFoundError("No module named 'pi_heif'") from None
+
+    monkeypatch.setattr(PIL.Image, "open", wrapped)
+    with pytest.raises(DatasetError, match=r"image 3 'img_0003.png': cannot read image file .*ModuleNotFoundError"):
+        CocoDetectionDataset(tmp_path, ann)[0]

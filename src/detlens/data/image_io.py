@@ -32,9 +32,11 @@ def load_rgb_image(path: Path, *, context: str) -> torch.Tensor:
         with Image.open(path) as img:
             img.load()
             array = _to_rgb_array(img, path=path, context=context)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        # PIL raises OSError for truncated files and SyntaxError for some corrupt headers.
-        raise DatasetError(f"{context}: cannot read image file {path}: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ImportError) as err:
+        # PIL raises OSError for truncated files and SyntaxError for some corrupt headers; a
+        # library that wraps PIL.Image.open (Ultralytics does, to load a HEIF plugin on demand)
+        # may raise ImportError for a file PIL cannot identify.
+        raise DatasetError(f"{context}: cannot read image file {path}: {type(err).__name__}: {err}") from err
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
