@@ -92,7 +92,6 @@ def callback_share(quick: bool) -> None:
     import pytorch_lightning as pl
 
     from detlens.callbacks import BoundaryCallback
-    from detlens.callbacks.base import ProbeCallback
 
     warnings.filterwarnings("ignore")
     callback = BoundaryCallback(every_n_epochs=1)
@@ -120,7 +119,8 @@ def callback_share(quick: bool) -> None:
                              f"--trainer.default_root_dir={tmp}", "--trainer.logger=false",
                              "--trainer.enable_checkpointing=false", "--data.init_args.root=data/synthetic"], run=False)
             trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-            trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, ProbeCallback)] + [callback]
+            trainer.callbacks[:] = [c for c in trainer.callbacks if not type(c).__module__.startswith(("detlens.", "pytorch_lightning.callbacks.lr_monitor"))]
+            trainer.callbacks.append(callback)  # no logger here: the LR monitor, which needs one, goes too
             what = "one epoch of the demo config (its other detlens callbacks removed)"
         pl.seed_everything(0)
         start = time.perf_counter()
