@@ -222,7 +222,7 @@ class HFDetrAdapter(DetectorAdapter):
         self._layers: list[str] | None = None
         self._token_layers: list[str] = self._find_token_layers()  # by name: known before any forward
         self._grid_hw: tuple[int, int] | None = None
-        self._takes_mask = "pixel_mask" in inspect.signature(model.forward).parameters
+        self._takes_mask = "pixel_mask" in inspect.signature(type(model).forward).parameters
 
     # ------------------------------------------------------------------ layers
     def layer_names(self) -> list[str]:
@@ -322,9 +322,9 @@ class HFDetrAdapter(DetectorAdapter):
         return pixel_values, pixel_mask, (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
 
     def _call(self, pixel_values: Tensor, pixel_mask: Tensor, **kwargs: Any) -> Any:
-        if self._takes_mask:
-            return self.model(pixel_values=pixel_values, pixel_mask=pixel_mask, **kwargs)
-        return self.model(pixel_values=pixel_values, **kwargs)
+        from detlens.lightning_modules.hf_detector import call_hf  # see __init__
+
+        return call_hf(self.model, pixel_values, pixel_mask, **kwargs)
 
     def _forward(
         self, images: list[Tensor], capture: LayerCapture, top_k: int | None, score_threshold: float
@@ -358,20 +358,16 @@ class HFDetrAdapter(DetectorAdapter):
     def _detections(
         self, out: Any, images: list[Tensor], padded: tuple[int, int], top_k: int | None, score_threshold: float
     ) -> tuple[list[Detections], list[ImageGeometry]]:
-        logits = out.logits.float()  # [B, Q, C(+1)]
-        num_labels = int(getattr(self.model.config, "num_labels", logits.shape[-1]))
-        softmax = logits.shape[-1] == num_labels + 1
-        probs_all = logits.softmax(-1) if softmax else logits.sigmoid()
-        probs = probs_all[..., :-1] if softmax else probs_all
+        from detlens.lightning_modules.hf_detector import decode_hf  # see __init__
+
+        probs_all, probs, xyxy = decode_hf(out, int(self.model.config.num_labels), padded)  # [B, Q, C(+1)], [B, Q, 4]
         hidden = out.last_hidden_state
         if self.kind == "yolos":
-            hidden = hidden[:, -logits.shape[1] :]
-        hp, wp = padded
-        xyxy = _cxcywh_to_xyxy(out.pred_boxes.float()) * logits.new_tensor([wp, hp, wp, hp])
+            hidden = hidden[:, -probs.shape[1] :]
         dets, geometry = [], []
         for b, image in enumerate(images):
             h, w = int(image.shape[-2]), int(image.shape[-1])
-            geometry.append(ImageGeometry(original_size=(h, w), input_size=(h, w), batch_size=(hp, wp)))
+            geometry.append(ImageGeometry(original_size=(h, w), input_size=(h, w), batch_size=padded))
             with torch.no_grad():
                 scores, classes = probs[b].max(-1)
                 keep = torch.nonzero(scores > score_threshold).flatten()
@@ -591,7 +587,3 @@ def _record_into(store: dict[str, list[Any]], name: str) -> Any:
 
     return hook
 
-
-def _cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)

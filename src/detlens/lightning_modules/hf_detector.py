@@ -18,6 +18,8 @@ Requires the ``hf`` extra (``pip install 'detlens[hf]'``).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from typing import Any, Literal
 
@@ -27,7 +29,9 @@ from torch import Tensor
 
 from detlens.lightning_modules.base import Batch, DetectionModule
 
-__all__ = ["ARCHITECTURES", "HFDetector", "build_hf_detector", "hf_inputs", "hf_labels", "pad_multiple"]
+__all__ = [
+    "ARCHITECTURES", "HFDetector", "build_hf_detector", "call_hf", "decode_hf", "hf_inputs", "hf_labels", "pad_multiple",
+]
 
 Architecture = Literal["detr", "conditional_detr", "yolos", "deformable_detr", "rt_detr", "rt_detr_v2", "d_fine",
                        "rf_detr"]
@@ -68,6 +72,38 @@ def hf_inputs(images: list[Tensor], mean: tuple[float, ...] = IMAGENET_MEAN,
         mask[:h, :w] = 1
         masks.append(mask)
     return torch.stack(values), torch.stack(masks)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_pixel_mask(model_class: type) -> bool:
+    return "pixel_mask" in inspect.signature(model_class.forward).parameters
+
+
+def call_hf(model: Any, pixel_values: Tensor, pixel_mask: Tensor, **kwargs: Any) -> Any:
+    """``model(pixel_values=..., pixel_mask=..., **kwargs)``, leaving ``pixel_mask`` out for the
+    models that take none (YOLOS)."""
+    if _takes_pixel_mask(type(model)):
+        return model(pixel_values=pixel_values, pixel_mask=pixel_mask, **kwargs)
+    return model(pixel_values=pixel_values, **kwargs)
+
+
+def decode_hf(out: Any, num_labels: int, padded: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The class probabilities and boxes of a ``transformers`` detector's output.
+
+    Returns:
+        ``(probs_all [B, Q, C'], probs [B, Q, C], boxes [B, Q, 4])``: softmax with the "no
+        object" class last when the classifier has ``num_labels + 1`` outputs (``probs``
+        drops it), sigmoid otherwise (``probs`` is ``probs_all``); boxes ``x1, y1, x2, y2`` in
+        pixels of the padded ``(Hp, Wp)`` input, still attached to the graph.
+    """
+    logits = out.logits.float()
+    softmax = logits.shape[-1] == num_labels + 1
+    probs_all = logits.softmax(-1) if softmax else logits.sigmoid()
+    probs = probs_all[..., :-1] if softmax else probs_all
+    cx, cy, w, h = out.pred_boxes.float().unbind(-1)
+    hp, wp = padded
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * logits.new_tensor([wp, hp, wp, hp])
+    return probs_all, probs, boxes
 
 
 def hf_labels(targets: list[dict[str, Any]], padded: tuple[int, int]) -> list[dict[str, Tensor]]:
@@ -202,31 +238,21 @@ class HFDetector(DetectionModule):
         """Eval-mode detections, one per query above ``score_thresh``: ``boxes [K, 4]`` xyxy
         pixels, ``scores [K]``, ``labels [K]`` in ``1..C``."""
         pixel_values, pixel_mask = hf_inputs(images, self.image_mean, self.image_std, pad_multiple(self.model))
-        out = self._call(pixel_values, pixel_mask)
-        logits = out.logits.float()
-        softmax = logits.shape[-1] == self.model.config.num_labels + 1
-        probs = logits.softmax(-1)[..., :-1] if softmax else logits.sigmoid()
+        out = call_hf(self.model, pixel_values, pixel_mask)
+        _, probs, boxes = decode_hf(out, self.model.config.num_labels, tuple(pixel_values.shape[-2:]))
         scores, labels = probs.max(-1)
-        hp, wp = pixel_values.shape[-2:]
-        cx, cy, w, h = out.pred_boxes.float().unbind(-1)
-        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * logits.new_tensor([wp, hp, wp, hp])
         results = []
         for b, image in enumerate(images):
             keep = scores[b] > self.score_thresh
-            limit = logits.new_tensor([image.shape[-1], image.shape[-2]] * 2)
+            limit = boxes.new_tensor([image.shape[-1], image.shape[-2]] * 2)
             results.append({"boxes": boxes[b, keep].clamp(min=0).minimum(limit), "scores": scores[b, keep],
                             "labels": labels[b, keep]})
         return results
 
-    def _call(self, pixel_values: Tensor, pixel_mask: Tensor, **kwargs: Any) -> Any:
-        if "pixel_mask" in _forward_parameters(self.model):
-            return self.model(pixel_values=pixel_values, pixel_mask=pixel_mask, **kwargs)
-        return self.model(pixel_values=pixel_values, **kwargs)
-
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
         pixel_values, pixel_mask = hf_inputs(images, self.image_mean, self.image_std, pad_multiple(self.model))
-        out = self._call(pixel_values, pixel_mask, labels=hf_labels(targets, tuple(pixel_values.shape[-2:])))
+        out = call_hf(self.model, pixel_values, pixel_mask, labels=hf_labels(targets, tuple(pixel_values.shape[-2:])))
         loss = out.loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(images))
         terms = {f"train/{k}": v.detach().float() for k, v in (out.loss_dict or {}).items() if torch.is_tensor(v)}
@@ -234,8 +260,3 @@ class HFDetector(DetectionModule):
             self.log_dict(terms, on_step=True, on_epoch=False, batch_size=len(images))
         return loss
 
-
-def _forward_parameters(model: Any) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
